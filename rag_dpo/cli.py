@@ -1,0 +1,61 @@
+"""`rag-dpo` command line. Each stage owns a `commands.py` with a `register(app)` that adds its subcommands;
+each subcommand calls one public function of its stage. Heavy imports (torch, transformers) happen inside the
+commands, so `rag-dpo --help` stays fast. Bad input (InputError) becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from rag_dpo.errors import InputError
+
+# JAX (pulled in by bm25s when installed) must stay off the GPU, or it grabs most of its memory.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train retrieval agents with process supervision and compare them with outcome-only supervision.")
+
+STAGE_COMMANDS = [
+    "rag_dpo.data.commands",
+    "rag_dpo.retrieval.commands",
+    "rag_dpo.agent.commands",
+    "rag_dpo.annotate.commands",
+    "rag_dpo.pairs.commands",
+    "rag_dpo.eval.commands",
+    "rag_dpo.pipeline.commands",
+]
+
+for _module in STAGE_COMMANDS:
+    try:
+        _mod = importlib.import_module(_module)
+    except ModuleNotFoundError as _e:
+        if _e.name != _module:
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors
+        import click
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
