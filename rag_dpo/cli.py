@@ -19,6 +19,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train retrieval agents with process supervision and compare them with outcome-only supervision.")
 
+
+@app.callback()
+def _root() -> None:
+    # A callback keeps `rag-dpo` a command group even while only one stage has registered a subcommand.
+    pass
+
+
 STAGE_COMMANDS = [
     "rag_dpo.data.commands",
     "rag_dpo.retrieval.commands",
@@ -27,6 +34,7 @@ STAGE_COMMANDS = [
     "rag_dpo.pairs.commands",
     "rag_dpo.eval.commands",
     "rag_dpo.pipeline.commands",
+    "rag_dpo.pipeline.compare_commands",
 ]
 
 for _module in STAGE_COMMANDS:
@@ -47,12 +55,11 @@ def main() -> None:
         sys.exit(2)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors
-        import click
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # click usage errors (click's, or the copy typer >= 0.20 vendors as typer._click)
+        if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
 
