@@ -1,0 +1,444 @@
+"""The step-level vs outcome-only comparison (`rag-dpo compare`, `make compare`).
+
+One warm-started policy and one pool of annotated rollouts on the train split are shared by every arm, so the
+arms differ only in how they turn that pool into a training signal: SFT on the good chains, DPO on outcome-level
+or step-level pairs (each with and without the NLL term on the chosen completion, step-DPO with each pairing
+rule), and PPO with outcome or process rewards (whose on-policy rollouts are capped at the pool's spend). Each arm
+is trained over several seeds and evaluated with the base model, ITER-RETGEN and the warm start on the held-out
+test split; a budget curve repeats the main step-DPO and outcome-DPO arms on nested 1/4 and 1/2 question subsets.
+
+The orchestration (which runs, resume, budgets, report) is separate from the work: it talks to a `CompareBackend`
+(prepare the pool, train one arm, evaluate one policy), so it can be tested with fakes in a second. The real
+backend, `PipelineBackend`, calls the pipeline steps of `pipeline/run.py`.
+
+Resume: every finished run leaves `done.json` (its per-question scores, budget and training curve) in its folder;
+a rerun reads those and trains only what is missing. The report is rebuilt from the done files every time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from rag_dpo.config import apply_overrides, from_dict, load_yaml, to_dict
+from rag_dpo.errors import InputError
+from rag_dpo.io import atomic_write_json, stable_hash
+
+FAMILIES = ("sft", "outcome-dpo", "step-dpo", "outcome-ppo", "process-ppo")
+PAIRING_RULES = ("best-vs-worst", "all-margin", "same-action")
+BASELINES = ("base", "iter-retgen")
+WARM_START = "warm-start"
+METRICS = ("em", "f1", "recall", "steps", "parse_error")
+
+
+@dataclass
+class CompareConfig:
+    """A comparison. Every field can be overridden on the command line (`seeds=[0,1]`)."""
+    name: str = "compare"                    # run folder runs/compare/<name>, report <out_dir>/<name>.md, wandb group
+    recipe: str = "recipes/dpo_step.yaml"    # base pipeline recipe: model, data, retriever, annotator, rollouts, trainer
+    recipe_overrides: list[str] = field(default_factory=list)   # dotted overrides applied to that recipe
+    arms: list[str] = field(default_factory=lambda: list(FAMILIES))   # families to train (subset of FAMILIES)
+    pairing_rules: list[str] = field(default_factory=lambda: list(PAIRING_RULES))  # step-DPO variants
+    main_pairing: str = "best-vs-worst"      # the step-DPO rule used for the main comparison and the budget curve
+    nll_weights: list[float] = field(default_factory=lambda: [0.0, 1.0])   # every DPO arm runs with each
+    main_nll_weight: float = 1.0             # the NLL weight of the main DPO arms
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # seeds of the main arm of every family
+    ablation_seeds: list[int] = field(default_factory=lambda: [0])  # seeds of the other DPO variants
+    budget_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # budget curve points
+    curve_seeds: list[int] = field(default_factory=lambda: [0])   # seeds of budget-curve points below 1.0
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # evaluated next to the warm start
+    n_boot: int = 2000                       # bootstrap replicates for intervals and paired tests
+    run_dir: str = "runs/compare"            # parent of the run folder
+    out_dir: str = "results"                 # where the report and plots go
+    quick: bool = False                      # set by --quick: a smoke run; the report says so
+    quick_overrides: list[str] = field(default_factory=list)  # applied to this config by --quick
+    quick_recipe_overrides: list[str] = field(default_factory=list)  # appended to recipe_overrides by --quick
+
+    def validate(self, file: str | None = None) -> None:
+        for a in self.arms:
+            if a not in FAMILIES:
+                raise InputError(f"unknown arm '{a}' (known: {', '.join(FAMILIES)})", file=file, field="arms")
+        for r in self.pairing_rules:
+            if r not in PAIRING_RULES:
+                raise InputError(f"unknown pairing rule '{r}' (known: {', '.join(PAIRING_RULES)})", file=file,
+                                 field="pairing_rules")
+        if "step-dpo" in self.arms and self.main_pairing not in self.pairing_rules:
+            raise InputError("main_pairing must be one of pairing_rules", file=file, field="main_pairing")
+        if self.main_nll_weight not in self.nll_weights:
+            raise InputError("main_nll_weight must be one of nll_weights", file=file, field="main_nll_weight")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise InputError(f"unknown baseline '{b}' (known: {', '.join(BASELINES)})", file=file,
+                                 field="baselines")
+        if not self.seeds:
+            raise InputError("at least one seed is needed", file=file, field="seeds")
+        if 1.0 not in [float(f) for f in self.budget_fractions]:
+            raise InputError("budget_fractions must include 1.0 (all questions)", file=file, field="budget_fractions")
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> CompareConfig:
+    """YAML + dotted overrides -> CompareConfig; --quick applies the file's `quick_overrides` first (so explicit
+    command-line overrides still win), appends `quick_recipe_overrides`, and names the run `<name>-quick`."""
+    data = load_yaml(path)
+    cfg = from_dict(CompareConfig, data, file=str(path))
+    if quick:
+        apply_overrides(data, cfg.quick_overrides)
+        data["recipe_overrides"] = list(data.get("recipe_overrides") or []) + list(cfg.quick_recipe_overrides)
+        data["quick"] = True
+        data["name"] = f"{data.get('name', cfg.name)}-quick"
+    apply_overrides(data, overrides or [])
+    cfg = from_dict(CompareConfig, data, file=str(path))
+    cfg.validate(file=str(path))
+    return cfg
+
+
+# ---- the runs --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arm:
+    """One training recipe variant: a family plus its pairing rule and NLL weight."""
+    family: str                 # one of FAMILIES
+    pairing: str | None = None  # step-DPO only
+    nll_weight: float = 0.0     # DPO only: weight of the NLL term on the chosen completion
+    main: bool = True           # the family's main variant (all seeds, budget curve, paired tests)
+
+    @property
+    def method(self) -> str:
+        return self.family.split("-")[-1]           # sft | dpo | ppo
+
+    @property
+    def level(self) -> str:
+        """What the training signal is computed from: `step` or `outcome` (PPO: its reward; SFT: outcome)."""
+        return "step" if self.family in ("step-dpo", "process-ppo") else "outcome"
+
+    @property
+    def name(self) -> str:
+        name = self.family
+        if self.pairing:
+            name += f"[{self.pairing}]"
+        if self.method == "dpo":
+            name += "+nll" if self.nll_weight else "-nll"
+        return name
+
+
+@dataclass(frozen=True)
+class ArmRun:
+    arm: Arm
+    seed: int
+    fraction: float = 1.0
+
+    @property
+    def slug(self) -> str:
+        safe = (self.arm.name.replace("+nll", "_nll").replace("-nll", "_nonll").replace("[", "_")
+                .replace("]", "").replace("-", "_"))
+        return f"{safe}__s{self.seed}__q{int(round(self.fraction * 100)):03d}"
+
+
+def plan_arms(cfg: CompareConfig) -> list[Arm]:
+    arms = []
+    for fam in cfg.arms:
+        if fam == "step-dpo":
+            for rule in cfg.pairing_rules:
+                for w in cfg.nll_weights:
+                    arms.append(Arm(fam, rule, float(w), rule == cfg.main_pairing and w == cfg.main_nll_weight))
+        elif fam == "outcome-dpo":
+            for w in cfg.nll_weights:
+                arms.append(Arm(fam, None, float(w), w == cfg.main_nll_weight))
+        else:
+            arms.append(Arm(fam))
+    return arms
+
+
+def plan_runs(cfg: CompareConfig) -> list[ArmRun]:
+    """Every training run, seed-major so an interrupted compare already has one full seed of everything."""
+    arms = plan_arms(cfg)
+    seeds = list(dict.fromkeys(list(cfg.seeds) + list(cfg.ablation_seeds) + list(cfg.curve_seeds)))
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            if seed in (cfg.seeds if arm.main else cfg.ablation_seeds):
+                runs.append(ArmRun(arm, seed, 1.0))
+        for f in sorted(float(x) for x in cfg.budget_fractions):
+            if f < 1.0 and seed in cfg.curve_seeds:
+                for arm in arms:
+                    if arm.main and arm.family in ("step-dpo", "outcome-dpo"):
+                        runs.append(ArmRun(arm, seed, f))
+    return runs
+
+
+# ---- the backend -----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    policy: str                                  # folder of the trained policy (adapter or full model)
+    budget: dict[str, float]                     # what its training data cost (pair dataset's budget.json, PPO's own)
+    curve: list[dict[str, float]] = field(default_factory=list)   # [{step, loss, ...}] from the trainer's log
+
+
+class CompareBackend(Protocol):
+    def prepare(self) -> list[str]:
+        """Warm start + shared annotated rollout pool; returns the pool's train question ids."""
+
+    def pool_budget(self, question_ids: list[str]) -> dict[str, float]:
+        """What the pool spent (questions, rollouts, generated_tokens) on these questions: PPO's budget cap."""
+
+    def train(self, run: ArmRun, question_ids: list[str], budget: dict[str, float], out_dir: Path) -> TrainResult:
+        """Train one arm from the warm start on the pool restricted to `question_ids`."""
+
+    def evaluate(self, name: str, policy: str | None, out_dir: Path) -> list[dict]:
+        """Per-question rows {question_id, em, f1, recall, steps, parse_error} on the test split. `name` is a
+        baseline (`warm-start`, `base`, `iter-retgen`) or an arm run's slug with `policy` its folder."""
+
+    def describe(self) -> dict[str, Any]:
+        """Model, data, retriever, sizes: printed at the top of the report."""
+
+
+# ---- per-question scores from eval chains ----------------------------------------------------------------------
+
+def question_scores(chains) -> list[dict]:
+    """EM, F1, supporting-passage recall, number of steps and parse failure of each chain's selected path."""
+    from rag_dpo.metrics import answer_scores, support_recall
+    from rag_dpo.records import INVALID
+    rows = []
+    for c in chains:
+        path = c.path()
+        retrieved = [pid for s in path for pid in s.retrieved_ids]
+        scores = answer_scores(c.final_answer, c.gold_answers)
+        rows.append({"question_id": c.question_id, "em": scores["em"], "f1": scores["f1"],
+                     "recall": support_recall(retrieved, c.supporting_ids),
+                     "steps": float(len(path)),
+                     "parse_error": float(any(s.parse_error or s.action == INVALID for s in path))})
+    return rows
+
+
+# ---- the orchestration -----------------------------------------------------------------------------------------
+
+def settings_hash(cfg: CompareConfig) -> str:
+    """What every run of a compare shares (base recipe text and overrides): a finished run made with other settings
+    must not be mixed into the report."""
+    recipe = Path(cfg.recipe)
+    return stable_hash([recipe.read_text(encoding="utf-8") if recipe.exists() else cfg.recipe,
+                        list(cfg.recipe_overrides)])
+
+
+def _read_done(path: Path, expected_hash: str) -> dict | None:
+    import json
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None              # a done file is written atomically; an unreadable one means redo the run
+    if done.get("settings_hash") != expected_hash:
+        raise InputError("this finished run was made with another base recipe or recipe_overrides; give the "
+                         "compare a new `name=` or delete the run folder", file=str(path), field="settings_hash")
+    return done
+
+
+def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every baseline evaluation and arm run, then write the report. Returns the report's data."""
+    from tqdm.auto import tqdm
+
+    from rag_dpo import tracking
+    from rag_dpo.eval.stats import nested_subsets
+    from rag_dpo.pipeline.compare_report import write_report
+
+    started = time.time()
+    run_dir = Path(cfg.run_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "compare_config.json", to_dict(cfg))
+    shash = settings_hash(cfg)
+    qids = backend.prepare()
+    if not qids:
+        raise InputError("the rollout pool has no train questions", field="recipe")
+    subsets = nested_subsets(qids, cfg.budget_fractions, seed=0)
+
+    evals = [WARM_START] + list(cfg.baselines)
+    runs = plan_runs(cfg)
+    bar = tqdm(total=len(evals) + len(runs), desc=f"compare {cfg.name}", disable=not progress)
+    baselines: dict[str, dict] = {}
+    for name in evals:
+        d = run_dir / "baselines" / name
+        done = _read_done(d / "done.json", shash)
+        if done is None:
+            t0 = time.time()
+            rows = backend.evaluate(name, None, d)
+            done = {"name": name, "rows": rows, "wall_s": time.time() - t0, "settings_hash": shash}
+            atomic_write_json(d / "done.json", done)
+            _track(cfg, name, {"kind": "baseline"}, done, tracking)
+        baselines[name] = done
+        bar.update(1)
+
+    results: list[dict] = []
+    for run in runs:
+        d = run_dir / "arms" / run.slug
+        done = _read_done(d / "done.json", shash)
+        if done is None:
+            bar.set_postfix_str(run.slug)
+            t0 = time.time()
+            q = subsets[float(run.fraction)]
+            target = backend.pool_budget(q)
+            trained = backend.train(run, q, target, d)
+            rows = backend.evaluate(run.slug, trained.policy, d / "eval")
+            done = {"slug": run.slug, "arm": dataclasses.asdict(run.arm), "name": run.arm.name,
+                    "seed": run.seed, "fraction": run.fraction, "questions": len(q),
+                    "question_ids_hash": stable_hash(q), "target_budget": target, "budget": trained.budget,
+                    "curve": trained.curve, "policy": trained.policy, "rows": rows, "wall_s": time.time() - t0,
+                    "settings_hash": shash}
+            atomic_write_json(d / "done.json", done)
+            _track(cfg, run.slug, {"kind": "arm", **done["arm"], "seed": run.seed, "fraction": run.fraction},
+                   done, tracking)
+        results.append(done)
+        bar.update(1)
+    bar.close()
+
+    data = {"config": to_dict(cfg), "setup": backend.describe(), "baselines": baselines, "runs": results,
+            "train_questions": len(qids), "machine": machine_description(),
+            "wall_s_this_invocation": time.time() - started,
+            "wall_s_total": sum(float(x.get("wall_s", 0)) for x in list(baselines.values()) + results)}
+    paths, (columns, table) = write_report(data, Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot)
+    data["report"] = {k: str(v) for k, v in paths.items()}
+    summary = tracking.init_run(f"{cfg.name}-summary", to_dict(cfg), group=cfg.name, job_type="summary",
+                                dir=run_dir / "wandb")
+    tracking.log_table(summary, "compare/results", columns, table)
+    for key, p in paths.items():
+        if p.suffix == ".png":
+            tracking.log_image(summary, f"compare/{key}", p)
+    tracking.finish(summary)
+    atomic_write_json(run_dir / "compare_results.json",
+                      {k: v for k, v in data.items() if k not in ("baselines", "runs")})
+    return data
+
+
+def _track(cfg: CompareConfig, name: str, config: dict, done: dict, tracking) -> None:
+    """One wandb run per arm run / baseline, grouped by the compare name: curves and the eval metrics."""
+    import numpy as np
+    run = tracking.init_run(name, config, group=cfg.name, job_type=config.get("family", config["kind"]),
+                            dir=Path(cfg.run_dir) / cfg.name / "wandb")
+    for point in done.get("curve") or []:
+        tracking.log(run, {f"train/{k}": v for k, v in point.items() if k != "step"}, step=int(point.get("step", 0)))
+    rows = done.get("rows") or []
+    if rows:
+        tracking.log(run, {f"eval/{m}": float(np.mean([r[m] for r in rows])) for m in METRICS})
+    tracking.finish(run)
+
+
+def machine_description() -> str:
+    import os
+    try:
+        import torch
+        dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:
+        dev = "torch unavailable"
+    return f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} CPU cores, {dev}), " \
+           f"Python {platform.python_version()}".replace("  ", " ")
+
+
+def arm_overrides(run: ArmRun) -> list[str]:
+    """Dotted overrides that turn the base recipe into one arm's recipe (`pipeline/recipe.py` field names). Only the
+    trainer's seed changes with the seed: the warm start and the rollout pool are built once from the base recipe."""
+    arm = run.arm
+    out = [f"method={arm.method}", f"trainer.seed={run.seed}"]
+    if arm.method == "dpo":
+        out += [f"pairs.kind={arm.level}", f"trainer.nll_weight={arm.nll_weight}",
+                f"pairs.settings.rule={arm.pairing or 'best-vs-worst'}", "pairs.settings.dedup=true"]
+    elif arm.method == "sft":
+        out += ["pairs.kind=sft", "pairs.settings.level=chain"]
+    else:
+        out += [f"trainer.reward={'process' if arm.level == 'step' else 'outcome'}"]
+    return out
+
+
+class PipelineBackend:
+    """The real backend: the pipeline steps of `pipeline/run.py` on the base recipe. The warm start and the
+    annotated rollout pool live in `<run>/shared` and are built once; every arm gets its own folder, a copy of the
+    pool restricted to its questions, and the base recipe plus `arm_overrides`."""
+
+    def __init__(self, cfg: CompareConfig):
+        from rag_dpo.pipeline.recipe import load_recipe
+        self.cfg = cfg
+        self.recipe_path = cfg.recipe
+        self.recipe = load_recipe(cfg.recipe, list(cfg.recipe_overrides))
+        self.root = Path(cfg.run_dir) / cfg.name
+        self.shared = self.root / "shared"
+        self.warm: Path | None = None
+        self.pool: Path | None = None
+
+    def _chains(self):
+        from rag_dpo.records import read_chains
+        return read_chains(self.pool)
+
+    def prepare(self) -> list[str]:
+        from rag_dpo.pipeline import run
+        self.warm = Path(run.warm_start(self.recipe, self.shared))
+        self.pool = Path(run.collect_rollouts(self.recipe, self.shared, policy=self.warm))
+        return sorted({c.question_id for c in self._chains()})
+
+    def pool_budget(self, question_ids: list[str]) -> dict[str, float]:
+        from rag_dpo.pairs.builders import annotator_of, budget
+        keep = set(question_ids)
+        chains = [c for c in self._chains() if c.question_id in keep]
+        return budget(chains, annotator_of(chains, None, str(self.pool)))
+
+    def train(self, run: ArmRun, question_ids: list[str], budget: dict[str, float], out_dir: Path) -> TrainResult:
+        from rag_dpo.pipeline import run as steps
+        from rag_dpo.pipeline.recipe import load_recipe
+        from rag_dpo.records import write_chains
+        from rag_dpo.eval.stats import read_budget
+        out_dir = Path(out_dir)
+        keep = set(question_ids)
+        pool = out_dir / "pool.jsonl"
+        if not pool.exists():
+            write_chains(pool, [c for c in self._chains() if c.question_id in keep])
+        recipe = load_recipe(self.recipe_path, list(self.cfg.recipe_overrides) + arm_overrides(run))
+        if run.arm.method == "ppo":
+            policy = Path(steps.train_policy(recipe, out_dir, init=self.warm, budget=budget,
+                                             question_ids=sorted(keep)))
+            spent = read_budget(policy) if (policy / "budget.json").exists() else {}
+        else:
+            datasets = steps.build_pair_datasets(recipe, out_dir, chains=pool)
+            data_dir = next(iter(datasets.values())) if isinstance(datasets, dict) else Path(datasets)
+            spent = read_budget(data_dir)
+            policy = Path(steps.train_policy(recipe, out_dir, init=self.warm, datasets=datasets))
+        return TrainResult(policy=str(policy), budget=spent, curve=read_curve(policy))
+
+    def evaluate(self, name: str, policy: str | None, out_dir: Path) -> list[dict]:
+        from rag_dpo.pipeline import run as steps
+        from rag_dpo.records import read_chains
+        if name == WARM_START:
+            policy, method = str(self.warm), "agent"
+        elif name in BASELINES:
+            policy, method = None, ("agent" if name == "base" else name)
+        else:
+            method = "agent"
+        out = Path(steps.evaluate_policies(self.recipe, out_dir, policies={name: policy}, methods=[method],
+                                           split="test"))
+        found = sorted(out.rglob("chains.jsonl")) if out.is_dir() else [out]
+        if not found:
+            raise InputError("evaluation wrote no chains.jsonl", file=str(out))
+        return question_scores(read_chains(found[0]))
+
+    def describe(self) -> dict[str, Any]:
+        r = to_dict(self.recipe)
+        keys = ("model", "data", "retriever", "annotator", "split", "budget")
+        return {k: r[k] for k in keys if k in r} | {"base recipe": self.recipe_path,
+                                                     "recipe overrides": list(self.cfg.recipe_overrides)}
+
+
+def read_curve(policy_dir: str | Path) -> list[dict[str, float]]:
+    """Training curve points {step, loss, ...} from a trainer's `train_log.json` (HF log_history); [] if none."""
+    import json
+    path = Path(policy_dir) / "train_log.json"
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return []
+    keep = ("loss", "reward", "rewards/accuracies", "rewards/margins", "kl")
+    return [{"step": float(h.get("step", i)), **{k: float(h[k]) for k in keep if isinstance(h.get(k), (int, float))}}
+            for i, h in enumerate(history) if isinstance(h, dict) and any(k in h for k in keep)]

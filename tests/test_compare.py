@@ -1,0 +1,197 @@
+"""`rag-dpo compare`: the orchestration (arms x seeds x budgets, resume, matched budgets, report) with a fake
+backend, and the CLI wiring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag_dpo.errors import InputError
+from rag_dpo.pipeline.compare import (CompareConfig, TrainResult, load_compare_config, plan_arms, plan_runs,
+                                      question_scores, run_compare)
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_QIDS = [f"t{i}" for i in range(12)]
+
+
+class FakeBackend:
+    """Deterministic stand-in: each arm's per-question EM is a fixed draw shifted by a per-family offset, the
+    step-level arms get exactly the pool's budget, PPO records its own (slightly different) spend."""
+
+    OFFSET = {"sft": 0.0, "outcome-dpo": 0.05, "step-dpo": 0.1, "outcome-ppo": -0.3, "process-ppo": 0.0}
+
+    def __init__(self, train_qids=20, ppo_tokens_factor=1.02):
+        self.qids = [f"q{i}" for i in range(train_qids)]
+        self.trained: list[str] = []
+        self.evaluated: list[str] = []
+        self.ppo_tokens_factor = ppo_tokens_factor
+
+    def prepare(self):
+        return self.qids
+
+    def pool_budget(self, question_ids):
+        return {"questions": len(question_ids), "rollouts": 4 * len(question_ids),
+                "generated_tokens": 300 * len(question_ids)}
+
+    def train(self, run, question_ids, budget, out_dir):
+        self.trained.append(run.slug)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spent = dict(budget)
+        if run.arm.family.endswith("ppo"):
+            spent["generated_tokens"] = int(budget["generated_tokens"] * self.ppo_tokens_factor)
+        curve = [{"step": i, "loss": 1.0 / (i + 1) + 0.01 * run.seed} for i in range(5)]
+        return TrainResult(policy=str(out_dir / "policy"), budget=spent, curve=curve)
+
+    def evaluate(self, name, policy, out_dir):
+        self.evaluated.append(name)
+        fam = next((f for f in self.OFFSET if name.startswith(f.replace("-", "_"))), None)
+        p = 0.4 + (self.OFFSET[fam] if fam else 0.0)
+        seed = int(name.split("__s")[1].split("__")[0]) if "__s" in name else 0
+        em = (np.random.default_rng(seed + 17).random(len(TEST_QIDS)) < p).astype(float)
+        return [{"question_id": q, "em": e, "f1": min(1.0, e + 0.1), "recall": 0.5, "steps": 2.0 + e,
+                 "parse_error": 0.0} for q, e in zip(TEST_QIDS, em)]
+
+    def describe(self):
+        return {"model": "fake", "data": "fake"}
+
+
+def _cfg(tmp_path, **kw) -> CompareConfig:
+    base = dict(name="t", run_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"), n_boot=200,
+                seeds=[0, 1], ablation_seeds=[0], curve_seeds=[0])
+    base.update(kw)
+    cfg = CompareConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def test_plan_covers_every_arm_seed_and_budget_point():
+    cfg = CompareConfig(seeds=[0, 1, 2], ablation_seeds=[0], curve_seeds=[0])
+    arms = plan_arms(cfg)
+    names = [a.name for a in arms]
+    # 1 SFT + 2 outcome-DPO (NLL on/off) + 3 rules x 2 NLL step-DPO + 2 PPO
+    assert len(arms) == 11 and len(set(names)) == 11
+    assert "step-dpo[same-action]-nll" in names and "outcome-dpo+nll" in names
+    mains = [a for a in arms if a.main]
+    assert sorted(a.family for a in mains) == sorted(["sft", "outcome-dpo", "step-dpo", "outcome-ppo",
+                                                      "process-ppo"])
+    runs = plan_runs(cfg)
+    full = [r for r in runs if r.fraction == 1.0]
+    assert len(full) == 5 * 3 + 6 * 1
+    curve = [r for r in runs if r.fraction < 1.0]
+    assert sorted((r.arm.family, r.fraction) for r in curve) == [
+        ("outcome-dpo", 0.25), ("outcome-dpo", 0.5), ("step-dpo", 0.25), ("step-dpo", 0.5)]
+    assert len({r.slug for r in runs}) == len(runs)
+
+
+def test_compare_writes_every_file_row_and_plot_and_resumes(tmp_path):
+    cfg = _cfg(tmp_path)
+    backend = FakeBackend()
+    data = run_compare(cfg, backend, progress=False)
+    runs = plan_runs(cfg)
+    assert sorted(backend.trained) == sorted(r.slug for r in runs)
+    assert backend.evaluated[:3] == ["warm-start", "base", "iter-retgen"]
+
+    report = (tmp_path / "results" / "t.md").read_text()
+    for png in ("t_metrics.png", "t_training_curves.png", "t_budget_curve.png"):
+        p = tmp_path / "results" / png
+        assert p.exists() and p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
+        assert f"]({png})" in report
+    # every method has a table row, every arm is compared with the warm start
+    for name in ["base", "iter-retgen", "warm-start"] + [a.name for a in plan_arms(cfg)]:
+        assert f"| {name} |" in report, name
+    assert "step-DPO vs outcome-DPO (NLL weight 0)" in report and "step-DPO vs outcome-DPO (NLL weight 1)" in report
+    assert "step-dpo vs process-ppo" in report and "outcome-dpo vs outcome-ppo" in report
+    assert "below warm start" in report              # outcome-PPO was made much worse in the fake
+    assert "outcome-ppo" in report.split("Arms below the warm start")[1].split("\n")[0]
+    assert "Budgets match" in report
+    assert "| 0.25 | 5 |" in report and "| 0.5 | 10 |" in report and "| 1 | 20 |" in report
+    assert "Only 2 seed(s)" in report
+    done = json.loads((tmp_path / "runs" / "t" / "arms" / runs[0].slug / "done.json").read_text())
+    assert {"rows", "budget", "curve", "target_budget"} <= set(done)
+    assert data["report"]["report"].endswith("t.md")
+
+    # resume: a second invocation retrains and re-evaluates nothing, and reports the same numbers
+    again = FakeBackend()
+    run_compare(cfg, again, progress=False)
+    assert again.trained == [] and again.evaluated == []
+    assert (tmp_path / "results" / "t.md").read_text().split("## What was run")[1].split("- machine")[0] == \
+        report.split("## What was run")[1].split("- machine")[0]
+
+    # an interrupted compare (one arm's done file missing) retrains only that arm
+    (tmp_path / "runs" / "t" / "arms" / runs[3].slug / "done.json").unlink()
+    third = FakeBackend()
+    run_compare(cfg, third, progress=False)
+    assert third.trained == [runs[3].slug]
+
+    # finished runs made with another base recipe are never mixed into the report
+    cfg.recipe_overrides = ["trainer.learning_rate=1"]
+    with pytest.raises(InputError, match="another base recipe"):
+        run_compare(cfg, FakeBackend(), progress=False)
+
+
+def test_step_and_outcome_budgets_match_and_mismatch_is_reported(tmp_path):
+    cfg = _cfg(tmp_path, arms=["outcome-dpo", "step-dpo", "process-ppo"], pairing_rules=["best-vs-worst"],
+               seeds=[0], budget_fractions=[1.0])
+    data = run_compare(cfg, FakeBackend(), progress=False)
+    by_family = {}
+    for r in data["runs"]:
+        by_family.setdefault(r["arm"]["family"], []).append(r["budget"])
+    assert by_family["step-dpo"][0] == by_family["outcome-dpo"][0] == data["runs"][0]["target_budget"]
+
+    cfg2 = _cfg(tmp_path, name="t2", arms=["step-dpo", "process-ppo"], pairing_rules=["best-vs-worst"],
+                seeds=[0], budget_fractions=[1.0])
+    run_compare(cfg2, FakeBackend(ppo_tokens_factor=1.5), progress=False)
+    report = (tmp_path / "results" / "t2.md").read_text()
+    assert "Budgets do not match" in report and "generated_tokens" in report
+    assert "Budgets were NOT matched" in report
+
+
+def test_question_scores_from_chains():
+    from rag_dpo.records import ANSWER, INVALID, SEARCH, Chain, Step
+    c = Chain("q1", "who?", gold_answers=["Paris"], supporting_ids=["a", "b"],
+              steps=[Step("0", None, "s", SEARCH, query="x", retrieved_ids=["a", "z"]),
+                     Step("1", "0", "s", ANSWER, answer="paris")], selected="1")
+    bad = Chain("q2", "who?", gold_answers=["Rome"], supporting_ids=["c"],
+                steps=[Step("0", None, "junk", INVALID, parse_error="no tag")], selected="0")
+    rows = question_scores([c, bad])
+    assert rows[0] == {"question_id": "q1", "em": 1.0, "f1": 1.0, "recall": 0.5, "steps": 2.0, "parse_error": 0.0}
+    assert rows[1]["em"] == 0.0 and rows[1]["parse_error"] == 1.0
+
+
+def test_config_loading_quick_and_bad_input(tmp_path):
+    cfg = load_compare_config(REPO / "recipes" / "compare.yaml")
+    assert len(cfg.seeds) >= 3 and not cfg.quick
+    quick = load_compare_config(REPO / "recipes" / "compare.yaml", quick=True)
+    assert quick.quick and quick.name == cfg.name + "-quick" and quick.seeds == [0]
+    assert quick.recipe_overrides == cfg.recipe_overrides + cfg.quick_recipe_overrides
+    over = load_compare_config(REPO / "recipes" / "compare.yaml", ["seeds=[4]"], quick=True)
+    assert over.seeds == [4]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms: [step-dpo, magic]\n")
+    with pytest.raises(InputError, match="magic"):
+        load_compare_config(bad)
+    bad.write_text("seedz: [1]\n")
+    with pytest.raises(InputError, match="seedz"):
+        load_compare_config(bad)
+
+
+def test_cli_registers_compare():
+    from typer.testing import CliRunner
+
+    from rag_dpo.cli import app
+    res = CliRunner().invoke(app, ["compare", "--help"])
+    assert res.exit_code == 0 and "--quick" in res.output
+
+
+def test_read_curve_and_arm_overrides(tmp_path):
+    from rag_dpo.pipeline.compare import Arm, ArmRun, arm_overrides, read_curve
+    (tmp_path / "train_log.json").write_text(json.dumps(
+        [{"step": 5, "loss": 0.7, "learning_rate": 1e-4}, {"step": 10, "loss": 0.5}, {"train_runtime": 3.0}]))
+    assert read_curve(tmp_path) == [{"step": 5.0, "loss": 0.7}, {"step": 10.0, "loss": 0.5}]
+    assert read_curve(tmp_path / "none") == []
+    ov = arm_overrides(ArmRun(Arm("step-dpo", "same-action", 1.0), seed=2))
+    assert "trainer.seed=2" in ov and "pairs.settings.rule=same-action" in ov and "trainer.nll_weight=1.0" in ov
+    assert "trainer.reward=process" in arm_overrides(ArmRun(Arm("process-ppo"), seed=0))
