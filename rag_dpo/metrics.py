@@ -78,3 +78,34 @@ def support_precision(retrieved: Iterable[str], supporting: Sequence[str], k: in
         return 0.0
     sup = set(supporting)
     return sum(1 for r in retrieved if r in sup) / len(retrieved)
+
+
+def average(rows: Sequence[dict], metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean of each metric over rows, plus "n". Metrics default to the float-valued fields of the first row
+    (scores are floats; grouping fields such as hop counts are ints or strings)."""
+    if metrics is None:
+        metrics = [k for k, v in rows[0].items() if type(v) is float] if rows else []
+    out: dict[str, float] = {"n": len(rows)}
+    for m in metrics:
+        out[m] = sum(float(r[m]) for r in rows) / len(rows) if rows else 0.0
+    return out
+
+
+def _group_order(value) -> tuple:
+    if value is None:
+        return (2, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def breakdown(rows: Sequence[dict], key: str, metrics: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """`average` per value of row[key] (e.g. "hops" or "type"), keyed by the value as a string ("unknown" for a
+    missing or None value), numbers first in numeric order, then names, then "unknown"."""
+    if metrics is None and rows:
+        metrics = [k for k, v in rows[0].items() if type(v) is float and k != key]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r.get(key), []).append(r)
+    return {("unknown" if v is None else str(v)): average(groups[v], metrics)
+            for v in sorted(groups, key=_group_order)}
