@@ -10,6 +10,8 @@ EVAL_OUT ?= runs/eval
 export WANDB_MODE ?= offline
 export JAX_PLATFORMS ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
+# OpenMP threads that spin while waiting make torch several times slower when processes share the 2 cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv test test-fast train-dpo train-sft train-ppo eval compare compare-quick bench clean
 

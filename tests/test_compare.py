@@ -195,3 +195,103 @@ def test_read_curve_and_arm_overrides(tmp_path):
     ov = arm_overrides(ArmRun(Arm("step-dpo", "same-action", 1.0), seed=2))
     assert "trainer.seed=2" in ov and "pairs.settings.rule=same-action" in ov and "trainer.nll_weight=1.0" in ov
     assert "trainer.reward=process" in arm_overrides(ArmRun(Arm("process-ppo"), seed=0))
+
+
+def test_recipe_fields_of_every_arm_exist():
+    """compare.yaml (default and --quick) turns into a valid pipeline Recipe for every arm; the overrides land on
+    the real recipe fields (a misspelt field would be an InputError at load time)."""
+    from rag_dpo.pipeline.compare import Arm, ArmRun, arm_recipe
+    for quick in (False, True):
+        cfg = load_compare_config(REPO / "recipes" / "compare.yaml", quick=quick)
+        step = arm_recipe(cfg, ArmRun(Arm("step-dpo", "same-action", 0.0), seed=3))
+        assert (step.method, step.pairs.kind, step.pairs.settings.rule) == ("dpo", "step", "same-action")
+        assert step.trainer["nll_weight"] == 0.0 and step.trainer["seed"] == 3 and "beta" in step.trainer
+        assert step.pairs.settings.annotator == step.annotate.name
+        ppo = arm_recipe(cfg, ArmRun(Arm("process-ppo"), seed=1), ["trainer.max_generated_tokens=500"])
+        assert ppo.trainer["reward"] == "process" and ppo.trainer["max_generated_tokens"] == 500
+        assert "beta" not in ppo.trainer and "nll_weight" not in ppo.trainer
+        sft = arm_recipe(cfg, ArmRun(Arm("sft"), seed=0))
+        assert sft.method == "sft" and sft.pairs.kind == "sft" and sft.pairs.settings.level == "chain"
+    path = REPO / "recipes" / "compare.yaml"
+    with pytest.raises(InputError, match="nll_wieght"):
+        load_compare_config(path, ["trainers.dpo.nll_wieght=1"])
+    with pytest.raises(InputError, match="trainers.rl"):
+        load_compare_config(path, ["trainers.rl.x=1"])
+
+
+def _labelled_pool(recipe, tokenizer, path):
+    """A small labelled tree per pool question, as `collect_rollouts` would leave it (a random tiny model cannot
+    produce chains with any right answer, so no pair could be built from its own rollouts): a good and a bad
+    first search (evidence 1 / 0), then a right and a wrong answer after the good search."""
+    from rag_dpo.agent.protocol import format_observation, format_step
+    from rag_dpo.io import atomic_write_json
+    from rag_dpo.pairs.builders import budget
+    from rag_dpo.pipeline import run as steps
+    from rag_dpo.records import ANSWER, SEARCH, Chain, Label, Step, write_chains
+    w = steps.world(recipe)
+    chains = []
+    for q in steps.pool_questions(recipe):
+        good = [w.corpus[p] for p in q.supporting_ids[:2]]
+        other = [p for p in w.corpus if p.id not in q.supporting_ids][:2]
+
+        def lab(v):
+            return {"evidence": Label(v, v > 0.5, "evidence", {"rollouts": 0.0, "generated_tokens": 0.0})}
+
+        s = [Step("0", None, format_step("find the evidence", SEARCH, q.question), SEARCH, query=q.question,
+                  retrieved_ids=[p.id for p in good], observation=format_observation(good, tokenizer, 16),
+                  generated_tokens=12, labels=lab(1.0)),
+             Step("1", None, format_step("guess", SEARCH, "weather today"), SEARCH, query="weather today",
+                  retrieved_ids=[p.id for p in other], observation=format_observation(other, tokenizer, 16),
+                  generated_tokens=9, labels=lab(0.0)),
+             Step("2", "0", format_step("found it", ANSWER, q.answers[0]), ANSWER, answer=q.answers[0],
+                  generated_tokens=7, labels=lab(1.0)),
+             Step("3", "0", format_step("not sure", ANSWER, "nobody"), ANSWER, answer="nobody",
+                  generated_tokens=5, labels=lab(0.0))]
+        chains.append(Chain(q.id, q.question, gold_answers=list(q.answers), supporting_ids=list(q.supporting_ids),
+                            steps=s, selected="2", method="tree"))
+    write_chains(path / "labels.jsonl", chains)
+    atomic_write_json(path / "done.json", budget(chains, "evidence"))
+    return chains
+
+
+def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, tokenizer):
+    """`run_compare` with `PipelineBackend` on the tiny random model: real warm start, pair datasets, SFT / DPO
+    training, evaluations of baselines and arms, report. The rollout pool is a labelled file placed where
+    `collect_rollouts` resumes from."""
+    from rag_dpo.config import apply_overrides
+    from rag_dpo.pipeline.compare import PipelineBackend, base_recipe
+    fast = ["precision=fp32", "max_length=384", "max_steps=1", "logging_steps=1", "per_device_train_batch_size=2",
+            "gradient_accumulation_steps=1", "save_steps=1000", "wandb=false"]
+    cfg = CompareConfig(
+        name="e2e", recipe=str(REPO / "recipes" / "dpo_step.yaml"),
+        recipe_overrides=[f"model={tiny_policy_dir}", "data.eval_split=test", "warm_start.questions=2",
+                          "rollout.questions=3", "rollout.max_steps=2", "rollout.max_new_tokens=6",
+                          "retrieval.max_tokens_per_passage=16", "eval.limit=2", "eval.batch_size=4"]
+        + [f"warm_start.trainer.{o}" for o in fast] + [f"trainer.{o}" for o in fast],
+        trainers={"sft": apply_overrides({}, fast)},
+        arms=["sft", "outcome-dpo", "step-dpo"], pairing_rules=["best-vs-worst"], nll_weights=[1.0],
+        seeds=[0], ablation_seeds=[0], curve_seeds=[0], budget_fractions=[1.0], baselines=["base", "iter-retgen"],
+        n_boot=100, run_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"))
+    cfg.validate()
+    shared = tmp_path / "runs" / "e2e" / "shared"
+    pool = _labelled_pool(base_recipe(cfg), tokenizer, shared / "rollouts")
+    data = run_compare(cfg, PipelineBackend(cfg), progress=False)
+
+    assert (shared / "warm_start" / "training_manifest.json").exists()
+    report = (tmp_path / "results" / "e2e.md").read_text()
+    for name in ("base", "iter-retgen", "warm-start", "sft", "outcome-dpo+nll", "step-dpo[best-vs-worst]+nll"):
+        assert f"| {name} |" in report, name
+    for png in ("e2e_metrics.png", "e2e_training_curves.png", "e2e_budget_curve.png"):
+        p = tmp_path / "results" / png
+        assert p.read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
+    runs = {r["name"]: r for r in data["runs"]}
+    assert set(runs) == {"sft", "outcome-dpo+nll", "step-dpo[best-vs-worst]+nll"}
+    for r in runs.values():
+        assert len(r["rows"]) == 2 and r["questions"] == len(pool)
+        assert r["curve"] and "loss" in r["curve"][0]        # the trainer's log_history was read
+        assert (Path(r["policy"]) / "adapter_config.json").exists()
+        for key in ("questions", "rollouts", "generated_tokens"):   # every arm paid exactly the pool's cost
+            assert r["budget"][key] == r["target_budget"][key], (r["name"], key)
+    assert runs["step-dpo[best-vs-worst]+nll"]["budget"]["generated_tokens"] == 33 * len(pool)
+    assert "Budgets match" in report
+    assert {len(b["rows"]) for b in data["baselines"].values()} == {2}

@@ -41,6 +41,10 @@ class CompareConfig:
     name: str = "compare"                    # run folder runs/compare/<name>, report <out_dir>/<name>.md, wandb group
     recipe: str = "recipes/dpo_step.yaml"    # base pipeline recipe: model, data, retriever, annotator, rollouts, trainer
     recipe_overrides: list[str] = field(default_factory=list)   # dotted overrides applied to that recipe
+    # trainer settings per arm method (sft / dpo / ppo: SFTSettings, DPOSettings, PPOSettings fields). An arm whose
+    # method is the base recipe's starts from the recipe's `trainer` section with these on top; other methods get
+    # only these (a DPO recipe's `beta` means nothing to PPO).
+    trainers: dict[str, dict] = field(default_factory=dict)
     arms: list[str] = field(default_factory=lambda: list(FAMILIES))   # families to train (subset of FAMILIES)
     pairing_rules: list[str] = field(default_factory=lambda: list(PAIRING_RULES))  # step-DPO variants
     main_pairing: str = "best-vs-worst"      # the step-DPO rule used for the main comparison and the budget curve
@@ -78,6 +82,12 @@ class CompareConfig:
             raise InputError("at least one seed is needed", file=file, field="seeds")
         if 1.0 not in [float(f) for f in self.budget_fractions]:
             raise InputError("budget_fractions must include 1.0 (all questions)", file=file, field="budget_fractions")
+        for method, section in self.trainers.items():
+            if method not in ("sft", "dpo", "ppo"):
+                raise InputError(f"unknown trainer method '{method}' (sft, dpo, ppo)", file=file,
+                                 field=f"trainers.{method}")
+            if not isinstance(section, dict):
+                raise InputError("expected a mapping of trainer settings", file=file, field=f"trainers.{method}")
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> CompareConfig:
@@ -93,6 +103,7 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None, qu
     apply_overrides(data, overrides or [])
     cfg = from_dict(CompareConfig, data, file=str(path))
     cfg.validate(file=str(path))
+    check_recipes(cfg, file=str(path))
     return cfg
 
 
@@ -220,9 +231,12 @@ def question_scores(chains) -> list[dict]:
 def settings_hash(cfg: CompareConfig) -> str:
     """What every run of a compare shares (base recipe text and overrides): a finished run made with other settings
     must not be mixed into the report."""
-    recipe = Path(cfg.recipe)
-    return stable_hash([recipe.read_text(encoding="utf-8") if recipe.exists() else cfg.recipe,
-                        list(cfg.recipe_overrides)])
+    from rag_dpo.pipeline.run import resolve_path
+    recipe = resolve_path(cfg.recipe)
+    parts = [recipe.read_text(encoding="utf-8") if recipe.exists() else cfg.recipe, list(cfg.recipe_overrides)]
+    if cfg.trainers:
+        parts.append(cfg.trainers)
+    return stable_hash(parts)
 
 
 def _read_done(path: Path, expected_hash: str) -> dict | None:
@@ -339,8 +353,9 @@ def machine_description() -> str:
 
 
 def arm_overrides(run: ArmRun) -> list[str]:
-    """Dotted overrides that turn the base recipe into one arm's recipe (`pipeline/recipe.py` field names). Only the
-    trainer's seed changes with the seed: the warm start and the rollout pool are built once from the base recipe."""
+    """Dotted overrides (`pipeline/recipe.py` field names) that turn the base recipe into one arm's recipe. Only the
+    trainer's seed changes with the seed: the warm start and the rollout pool are built once from the base recipe.
+    PPO's generated-token cap (`trainer.max_generated_tokens`) is added by the backend from the pool's spend."""
     arm = run.arm
     out = [f"method={arm.method}", f"trainer.seed={run.seed}"]
     if arm.method == "dpo":
@@ -353,19 +368,67 @@ def arm_overrides(run: ArmRun) -> list[str]:
     return out
 
 
+def base_recipe_data(cfg: CompareConfig) -> dict:
+    """The base recipe as a plain dict with `recipe_overrides` applied (before any arm's changes)."""
+    from rag_dpo.pipeline.run import resolve_path
+    data = load_yaml(resolve_path(cfg.recipe))
+    apply_overrides(data, list(cfg.recipe_overrides))
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def arm_recipe(cfg: CompareConfig, run: ArmRun, extra: list[str] | None = None):
+    """The validated `Recipe` of one arm run: base recipe + recipe_overrides, the method's trainer section
+    (`trainers.<method>`, over the recipe's own `trainer` when the method is the same), `arm_overrides`, `extra`.
+    Every SFT/DPO arm reads the pool's annotator labels, so each dataset's budget.json counts the annotation cost
+    the shared pool paid (as `pool_budget` does), whichever signal the arm uses."""
+    from rag_dpo.pipeline.recipe import Recipe, validate
+    data = base_recipe_data(cfg)
+    method = run.arm.method
+    own = dict(data.get("trainer") or {}) if data.get("method", "dpo") == method else {}
+    data["trainer"] = _merge(own, dict(cfg.trainers.get(method) or {}))
+    overrides = arm_overrides(run)
+    if method != "ppo":
+        annotator = (data.get("annotate") or {}).get("name", "evidence")
+        overrides.append(f"pairs.settings.annotator={annotator}")
+    apply_overrides(data, overrides + list(extra or []))
+    where = f"{cfg.recipe} (arm {run.arm.name})"
+    return validate(from_dict(Recipe, data, file=where), where)
+
+
+def base_recipe(cfg: CompareConfig):
+    from rag_dpo.pipeline.recipe import Recipe, validate
+    return validate(from_dict(Recipe, base_recipe_data(cfg), file=cfg.recipe), cfg.recipe)
+
+
+def check_recipes(cfg: CompareConfig, file: str | None = None) -> None:
+    """Build the base recipe and every planned arm's recipe once, so a field that does not exist (or a trainer
+    setting the arm's method does not have) is an InputError now, not hours into the compare."""
+    base_recipe(cfg)
+    seed = cfg.seeds[0]
+    for arm in plan_arms(cfg):
+        arm_recipe(cfg, ArmRun(arm, seed), extra=["trainer.max_generated_tokens=1"] if arm.method == "ppo" else [])
+
+
 class PipelineBackend:
-    """The real backend: the pipeline steps of `pipeline/run.py` on the base recipe. The warm start and the
-    annotated rollout pool live in `<run>/shared` and are built once; every arm gets its own folder, a copy of the
-    pool restricted to its questions, and the base recipe plus `arm_overrides`."""
+    """The real backend: the pipeline steps of `pipeline/run.py`. The warm start and the annotated rollout pool are
+    built once from the base recipe in `<run>/shared` (`warm_start/`, `rollouts/labels.jsonl`); every arm run gets
+    its own folder with `pairs/<kind>/` (the pool restricted to its questions) and `trained/`, built from
+    `arm_recipe`; evaluations go to `<folder>/eval/<name>/` on the base recipe's eval split and settings."""
 
     def __init__(self, cfg: CompareConfig):
-        from rag_dpo.pipeline.recipe import load_recipe
         self.cfg = cfg
-        self.recipe_path = cfg.recipe
-        self.recipe = load_recipe(cfg.recipe, list(cfg.recipe_overrides))
+        self.recipe = base_recipe(cfg)
+        check_recipes(cfg)
         self.root = Path(cfg.run_dir) / cfg.name
         self.shared = self.root / "shared"
-        self.warm: Path | None = None
+        self.start: str | None = None
         self.pool: Path | None = None
 
     def _chains(self):
@@ -373,72 +436,87 @@ class PipelineBackend:
         return read_chains(self.pool)
 
     def prepare(self) -> list[str]:
-        from rag_dpo.pipeline import run
-        self.warm = Path(run.warm_start(self.recipe, self.shared))
-        self.pool = Path(run.collect_rollouts(self.recipe, self.shared, policy=self.warm))
+        from rag_dpo.pipeline import run as steps
+        self.shared.mkdir(parents=True, exist_ok=True)
+        warm = steps.warm_start(self.recipe, self.shared)
+        self.start = str(warm) if warm else self.recipe.model
+        self.pool = Path(steps.collect_rollouts(self.recipe, self.shared, self.start))
         return sorted({c.question_id for c in self._chains()})
 
     def pool_budget(self, question_ids: list[str]) -> dict[str, float]:
         from rag_dpo.pairs.builders import annotator_of, budget
         keep = set(question_ids)
         chains = [c for c in self._chains() if c.question_id in keep]
-        return budget(chains, annotator_of(chains, None, str(self.pool)))
+        name = annotator_of(chains, self.recipe.pairs.settings.annotator or self.recipe.annotate.name, str(self.pool))
+        return budget(chains, name)
 
     def train(self, run: ArmRun, question_ids: list[str], budget: dict[str, float], out_dir: Path) -> TrainResult:
-        from rag_dpo.pipeline import run as steps
-        from rag_dpo.pipeline.recipe import load_recipe
-        from rag_dpo.records import write_chains
+        import json
+
         from rag_dpo.eval.stats import read_budget
+        from rag_dpo.pipeline import run as steps
         out_dir = Path(out_dir)
-        keep = set(question_ids)
-        pool = out_dir / "pool.jsonl"
-        if not pool.exists():
-            write_chains(pool, [c for c in self._chains() if c.question_id in keep])
-        recipe = load_recipe(self.recipe_path, list(self.cfg.recipe_overrides) + arm_overrides(run))
         if run.arm.method == "ppo":
-            policy = Path(steps.train_policy(recipe, out_dir, init=self.warm, budget=budget,
-                                             question_ids=sorted(keep)))
-            spent = read_budget(policy) if (policy / "budget.json").exists() else {}
+            recipe = arm_recipe(self.cfg, run, [f"trainer.max_generated_tokens={int(budget['generated_tokens'])}"])
+            policy = steps.train_policy(recipe, out_dir, self.start, None, question_ids=list(question_ids))
+            spent = json.loads((policy / "budget.json").read_text(encoding="utf-8"))
+            spent.pop("question_ids", None)
         else:
-            datasets = steps.build_pair_datasets(recipe, out_dir, chains=pool)
-            data_dir = next(iter(datasets.values())) if isinstance(datasets, dict) else Path(datasets)
-            spent = read_budget(data_dir)
-            policy = Path(steps.train_policy(recipe, out_dir, init=self.warm, datasets=datasets))
+            recipe = arm_recipe(self.cfg, run)
+            data = steps.build_pair_datasets(recipe, out_dir, self.pool, question_ids=list(question_ids))
+            spent = read_budget(data)
+            policy = steps.train_policy(recipe, out_dir, self.start, data)
         return TrainResult(policy=str(policy), budget=spent, curve=read_curve(policy))
 
     def evaluate(self, name: str, policy: str | None, out_dir: Path) -> list[dict]:
         from rag_dpo.pipeline import run as steps
         from rag_dpo.records import read_chains
+        method = "iter-retgen" if name == "iter-retgen" else "agent"
         if name == WARM_START:
-            policy, method = str(self.warm), "agent"
+            policy = self.start
         elif name in BASELINES:
-            policy, method = None, ("agent" if name == "base" else name)
-        else:
-            method = "agent"
-        out = Path(steps.evaluate_policies(self.recipe, out_dir, policies={name: policy}, methods=[method],
-                                           split="test"))
-        found = sorted(out.rglob("chains.jsonl")) if out.is_dir() else [out]
-        if not found:
-            raise InputError("evaluation wrote no chains.jsonl", file=str(out))
-        return question_scores(read_chains(found[0]))
+            policy = self.recipe.model
+        if not policy:
+            raise InputError(f"no policy to evaluate for {name!r}", field="policy")
+        steps.evaluate_policies(self.recipe, out_dir, {name: str(policy)}, methods=[method])
+        path = Path(out_dir) / "eval" / name / "chains.jsonl"
+        if not path.exists():
+            raise InputError("evaluation wrote no chains.jsonl", file=str(path))
+        return question_scores([c for c in read_chains(path) if c.method == method])
 
     def describe(self) -> dict[str, Any]:
-        r = to_dict(self.recipe)
-        keys = ("model", "data", "retriever", "annotator", "split", "budget")
-        return {k: r[k] for k in keys if k in r} | {"base recipe": self.recipe_path,
-                                                     "recipe overrides": list(self.cfg.recipe_overrides)}
+        r = self.recipe
+        return {"model": r.model, "data": f"{r.data.path} (train split {r.data.train_split}, eval split "
+                                          f"{r.data.eval_split}, {r.eval.limit or 'all'} eval questions)",
+                "retriever": f"{r.retrieval.name}, k={r.retrieval.k}",
+                "rollout pool": f"{r.rollout.search} search, k={r.rollout.k}, {r.rollout.questions or 'all'} "
+                                f"questions, max {r.rollout.max_steps} steps, annotator {r.annotate.name}",
+                "warm start": f"SFT on {r.warm_start.questions or 'all'} oracle chains" if r.warm_start.enabled
+                else "none (arms start from the base model)",
+                "base recipe": self.cfg.recipe, "recipe overrides": list(self.cfg.recipe_overrides)}
+
+
+CURVE_KEYS = ("loss", "reward", "outcome", "rewards/accuracies", "rewards/margins", "kl", "pg_loss")
 
 
 def read_curve(policy_dir: str | Path) -> list[dict[str, float]]:
-    """Training curve points {step, loss, ...} from a trainer's `train_log.json` (HF log_history); [] if none."""
+    """Training curve points {step, loss, ...} from a trainer's `train_log.json` (HF log_history) or PPO's
+    `train_log.jsonl` ({step, reward, outcome, kl, pg_loss, ...} per round); [] if neither is readable."""
     import json
-    path = Path(policy_dir) / "train_log.json"
-    if not path.exists():
-        return []
+    policy_dir = Path(policy_dir)
+    path = policy_dir / "train_log.json"
     try:
-        history = json.loads(path.read_text(encoding="utf-8"))
+        if path.exists():
+            history = json.loads(path.read_text(encoding="utf-8"))
+        elif (policy_dir / "train_log.jsonl").exists():
+            history = [json.loads(line) for line in
+                       (policy_dir / "train_log.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            return []
     except json.JSONDecodeError:
         return []
-    keep = ("loss", "reward", "rewards/accuracies", "rewards/margins", "kl")
-    return [{"step": float(h.get("step", i)), **{k: float(h[k]) for k in keep if isinstance(h.get(k), (int, float))}}
-            for i, h in enumerate(history) if isinstance(h, dict) and any(k in h for k in keep)]
+    if not isinstance(history, list):
+        return []
+    return [{"step": float(h.get("step", i)),
+             **{k: float(h[k]) for k in CURVE_KEYS if isinstance(h.get(k), (int, float)) and not isinstance(h[k], bool)}}
+            for i, h in enumerate(history) if isinstance(h, dict) and any(k in h for k in CURVE_KEYS)]

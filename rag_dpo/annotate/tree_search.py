@@ -1,0 +1,77 @@
+"""Tree search that produces the step-level data (RAG-Gym): sample K candidate next steps at a prefix, score them
+with an annotator, continue from the best, until an answer, an invalid best step, or the step limit.
+
+The result is one chain tree per question: the path of best candidates plus, at every prefix, the K-1 siblings
+that lost (stored, labelled, never continued). `chain.selected` is the last step of the best path. All questions
+of a batch advance together: one `sample_next_steps` call and one `label_groups` call per depth.
+`tree_search_to_file` appends finished batches whole and skips questions already in the file (resume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rag_dpo.errors import InputError
+from rag_dpo.records import ANSWER, INVALID, Chain, Question, append_chains, done_question_ids
+
+
+@dataclass
+class TreeSearchConfig:
+    k: int = 4                 # candidate next steps sampled per prefix
+    max_steps: int | None = None   # depth limit; None = the engine's RolloutConfig.max_steps
+    batch_questions: int = 8   # questions searched together (and appended to the output together)
+    progress: bool = True
+
+
+def tree_search(questions: Sequence[Question], engine, annotator, cfg: TreeSearchConfig | None = None) -> list[Chain]:
+    """Chain trees for `questions`; every step carries `annotator`'s label."""
+    cfg = cfg or TreeSearchConfig()
+    if not getattr(annotator, "guides_search", True):
+        raise InputError(f"the {annotator.name} annotator cannot score unfinished steps, so it cannot guide tree "
+                         "search (use evidence, rollout, judge or prm)", field="annotator")
+    max_steps = cfg.max_steps or engine.cfg.max_steps
+    chains = [engine.new_chain(q) for q in questions]
+    for c in chains:
+        c.method = "tree-search"
+        c.meta["tree_search"] = {"k": cfg.k, "max_steps": max_steps, "annotator": annotator.name}
+    frontier: list[tuple[Chain, str | None]] = [(c, None) for c in chains]
+    for depth in range(max_steps):
+        if not frontier:
+            break
+        candidates = engine.sample_next_steps(frontier, cfg.k)
+        groups = []
+        for (chain, _), steps in zip(frontier, candidates):
+            for s in steps:
+                chain.add_step(s)
+            groups.append((chain, steps))
+        annotator.label_groups(groups)
+        nxt = []
+        for chain, steps in groups:
+            best = max(steps, key=lambda s: s.labels[annotator.name].value)   # first of the best on ties
+            chain.selected = best.id
+            if best.action not in (ANSWER, INVALID) and depth + 1 < max_steps:
+                nxt.append((chain, best.id))
+        frontier = nxt
+    return chains
+
+
+def tree_search_to_file(questions: Sequence[Question], engine, annotator, out_path: str | Path,
+                        cfg: TreeSearchConfig | None = None) -> Path:
+    """Resumable tree search: each finished batch of questions is appended whole; done questions are skipped."""
+    from tqdm.auto import tqdm
+    cfg = cfg or TreeSearchConfig()
+    out_path = Path(out_path)
+    done = done_question_ids(out_path)
+    todo = [q for q in questions if q.id not in done]
+    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="question", desc="tree search",
+               disable=not cfg.progress)
+    try:
+        for b in range(0, len(todo), max(1, cfg.batch_questions)):
+            batch = todo[b:b + cfg.batch_questions]
+            append_chains(out_path, tree_search(batch, engine, annotator, cfg))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return out_path

@@ -1,0 +1,63 @@
+"""`rag-dpo eval`: score a policy with the baselines and the agent on one split; prints the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
+
+
+def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any format `rag-dpo data` reads)."),
+             corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus file (default: the union of the "
+                                                   "file's own context paragraphs)."),
+             policy: str = typer.Option("smollm2", "--policy", help="smollm2 (bundled), HF name/folder or a "
+                                        "checkpoint / adapter folder."),
+             methods: str = typer.Option("direct,rag,iter-retgen,agent", "--methods",
+                                         help="Comma-separated: direct, rag, iter-retgen, agent, agent-prm-bon."),
+             split: str = typer.Option("dev", "--split", help="train, dev, test or all."),
+             limit: Optional[int] = typer.Option(None, "--limit", help="First N questions of the split."),
+             out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun to resume)."),
+             retriever: str = typer.Option("bm25", "--retriever", help="bm25, bm25s, dense or hybrid."),
+             k: Optional[int] = typer.Option(None, "--k", help="Passages per retrieval (default 3)."),
+             seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default 0)."),
+             iter_rounds: int = typer.Option(2, "--iter-rounds", help="ITER-RETGEN rounds."),
+             answer_tokens: int = typer.Option(32, "--answer-tokens", help="Baselines: token budget of an answer."),
+             device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+             dtype: str = typer.Option("auto", "--dtype", help="Policy weights: auto (bf16 on GPUs and on CPUs "
+                                       "with AMX/AVX512-BF16, else float32), float32, bfloat16, float16."),
+             prm: Optional[str] = typer.Option(None, "--prm", help="agent-prm-bon: saved PRM folder."),
+             bon_n: int = typer.Option(4, "--bon-n", help="agent-prm-bon: candidates per step."),
+             manifest: Optional[Path] = typer.Option(None, "--manifest", help="Extra training manifest whose "
+                                                     "questions must not be evaluated."),
+             compare_with: Optional[Path] = typer.Option(None, "--compare-with", help="Another eval's "
+                                                         "results.json: print deltas against it."),
+             config: Optional[Path] = typer.Option(None, "--rollout-config", help="YAML with RolloutConfig fields."),
+             overrides: List[str] = typer.Argument(None, help="RolloutConfig overrides key=value, e.g. "
+                                                   "max_steps=4 max_new_tokens=48 batch_size=16.")) -> None:
+    """Writes results.json, results.md, results.png and chains.jsonl into --out and prints the table."""
+    import json
+
+    from rag_dpo.agent.rollout import RolloutConfig
+    from rag_dpo.config import load_config
+    from rag_dpo.errors import InputError
+    from rag_dpo.eval.evaluate import evaluate
+    from rag_dpo.eval.report import results_table
+
+    baseline = None
+    if compare_with is not None:
+        try:
+            baseline = json.loads(compare_with.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read results: {e}", file=str(compare_with)) from None
+    rollout = load_config(RolloutConfig, config, list(overrides or []))
+    results = evaluate(data, corpus_path=corpus, policy=policy, methods=methods, split=split, limit=limit,
+                       out_dir=out, retriever=retriever, k=k, seed=seed, manifest=manifest, rollout=rollout,
+                       iter_rounds=iter_rounds, answer_tokens=answer_tokens, device=device, dtype=dtype, prm=prm, bon_n=bon_n, baseline_results=baseline,
+                       baseline_name=compare_with.parent.name if compare_with else "baseline")
+    print(results_table(results, baseline, compare_with.parent.name if compare_with else "baseline"))
+    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'chains.jsonl'}")

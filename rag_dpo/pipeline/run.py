@@ -1,0 +1,467 @@
+"""Run a recipe end to end: warm start -> rollouts (+ step annotation) -> pairs -> train -> eval, in one run folder.
+
+Each step is its own function taking the recipe and the run folder and returning what it produced, and each
+skips work whose outputs already exist, so an interrupted run resumes (trainers also resume from their last
+checkpoint). `compare` reuses these functions so every arm shares one warm start and one rollout pool.
+
+Run folder layout (`runs/<name>`):
+    recipe.yaml            the resolved recipe (every default filled in)
+    data_hashes.json       sha256 of the question file, corpus and every chain file the run produced
+    warm_start/            SFT adapter + tokenizer on oracle chains (+ training_manifest.json); data in warm_start_data/
+    rollouts/labels.jsonl  the labelled rollout pool (tree search or sampled chains), rollouts/done.json = budget
+    pairs/<kind>/          the training dataset (datasets save_to_disk + budget.json + question_ids.json)
+    trained/               the trained adapter + tokenizer, train_log.json(l), train_curves.png, manifest
+    eval/<policy>/         rag_dpo.eval output per policy; results.md / results.json: the table of all policies
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rag_dpo.errors import InputError
+from rag_dpo.io import atomic_write_json, atomic_write_text, file_sha256
+from rag_dpo.paths import REPO_ROOT
+from rag_dpo.pipeline.recipe import Recipe, resolved_dict, trainer_settings
+
+
+def log(msg: str) -> None:
+    print(f"[rag-dpo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- the shared world: questions, splits, corpus, retriever (built once per process) ---------------------------
+
+@dataclass
+class World:
+    data_path: Path
+    corpus: Any
+    train: list        # Questions of the train split
+    eval: list         # Questions of the eval split
+    retriever: Any
+    fractions: Any
+
+
+_WORLDS: dict[tuple, World] = {}
+
+
+def resolve_path(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
+def world(recipe: Recipe) -> World:
+    """Load the recipe's data, split it, and build its retriever (cached per process)."""
+    from rag_dpo.data import load_dataset, split_questions
+    from rag_dpo.retrieval import build_retriever
+    d, r = recipe.data, recipe.retrieval
+    key = (d.path, d.format, d.corpus, d.fractions, d.train_split, d.eval_split, r.name)
+    if key not in _WORLDS:
+        path = resolve_path(d.path)
+        ds = load_dataset(path, format=d.format, corpus=resolve_path(d.corpus) if d.corpus else None)
+        if ds.corpus is None:
+            raise InputError("this dataset has no corpus of its own; set data.corpus", file=str(path),
+                             field="data.corpus")
+        fractions = d.fractions
+        train = split_questions(ds.questions, d.train_split, fractions)
+        evalq = split_questions(ds.questions, d.eval_split, fractions)
+        retriever = build_retriever(r.name, ds.corpus)
+        _WORLDS[key] = World(path, ds.corpus, train, evalq, retriever, fractions)
+    return _WORLDS[key]
+
+
+def warm_start_questions(recipe: Recipe) -> list:
+    w = world(recipe)
+    n = recipe.warm_start.questions
+    return w.train if n is None else w.train[:n]
+
+
+def pool_questions(recipe: Recipe) -> list:
+    """Train questions of the rollout pool: the ones after the warm start's (wrapping round if too few)."""
+    w = world(recipe)
+    n = recipe.rollout.questions or len(w.train)
+    start = len(warm_start_questions(recipe)) if recipe.warm_start.enabled else 0
+    rest = w.train[start:] + w.train[:start]
+    return rest[: min(n, len(rest))]
+
+
+def release_memory() -> None:
+    """Give freed trainer memory back to the OS between stages (glibc keeps it otherwise: a finished SFT stage
+    left the process at ~6 GB RSS during the following rollouts on CPU)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _tokenizer(spec: str):
+    from rag_dpo.agent.policy import load_tokenizer
+    return load_tokenizer(spec)
+
+
+# ---- steps ------------------------------------------------------------------------------------------------------
+
+def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
+    """SFT on oracle chains of the train split (`warm_start.questions` of them). Returns the adapter folder, or
+    None when the recipe disables the warm start. Skipped when run_dir/warm_start is finished."""
+    from rag_dpo.data import write_manifest
+    from rag_dpo.train.common import is_done
+    from rag_dpo.train.sft import train_sft
+    if not recipe.warm_start.enabled:
+        return None
+    run_dir = Path(run_dir)
+    out = run_dir / "warm_start"
+    if is_done(out):
+        log(f"warm start: done ({out})")
+        return out
+    w = world(recipe)
+    qs = warm_start_questions(recipe)
+    data_dir = run_dir / "warm_start_data"
+    chains_path = data_dir / "oracle.jsonl"
+    tok = _tokenizer(recipe.model)
+    if not chains_path.exists():
+        from rag_dpo.annotate import oracle_chains
+        from rag_dpo.records import write_chains
+        log(f"warm start: oracle chains for {len(qs)} train questions")
+        chains = oracle_chains(qs, w.corpus, w.retriever, tokenizer=tok, k=recipe.retrieval.k,
+                               max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+        write_chains(chains_path, chains)
+    sft_dir = data_dir / "sft"
+    if not (sft_dir / "budget.json").exists():
+        from rag_dpo.pairs import PairConfig, build_dataset
+        build_dataset(chains_path, "sft", sft_dir, tok, PairConfig(level="chain"))
+    settings = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed)
+    log(f"warm start: SFT on {_rows(sft_dir)} oracle chains")
+    train_sft(settings, sft_dir, out, model=recipe.model)
+    release_memory()
+    write_manifest(out, [q.id for q in qs], data_files=[w.data_path], info={"stage": "warm_start",
+                                                                             "recipe": recipe.name})
+    return out
+
+
+def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_ids: list[str] | None = None,
+                     out_dir: str | Path | None = None) -> Path:
+    """The labelled rollout pool of `policy` on the pool questions (or `question_ids`): tree search guided by the
+    recipe's annotator, or `k` sampled chains per question then annotated. Returns the labelled chains file
+    (out_dir/labels.jsonl, default run_dir/rollouts); resumable per question; done.json holds the budget."""
+    from rag_dpo.agent.policy import load_policy
+    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
+    from rag_dpo.annotate import TreeSearchConfig, annotate_file, build_annotator, tree_search_to_file
+    from rag_dpo.pairs import budget
+    from rag_dpo.records import read_chains
+
+    out = Path(out_dir) if out_dir else Path(run_dir) / "rollouts"
+    labels = out / "labels.jsonl"
+    if (out / "done.json").exists():
+        log(f"rollouts: done ({labels})")
+        return labels
+    out.mkdir(parents=True, exist_ok=True)
+    w = world(recipe)
+    qs = pool_questions(recipe)
+    if question_ids is not None:
+        wanted = set(question_ids)
+        qs = [q for q in w.train if q.id in wanted]
+    ro = recipe.rollout
+    model, tok = load_policy(policy, merge_adapter=True)   # a merged LoRA generates ~2x faster on CPU
+    cfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
+                        temperature=ro.temperature, top_p=ro.top_p, do_sample=True, batch_size=ro.batch_size,
+                        seed=recipe.seed, max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+    engine = RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(policy),
+                           retriever_name=recipe.retrieval.name)
+    annotator = build_annotator(recipe.annotate.name, recipe.annotate.settings, engine=engine)
+    t0 = time.perf_counter()
+    if ro.search == "tree":
+        log(f"rollouts: tree search, {ro.k} candidates per prefix, {len(qs)} questions, annotator "
+            f"{recipe.annotate.name}")
+        # batch_size // k questions at a time: each generate call still holds batch_size rows, and the bar moves
+        tree_search_to_file(qs, engine, annotator, labels,
+                            TreeSearchConfig(k=ro.k, max_steps=ro.max_steps,
+                                             batch_questions=max(1, ro.batch_size // ro.k)))
+    else:
+        raw = out / "chains.jsonl"
+        log(f"rollouts: {ro.k} sampled chains for each of {len(qs)} questions")
+        for g in range(ro.k):
+            part = out / f"chains.{g}.jsonl"
+            engine.cfg.seed = recipe.seed * 1009 + g
+            engine.rollout_to_file(qs, part)
+        if not raw.exists():
+            atomic_write_text(raw, "".join((out / f"chains.{g}.jsonl").read_text() for g in range(ro.k)))
+        annotate_file(raw, annotator, labels)
+    spend = budget(read_chains(labels), recipe.annotate.name)
+    spend["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(out / "done.json", spend)
+    del engine, model
+    release_memory()
+    log(f"rollouts: {spend['chains']} chains, {spend['policy_steps']} steps, {spend['generated_tokens']:.0f} "
+        f"generated tokens")
+    return labels
+
+
+def build_pair_datasets(recipe: Recipe, run_dir: str | Path, labels_path: str | Path,
+                        question_ids: list[str] | None = None, out_dir: str | Path | None = None) -> Path:
+    """The training dataset of kind `recipe.pairs.kind` from the labelled pool (restricted to `question_ids` when
+    given), with the recipe's pairing settings. Returns its folder (default run_dir/pairs/<kind>)."""
+    from rag_dpo.pairs import build_dataset
+    from rag_dpo.records import read_chains, write_chains
+    kind = recipe.pairs.kind
+    out = Path(out_dir) if out_dir else Path(run_dir) / "pairs" / kind
+    if (out / "budget.json").exists():
+        log(f"pairs: done ({out}, {_rows(out)} rows)")
+        return out
+    src = Path(labels_path)
+    if question_ids is not None:
+        wanted = set(question_ids)
+        src = out.with_name(out.name + ".labels.jsonl")
+        write_chains(src, [c for c in read_chains(labels_path) if c.question_id in wanted])
+    build_dataset(src, kind, out, _tokenizer(recipe.model), recipe.pairs.settings)
+    n = _rows(out)
+    log(f"pairs: {n} {kind} rows ({out})")
+    if n == 0:
+        raise InputError(f"no {kind} rows could be built from the rollout pool (all candidates tied or "
+                         "near-duplicates); raise rollout.questions or rollout.k, or lower pairs.settings.margin",
+                         file=str(labels_path), field="pairs")
+    return out
+
+
+def train_policy(recipe: Recipe, run_dir: str | Path, start_policy: str, data: str | Path | None,
+                 out_dir: str | Path | None = None, question_ids: list[str] | None = None) -> Path:
+    """Train the recipe's method from `start_policy` (a policy spec or adapter folder) on `data` (a pairs dataset
+    folder; PPO ignores it and rolls out on the pool questions, or on `question_ids`; its generated-token budget
+    is `trainer.max_generated_tokens`). Returns the output folder (default run_dir/trained) holding the adapter +
+    tokenizer (a PRM folder for method prm), train_log.json(l), budget.json (PPO) and training_manifest.json."""
+    from rag_dpo.data import write_manifest
+    from rag_dpo.train.common import is_done
+    out = Path(out_dir) if out_dir else Path(run_dir) / "trained"
+    settings = trainer_settings(recipe)
+    method = recipe.method
+    if is_done(out) and (out / "training_manifest.json").exists():
+        log(f"train ({method}): done ({out})")
+        return out
+    log(f"train ({method}): from {start_policy}")
+    ids: list[str] = []
+    files: list[Path] = [world(recipe).data_path]
+    if method == "sft":
+        from rag_dpo.train.sft import train_sft
+        train_sft(settings, data, out, model=start_policy)
+    elif method == "dpo":
+        from rag_dpo.train.dpo import train_dpo
+        train_dpo(settings, data, out, model=start_policy)
+    elif method == "prm":
+        from rag_dpo.train.prm import train_prm
+        train_prm(settings, data, out, model=recipe.model)
+    else:
+        from rag_dpo.train.ppo import PPOInputs, train_ppo
+        w = world(recipe)
+        ro = recipe.rollout
+        qs = pool_questions(recipe)
+        if question_ids is not None:
+            wanted = set(question_ids)
+            qs = [q for q in w.train if q.id in wanted]
+        inputs = PPOInputs(qs, w.corpus, w.retriever,
+                           rollout={"max_steps": ro.max_steps, "k": recipe.retrieval.k,
+                                    "max_new_tokens": ro.max_new_tokens, "top_p": ro.top_p,
+                                    "batch_size": ro.batch_size, "seed": recipe.seed,
+                                    "max_tokens_per_passage": recipe.retrieval.max_tokens_per_passage})
+        train_ppo(settings, inputs, out, model=start_policy)
+        ids = json.loads((out / "budget.json").read_text()).get("question_ids", [])
+    if data is not None and method != "ppo":
+        qfile = Path(data) / "question_ids.json"
+        ids = json.loads(qfile.read_text()) if qfile.exists() else []
+    release_memory()
+    inherit = [start_policy] if Path(start_policy).is_dir() else []
+    write_manifest(out, ids, data_files=files, inherit_from=inherit,
+                   info={"method": method, "recipe": recipe.name, "start": str(start_policy)})
+    return out
+
+
+def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, str | None],
+                      methods: list[str] | None = None, split: str | None = None) -> dict[str, dict]:
+    """Evaluate each named policy (name -> spec; None entries are skipped) with rag_dpo.eval.evaluate on `split`
+    (default the recipe's eval split) into run_dir/eval/<name>/ (results.json, chains.jsonl, ...); writes
+    run_dir/results.{json,md} with the table and a plain statement of trained vs warm start. Returns
+    name -> {method -> metrics}."""
+    from rag_dpo.eval import evaluate
+    run_dir = Path(run_dir)
+    w = world(recipe)
+    e = recipe.eval
+    methods = list(methods or e.methods)
+    split = split or recipe.data.eval_split
+    policies = {k: v for k, v in policies.items() if v}
+    table: dict[str, dict] = {}
+    for name, spec in policies.items():
+        out = run_dir / "eval" / name
+        res_file = out / "results.json"
+        if res_file.exists():
+            log(f"eval {name}: done ({out})")
+            res = json.loads(res_file.read_text())
+        else:
+            log(f"eval {name}: {spec} on {e.limit or 'all'} {split} questions")
+            from rag_dpo.agent.policy import load_policy
+            from rag_dpo.agent.rollout import RolloutConfig
+            ro = recipe.rollout
+            rcfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
+                                 do_sample=False, batch_size=e.batch_size, seed=recipe.seed,
+                                 max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+            res = evaluate(str(w.data_path), recipe.data.corpus, policy=str(spec), methods=methods, split=split,
+                           limit=e.limit, out_dir=out, retriever=recipe.retrieval.name, rollout=rcfg,
+                           fractions=recipe.data.fractions, use_wandb=False,
+                           model_and_tokenizer=load_policy(str(spec), merge_adapter=True))
+        table[name] = metrics_by_method(res)
+        release_memory()
+    summary = results_markdown(recipe, table)
+    atomic_write_json(run_dir / "results.json", table)
+    atomic_write_text(run_dir / "results.md", summary)
+    _log_results(table)
+    return table
+
+
+METRICS = ("em", "f1", "support_recall", "parse_error_rate", "steps")
+
+
+def metrics_by_method(results: dict) -> dict[str, dict]:
+    """method -> {metric: value} from an eval results dict (accepts `{"methods": {m: {...}}}` or `{m: {...}}`)."""
+    methods = results.get("methods", results) if isinstance(results, dict) else {}
+    out = {}
+    for m, v in methods.items():
+        if isinstance(v, dict):
+            src = v.get("metrics", v)
+            out[m] = {k: src[k] for k in src if isinstance(src[k], (int, float)) and not isinstance(src[k], bool)}
+    return out
+
+
+def results_markdown(recipe: Recipe, table: dict[str, dict]) -> str:
+    """The policy x metric table and how the trained policy compares with the warm start it came from."""
+    methods = sorted({m for t in table.values() for m in t})
+    keys = [k for k in METRICS if any(k in t.get(m, {}) for t in table.values() for m in methods)]
+    if not keys:
+        keys = sorted({k for t in table.values() for m in methods for k in t.get(m, {})})[:6]
+    lines = [f"# {recipe.name}: {recipe.method} on {Path(recipe.data.path).name} ({recipe.data.eval_split} split, "
+             f"{recipe.eval.limit or 'all'} questions)", "",
+             "| policy | method | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, t in table.items():
+        for m in methods:
+            if m in t:
+                lines.append(f"| {name} | {m} | " + " | ".join(_fmt(t[m].get(k)) for k in keys) + " |")
+    lines += ["", verdict(recipe, table)]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(recipe: Recipe, table: dict[str, dict]) -> str:
+    ref = "warm_start" if "warm_start" in table else "base"
+    if "trained" not in table or ref not in table:
+        return ""
+    parts = []
+    for m in table["trained"]:
+        a, b = table["trained"][m], table[ref].get(m, {})
+        for k in ("em", "f1"):
+            if k in a and k in b:
+                d = a[k] - b[k]
+                word = "better than" if d > 0 else "worse than" if d < 0 else "the same as"
+                parts.append(f"{m} {k.upper()} {a[k]:.3f} vs {b[k]:.3f} ({d:+.3f}, {word} the {ref.replace('_', ' ')})")
+    return (f"**The {recipe.method.upper()}-trained policy vs the {ref.replace('_', ' ')} it started from:** "
+            + "; ".join(parts) + ".") if parts else ""
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _log_results(table: dict[str, dict]) -> None:
+    try:
+        import wandb
+        run = wandb.run
+    except Exception:
+        run = None
+    from rag_dpo import tracking
+    rows, flat = [], {}
+    for name, t in table.items():
+        for m, metrics in t.items():
+            rows.append([name, m] + [metrics.get(k) for k in METRICS])
+            flat.update({f"eval/{name}/{m}/{k}": v for k, v in metrics.items()})
+    tracking.log(run, flat)
+    tracking.log_table(run, "eval/results", ["policy", "method", *METRICS], rows)
+
+
+def _rows(dataset_dir: Path) -> int:
+    b = Path(dataset_dir) / "budget.json"
+    return int(json.loads(b.read_text()).get("rows", 0)) if b.exists() else 0
+
+
+def _data_hashes(recipe: Recipe, run_dir: Path) -> dict:
+    w = world(recipe)
+    hashes = {str(w.data_path): file_sha256(w.data_path)}
+    if recipe.data.corpus:
+        hashes[recipe.data.corpus] = file_sha256(resolve_path(recipe.data.corpus))
+    for p in sorted(run_dir.rglob("*.jsonl")):
+        if "eval" not in p.relative_to(run_dir).parts[:1] and "wandb" not in p.parts:
+            hashes[str(p.relative_to(run_dir))] = file_sha256(p)
+    return hashes
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> Path:
+    """Create (or reopen, for resume) the run folder; refuse to resume a folder made by a different recipe."""
+    import shutil
+
+    from rag_dpo.config import dump_yaml
+    run_dir = Path(run_dir)
+    text = dump_yaml(resolved_dict(recipe))
+    old = run_dir / "recipe.yaml"
+    if old.exists() and old.read_text() != text:
+        if not restart:
+            raise InputError("this run folder was started with a different recipe; pass --restart to start over "
+                             "or --run-dir for a new folder", file=str(old))
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", text)
+    return run_dir
+
+
+def run_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> dict:
+    """Warm start -> rollouts -> pairs -> train -> eval for one recipe; returns {"policies", "results"}.
+    A method `sft` recipe with pairs.kind `oracle` stops after the warm start (that *is* its trained policy)."""
+    from rag_dpo import tracking
+    t0 = time.perf_counter()
+    run_dir = prepare_run_dir(recipe, run_dir, restart)
+    run = tracking.init_run(run_dir.name, resolved_dict(recipe), group=recipe.group or recipe.name,
+                            job_type=recipe.method, dir=run_dir)
+    try:
+        log(f"run folder {run_dir}")
+        w = world(recipe)
+        log(f"data: {len(w.train)} train / {len(w.eval)} {recipe.data.eval_split} questions, "
+            f"{len(w.corpus)} passages, retriever {recipe.retrieval.name}")
+        ws = warm_start(recipe, run_dir)
+        start = str(ws) if ws else recipe.model
+        if recipe.pairs.kind == "oracle":
+            trained = ws
+        elif recipe.method == "ppo":
+            trained = train_policy(recipe, run_dir, start, None)
+        else:
+            labels = collect_rollouts(recipe, run_dir, start)
+            data = build_pair_datasets(recipe, run_dir, labels)
+            trained = train_policy(recipe, run_dir, start, data)
+        atomic_write_json(run_dir / "data_hashes.json", _data_hashes(recipe, run_dir))
+        policies = {"base": recipe.model, "warm_start": str(ws) if ws else None,
+                    "trained": str(trained) if trained is not None else None}
+        if recipe.method == "prm":
+            policies["trained"] = None   # a PRM is not a policy; eval it through the prm annotator / agent-prm-bon
+        chosen = {k: v for k, v in policies.items() if v and k in recipe.eval.policies}
+        results = evaluate_policies(recipe, run_dir, chosen) if chosen and recipe.eval.limit != 0 else {}
+        minutes = (time.perf_counter() - t0) / 60
+        summary = {"run_dir": str(run_dir), "policies": policies, "results": results, "minutes": round(minutes, 1)}
+        atomic_write_json(run_dir / "summary.json", summary)
+        if results:
+            print("\n" + (run_dir / "results.md").read_text(), flush=True)
+        log(f"finished in {minutes:.1f} min; run folder {run_dir}")
+        tracking.log(run, {"wall_minutes": minutes})
+        return summary
+    finally:
+        tracking.finish(run)

@@ -1,0 +1,489 @@
+"""Multi-turn PPO (and a critic-free GRPO variant) for search agents, with retrieval inside the rollout.
+
+TRL 1.16 has no PPOTrainer (and its old one was single-turn), so this is a compact one on torch + accelerate:
+
+    rollout (RolloutEngine: generate a step, retrieve, append <information>, repeat)
+    -> tokens via protocol.tokenize_path (policy_mask: 1 on the policy's own tokens, 0 on prompt and retrieved text)
+    -> rewards on tokens:  outcome  = final-answer F1/EM on the last policy token;
+                           process  = each step's annotator value on that step's last token, plus the outcome
+    -> PPO: per-token KL penalty to the reference in the reward, GAE over the policy tokens only, clipped policy
+       loss and clipped value loss (value head on the policy's last hidden state);
+       GRPO: no critic; rewards normalised within each question's group of samples, advantage = normalised
+       reward-to-go, KL (k3 estimator) in the loss.
+
+Retrieved tokens are environment transitions, not actions: GAE runs over the compressed sequence of policy tokens
+(the value after a retrieved block bootstraps the step before it), and every loss is a masked mean with the policy
+mask, so retrieved tokens get zero gradient. The reference is the starting policy: with a fresh LoRA adapter the
+adapter is disabled; when continuing an adapter (e.g. the warm start) a frozen copy "ref" is kept (as TRL's
+DPOTrainer does). Rewards are placed on the same step spans the rollout engine recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from rag_dpo.errors import InputError
+from rag_dpo.train.common import TrainerSettings, is_done, load_trainable, save_policy
+
+ALGORITHMS = ("ppo", "grpo")
+REWARDS = ("outcome", "process")
+
+
+@dataclass
+class PPOSettings(TrainerSettings):
+    algorithm: str = "ppo"              # ppo (value head + GAE) | grpo (critic-free, group-normalised rewards)
+    reward: str = "outcome"             # outcome (final answer only) | process (step values + outcome)
+    outcome_metric: str = "f1"          # f1 | em
+    process_annotator: str = "evidence"  # annotator whose step values are the process rewards
+    process_weight: float = 1.0         # scale of step rewards relative to the outcome reward
+    iterations: int = 8                 # rounds of (rollouts, update)
+    questions_per_iteration: int = 8
+    group_size: int = 2                 # sampled chains per question per round (GRPO's group)
+    ppo_epochs: int = 2                 # passes over each round's chains
+    minibatch_size: int = 4             # chains per optimiser step
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 1.0            # rollout sampling temperature
+    max_generated_tokens: int | None = None   # stop once rollouts generated this many tokens (budget)
+    learning_rate: float = 2e-5
+
+
+# ---- pure pieces (unit-tested) ---------------------------------------------------------------------------------
+
+def token_rewards(n_tokens: int, step_spans: Sequence[tuple[int, int]], step_values: Sequence[float],
+                  outcome: float, mode: str, process_weight: float = 1.0) -> list[float]:
+    """Reward per token index: the outcome on the last policy token of the final step; with `process`, also each
+    step's value on the last token of that step's own text."""
+    if mode not in REWARDS:
+        raise InputError(f"unknown reward {mode!r} (outcome or process)", field="trainer.reward")
+    r = [0.0] * n_tokens
+    spans = [(a, min(b, n_tokens)) for a, b in step_spans if a < n_tokens and b > a]
+    if not spans:
+        return r
+    if mode == "process":
+        for (a, b), v in zip(spans, step_values):
+            r[b - 1] += process_weight * float(v)
+    r[spans[-1][1] - 1] += float(outcome)
+    return r
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Advantages and returns over the masked (policy) positions of each row; unmasked positions get 0.
+    Positions outside the mask are skipped, so the next policy token's value is the bootstrap across them."""
+    import torch
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        idx = mask[i].nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            continue
+        r, v = rewards[i, idx], values[i, idx]
+        a = torch.zeros_like(r)
+        last, nxt = 0.0, 0.0
+        for t in range(idx.numel() - 1, -1, -1):
+            delta = r[t] + gamma * nxt - v[t]
+            last = delta + gamma * lam * last
+            a[t] = last
+            nxt = v[t]
+        adv[i, idx] = a
+    return adv, (adv + values) * mask
+
+
+def group_advantages(rewards, mask, groups: Sequence[Any], eps: float = 1e-6):
+    """GRPO: normalise the reward entries of each group (mean/std over its rows' nonzero-reward positions), then
+    advantage = reward-to-go of the normalised rewards over policy positions."""
+    import torch
+    placed = (rewards != 0) & mask.bool()
+    norm = torch.zeros_like(rewards)
+    by_group: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    for rows in by_group.values():
+        # every row places its outcome on its last policy token even when it is 0: include that position
+        vals = []
+        for i in rows:
+            idx = mask[i].nonzero(as_tuple=True)[0]
+            if idx.numel():
+                p = placed[i].clone()
+                p[idx[-1]] = True
+                vals.append(rewards[i][p])
+        if not vals:
+            continue
+        allv = torch.cat(vals)
+        mean, std = allv.mean(), allv.std(unbiased=False)
+        for i in rows:
+            idx = mask[i].nonzero(as_tuple=True)[0]
+            if not idx.numel():
+                continue
+            p = placed[i].clone()
+            p[idx[-1]] = True
+            norm[i][p] = (rewards[i][p] - mean) / (std + eps)
+    flipped = (norm * mask).flip(-1).cumsum(-1).flip(-1)
+    return flipped * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(new_logp, old_logp, adv, mask, clip: float):
+    ratio = (new_logp - old_logp).exp()
+    pg = torch_max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    return masked_mean(pg, mask), masked_mean(((ratio - 1).abs() > clip).float(), mask)
+
+
+def value_loss(new_v, old_v, returns, mask, clip: float):
+    clipped = old_v + (new_v - old_v).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch_max((new_v - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def torch_max(a, b):
+    import torch
+    return torch.maximum(a, b)
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token KL(pi || ref) estimator k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+# ---- model pieces ----------------------------------------------------------------------------------------------
+
+def forward_logps(model, value_head, input_ids, attention_mask, with_values: bool = True):
+    """(log-prob of each next token, value before it), both [B, T-1], index j <-> token j+1."""
+    import torch
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_values,
+                use_cache=False)
+    logits = out.logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    values = None
+    if with_values and value_head is not None:
+        h = out.hidden_states[-1][:, :-1]
+        values = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+    return logp, values
+
+
+@dataclass
+class Rollouts:
+    """One round's chains as padded tensors (shifted: index j is token j+1)."""
+    input_ids: Any
+    attention_mask: Any
+    mask: Any              # policy tokens (actions)
+    rewards: Any           # env rewards per token (before KL)
+    groups: list
+    outcomes: list[float]
+    n_policy_tokens: int
+
+
+def chains_to_rollouts(tokenizer, chains, rewards_per_chain: list[list[float]] | None, cfg: PPOSettings,
+                       step_values: list[list[float]] | None = None, outcomes: list[float] | None = None) -> Rollouts:
+    """Tokenise each chain's selected path with protocol.tokenize_path and place its rewards."""
+    import torch
+
+    from rag_dpo.agent.protocol import tokenize_path
+    from rag_dpo.metrics import exact_match, f1_score
+    seqs, masks, rews, groups, outs = [], [], [], [], []
+    for i, c in enumerate(chains):
+        path = c.path()
+        tp = tokenize_path(tokenizer, c.question, path)
+        ids, pm = tp.input_ids[: cfg.max_length], tp.policy_mask[: cfg.max_length]
+        if outcomes is not None:
+            outcome = outcomes[i]
+        else:
+            ans = path[-1].answer if path and path[-1].answer is not None else None
+            metric = f1_score if cfg.outcome_metric == "f1" else exact_match
+            outcome = float(metric(ans, c.gold_answers)) if ans is not None else 0.0
+        values = step_values[i] if step_values is not None else [
+            (s.labels[cfg.process_annotator].value if cfg.process_annotator in s.labels else 0.0) for s in path]
+        r = token_rewards(len(ids), tp.step_spans, values, outcome, cfg.reward, cfg.process_weight)
+        seqs.append(ids), masks.append(pm), rews.append(r), groups.append(c.question_id), outs.append(outcome)
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    m = torch.zeros((len(seqs), width))
+    rw = torch.zeros((len(seqs), width))
+    for i, (s, pm, r) in enumerate(zip(seqs, masks, rews)):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+        m[i, : len(s)] = torch.tensor(pm, dtype=torch.float)
+        rw[i, : len(s)] = torch.tensor(r)
+    return Rollouts(ids, att, m[:, 1:], rw[:, 1:], groups, outs, int(m.sum()))
+
+
+class PPOTrainer:
+    """Holds policy (+ value head), reference and optimiser; `update(rollouts)` runs one PPO/GRPO round."""
+
+    def __init__(self, cfg: PPOSettings, model: str = "smollm2", policy=None, tokenizer=None):
+        import torch
+        from accelerate import Accelerator
+
+        from rag_dpo.train.common import use_bf16
+        if cfg.algorithm not in ALGORITHMS:
+            raise InputError(f"unknown algorithm {cfg.algorithm!r} (ppo or grpo)", field="trainer.algorithm")
+        if cfg.reward not in REWARDS:
+            raise InputError(f"unknown reward {cfg.reward!r} (outcome or process)", field="trainer.reward")
+        self.cfg, self.spec = cfg, model
+        torch.manual_seed(cfg.seed)
+        if policy is None:
+            policy, tokenizer, peft_cfg = load_trainable(model, cfg)
+            if peft_cfg is not None:
+                from peft import get_peft_model
+                policy = get_peft_model(policy, peft_cfg)
+        self.ref_adapter: str | None = None
+        self.ref_model = None
+        if hasattr(policy, "peft_config"):
+            if "ref" not in policy.peft_config and self._continued(policy):
+                policy.add_adapter("ref", policy.peft_config["default"])
+                for name, p in policy.named_parameters():
+                    if ".default." in name:
+                        policy.get_parameter(name.replace(".default.", ".ref.")).data.copy_(p.data)
+                policy.set_adapter("default")
+            self.ref_adapter = "ref" if "ref" in policy.peft_config else None
+        else:
+            import copy
+            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.tok = tokenizer
+        hidden = policy.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        if cfg.algorithm == "ppo":
+            params += list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16(cfg.precision) else "no",
+                                       cpu=not torch.cuda.is_available())
+        self.policy, self.value_head, self.optimizer = self.accelerator.prepare(policy, self.value_head,
+                                                                                self.optimizer)
+        self.iteration = 0
+
+    @staticmethod
+    def _continued(policy) -> bool:
+        """A loaded adapter (not freshly initialised): its LoRA B matrices are not all zero."""
+        return any(p.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n and ".default." in n)
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+    def ref_logps(self, ids, att):
+        import torch
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.ref_model is not None:
+                return forward_logps(self.ref_model, None, ids, att, with_values=False)[0]
+            from trl.trainer.utils import use_adapter
+            model = self.unwrapped()
+            with use_adapter(model, self.ref_adapter):
+                logp = forward_logps(model, None, ids, att, with_values=False)[0]
+            model.set_adapter("default")
+            return logp
+
+    def update(self, ro: Rollouts) -> dict[str, float]:
+        """One round: old/ref log-probs, advantages, then ppo_epochs x minibatches of clipped updates."""
+        import torch
+        cfg, dev = self.cfg, self.accelerator.device
+        ids, att, mask, rew = (t.to(dev) for t in (ro.input_ids, ro.attention_mask, ro.mask, ro.rewards))
+        use_critic = cfg.algorithm == "ppo"
+        self.policy.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            old_logp, old_v = forward_logps(self.policy, self.value_head if use_critic else None, ids, att,
+                                            with_values=use_critic)
+        ref_logp = self.ref_logps(ids, att)
+        kl = (old_logp - ref_logp) * mask
+        if use_critic:
+            shaped = rew - cfg.kl_coef * kl
+            adv, returns = gae(shaped, old_v * mask, mask, cfg.gamma, cfg.lam)
+            sel = mask.bool()
+            if sel.sum() > 1:
+                adv = (adv - adv[sel].mean()) / (adv[sel].std() + 1e-8) * mask
+        else:
+            adv, returns = group_advantages(rew, mask, ro.groups), None
+        self.policy.train()
+        stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "kl_loss": [], "clip_frac": [], "loss": []}
+        n = ids.shape[0]
+        g = torch.Generator().manual_seed(cfg.seed + self.iteration)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=g)
+            for b in range(0, n, cfg.minibatch_size):
+                rows = order[b:b + cfg.minibatch_size].to(dev)
+                m = mask[rows]
+                with self.accelerator.autocast():
+                    logp, v = forward_logps(self.policy, self.value_head if use_critic else None, ids[rows],
+                                            att[rows], with_values=use_critic)
+                pg, clip_frac = policy_loss(logp, old_logp[rows], adv[rows], m, cfg.clip_range)
+                loss = pg
+                vf = torch.zeros(())
+                kl_term = torch.zeros(())
+                if use_critic:
+                    vf = value_loss(v, old_v[rows], returns[rows], m, cfg.value_clip)
+                    loss = loss + cfg.vf_coef * vf
+                else:
+                    kl_term = masked_mean(kl_k3(logp, ref_logp[rows]), m)
+                    loss = loss + cfg.kl_coef * kl_term
+                self.optimizer.zero_grad()
+                self.accelerator.backward(loss)
+                if cfg.max_grad_norm:
+                    self.accelerator.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]],
+                                                     cfg.max_grad_norm)
+                self.optimizer.step()
+                for k, val in (("pg_loss", pg), ("vf_loss", vf), ("kl_loss", kl_term), ("clip_frac", clip_frac),
+                               ("loss", loss)):
+                    stats[k].append(float(val.detach()))
+        self.iteration += 1
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out["kl"] = float(kl.sum() / mask.sum().clamp(min=1))
+        out["reward"] = float((rew * mask).sum(-1).mean())
+        out["outcome"] = sum(ro.outcomes) / max(len(ro.outcomes), 1)
+        return out
+
+    # ---- checkpoints (accelerate state: model, value head, optimiser, RNG) ------------------------------------
+    def save_checkpoint(self, ckpt_root: Path) -> Path:
+        import shutil
+        d = ckpt_root / f"iter-{self.iteration}"
+        self.accelerator.save_state(str(d))
+        (d / "iteration.json").write_text(json.dumps({"iteration": self.iteration}))
+        for old in ckpt_root.glob("iter-*"):
+            if old != d and (old / "iteration.json").exists():
+                shutil.rmtree(old)
+        return d
+
+    def load_checkpoint(self, ckpt_root: Path) -> bool:
+        done = sorted((p for p in ckpt_root.glob("iter-*") if (p / "iteration.json").exists()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        if not done:
+            return False
+        self.accelerator.load_state(str(done[-1]))
+        self.iteration = json.loads((done[-1] / "iteration.json").read_text())["iteration"]
+        return True
+
+
+@dataclass
+class PPOInputs:
+    """What PPO needs besides the policy: questions to roll out on, and the environment."""
+    questions: list                       # rag_dpo.records.Question (train split)
+    corpus: Any
+    retriever: Any
+    rollout: dict[str, Any] = field(default_factory=dict)   # RolloutConfig fields (k, max_steps, max_new_tokens, ...)
+    annotator: Any = None                 # Annotator for process rewards (built from process_annotator if None)
+
+
+class _TimedRetriever:
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+        self.name = getattr(inner, "name", type(inner).__name__)
+
+    def search(self, queries, k):
+        t = time.perf_counter()
+        try:
+            return self.inner.search(queries, k)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: str = "smollm2",
+              trainer: PPOTrainer | None = None) -> Path:
+    """Online multi-turn PPO/GRPO: `iterations` rounds of (sample group_size chains for questions_per_iteration
+    train questions, reward them, update). Saves adapter + tokenizer + value head, train_log.jsonl, budget.json,
+    timings; resumable from out_dir/checkpoints (one accelerate state per finished round)."""
+    import random
+
+    from tqdm.auto import tqdm
+
+    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
+    from rag_dpo.io import append_jsonl, atomic_write_json
+    from rag_dpo.train.common import plot_curves
+
+    out_dir = Path(out_dir)
+    if is_done(out_dir):
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not inputs.questions:
+        raise InputError("PPO needs at least one training question", field="questions")
+    tr = trainer or PPOTrainer(cfg, model)
+    ckpt_root = out_dir / "checkpoints"
+    log_path = out_dir / "train_log.jsonl"
+    budget_path = out_dir / "budget.json"
+    budget = {"rollouts": 0, "generated_tokens": 0, "policy_steps": 0, "questions": 0, "question_ids": []}
+    if tr.load_checkpoint(ckpt_root) and budget_path.exists():
+        budget = json.loads(budget_path.read_text())
+    annotator = inputs.annotator
+    if cfg.reward == "process" and annotator is None:
+        from rag_dpo.annotate.annotators import build_annotator
+        annotator = build_annotator(cfg.process_annotator)
+    retriever = _TimedRetriever(inputs.retriever)
+    rcfg = RolloutConfig(**{**inputs.rollout, "do_sample": True, "temperature": cfg.temperature, "progress": False})
+    engine = RolloutEngine(tr.unwrapped(), tr.tok, retriever, inputs.corpus, rcfg, model_name=str(model))
+    rng = random.Random(cfg.seed)
+    order = list(inputs.questions)
+    rng.shuffle(order)
+    times = {"rollout_s": 0.0, "retrieval_s": 0.0, "update_s": 0.0}
+    seen: set[str] = set(budget.get("question_ids", []))
+    bar = tqdm(total=cfg.iterations, initial=tr.iteration, desc=f"{cfg.algorithm} ({cfg.reward})", unit="round")
+    try:
+        while tr.iteration < cfg.iterations:
+            if cfg.max_generated_tokens and budget["generated_tokens"] >= cfg.max_generated_tokens:
+                break
+            start = (tr.iteration * cfg.questions_per_iteration) % len(order)
+            qs = [order[(start + j) % len(order)] for j in range(min(cfg.questions_per_iteration, len(order)))]
+            t0 = time.perf_counter()
+            r0 = retriever.seconds
+            tok0 = engine.stats["generated_tokens"]
+            chains = []
+            tr.policy.eval()
+            for gi in range(cfg.group_size):
+                engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009 + gi
+                chains += engine.rollout(qs)
+            if cfg.reward == "process":
+                annotator.annotate(chains)
+            t1 = time.perf_counter()
+            ro = chains_to_rollouts(tr.tok, chains, None, cfg)
+            stats = tr.update(ro)
+            t2 = time.perf_counter()
+            gen = engine.stats["generated_tokens"] - tok0
+            budget["rollouts"] += len(chains)
+            budget["generated_tokens"] += gen
+            budget["policy_steps"] += sum(len(c.steps) for c in chains)
+            seen.update(q.id for q in qs)
+            budget["questions"], budget["question_ids"] = len(seen), sorted(seen)
+            rs = retriever.seconds - r0
+            times["rollout_s"] += t1 - t0 - rs
+            times["retrieval_s"] += rs
+            times["update_s"] += t2 - t1
+            row = {"step": tr.iteration, **stats, "generated_tokens": gen, "trained_tokens": ro.n_policy_tokens,
+                   "rollout_s": t1 - t0 - rs, "retrieval_s": rs, "update_s": t2 - t1}
+            append_jsonl(log_path, [row])
+            _wandb_log({f"ppo/{k}": v for k, v in row.items()}, tr.iteration)
+            tr.save_checkpoint(ckpt_root)
+            atomic_write_json(budget_path, budget)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", outcome=f"{stats['outcome']:.3f}", kl=f"{stats['kl']:.3f}")
+    finally:
+        bar.close()
+    save_policy(tr.unwrapped(), tr.tok, out_dir, model)
+    from safetensors.torch import save_file
+    vh = tr.accelerator.unwrap_model(tr.value_head)
+    save_file({k: v.detach().cpu().contiguous() for k, v in vh.state_dict().items()}, str(out_dir / "value_head.safetensors"))
+    history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    plot_curves(history, ["reward", "outcome", "kl", "pg_loss", "vf_loss"], out_dir / "train_curves.png",
+                f"{cfg.algorithm.upper()} ({cfg.reward} reward)")
+    atomic_write_json(budget_path, budget)
+    atomic_write_json(out_dir / "train_done.json", {"global_step": tr.iteration, **times,
+                                                    **{k: v for k, v in budget.items() if k != "question_ids"}})
+    return out_dir
+
+
+def _wandb_log(data: dict, step: int) -> None:
+    try:
+        import wandb
+        if wandb.run is not None:
+            wandb.run.log(data)
+    except Exception:
+        pass

@@ -1,0 +1,262 @@
+"""Annotators on hand-built chain trees with known right labels; resumable annotate_file; Cohen's kappa; the
+annotate-report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rag_dpo.annotate.annotators import (AnnotatorConfig, EvidenceAnnotator, OutcomeAnnotator, RolloutAnnotator,
+                                         annotate_file, build_annotator)
+from rag_dpo.annotate.report import annotate_report, cohen_kappa
+from rag_dpo.errors import InputError
+from rag_dpo.records import ANSWER, INVALID, SEARCH, Chain, Step, read_chains, write_chains
+
+
+def search(i, parent, ids, q="q"):
+    return Step(id=i, parent=parent, text=f"<think>t</think>\n<search>{q}{i}</search>", action=SEARCH,
+                query=f"{q}{i}", retrieved_ids=list(ids), observation=f"\n<information>\n{ids}\n</information>\n",
+                generated_tokens=10)
+
+
+def answer(i, parent, a):
+    return Step(id=i, parent=parent, text=f"<think>t</think>\n<answer>{a}</answer>", action=ANSWER, answer=a,
+                generated_tokens=5)
+
+
+def hand_tree(qid="q1") -> Chain:
+    """root -> {0: search p1,p3 | 3: search p4}; 0 -> {1: search p1 | 4: search p2}; 4 -> {2: right | 5: wrong}."""
+    c = Chain(question_id=qid, question="Who directed the film?", gold_answers=["Bob Smith"],
+              supporting_ids=["p1", "p2"])
+    for s in [search("0", None, ["p1", "p3"]), search("3", None, ["p4"]), search("1", "0", ["p1"]),
+              search("4", "0", ["p2", "p3"]), answer("2", "4", "Bob Smith"), answer("5", "4", "Alice Jones")]:
+        c.add_step(s)
+    c.selected = "2"
+    return c
+
+
+def values(chain, name):
+    return {s.id: s.labels[name].value for s in chain.steps}
+
+
+def test_evidence_labels_known_tree():
+    c = EvidenceAnnotator().annotate([hand_tree()])[0]
+    assert values(c, "evidence") == {"0": 1.0, "3": 0.0, "1": 0.0, "4": 1.0, "2": 1.0, "5": 0.0}
+    assert [s.labels["evidence"].good for s in c.steps] == [True, False, False, True, True, False]
+    assert c.step("4").labels["evidence"].info["new_supporting"] == ["p2"]
+    assert c.step("2").labels["evidence"].annotator == "evidence"
+
+
+def test_evidence_needs_supporting_ids():
+    c = hand_tree()
+    c.supporting_ids = []
+    with pytest.raises(InputError, match="supporting"):
+        EvidenceAnnotator().annotate([c])
+
+
+def test_outcome_mean_over_finished_paths():
+    c = OutcomeAnnotator().annotate([hand_tree()])[0]
+    v = values(c, "outcome")
+    assert v["2"] == 1.0 and v["5"] == 0.0
+    assert v["0"] == pytest.approx(0.5) and v["4"] == pytest.approx(0.5)   # one right, one wrong leaf below
+    assert v["3"] == 0.0 and v["1"] == 0.0                                 # no finished path below
+    linear = Chain(question_id="q", question="?", gold_answers=["Bob Smith"], steps=[
+        search("0", None, ["p1"]), answer("1", "0", "Bob Smith")])
+    OutcomeAnnotator().annotate([linear])
+    assert [s.labels["outcome"].value for s in linear.steps] == [1.0, 1.0]
+
+
+class FakeEngine:
+    """continue_from returns scripted continuations: per prefix step id, a list of (n_steps, final answer)."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def continue_from(self, items, n):
+        self.calls.append([(c.question_id, sid) for c, sid in items])
+        out = []
+        for chain, sid in items:
+            runs = []
+            for n_steps, ans in self.script[sid][:n]:
+                run = [search(f"c{j}", None, ["x"]) for j in range(n_steps - 1)]
+                run.append(answer("cz", None, ans) if ans is not None else search("cz", None, ["x"]))
+                runs.append(run)
+            out.append(runs)
+        return out
+
+
+def test_rollout_values_discounted_and_batched():
+    gamma = 0.5
+    script = {"0": [(1, "Bob Smith"), (2, "nope")], "3": [(1, "nope"), (1, "nope")],
+              "1": [(2, "Bob Smith"), (1, None)], "4": [(1, "Bob Smith"), (1, "Bob Smith")]}
+    eng = FakeEngine(script)
+    ann = RolloutAnnotator(eng, AnnotatorConfig(gamma=gamma, rollouts=2, threshold=0.2))
+    c = hand_tree()
+    ann.annotate([c])
+    v = values(c, "rollout")
+    # step "0": runs (1 step, right) and (2 steps, wrong): mean(1 * 0.5^2, 0) = 0.125
+    assert v["0"] == pytest.approx(0.125)
+    assert v["3"] == 0.0
+    assert v["1"] == pytest.approx(0.5 ** 3 / 2)
+    assert v["4"] == pytest.approx(0.25)
+    assert v["2"] == pytest.approx(1.0 * gamma) and v["5"] == 0.0    # answer steps: no rollout
+    assert len(eng.calls) == 1 and len(eng.calls[0]) == 4           # one batched call, terminal steps skipped
+    lab = c.step("0").labels["rollout"]
+    assert lab.cost["rollouts"] == 2 and lab.cost["generated_tokens"] == 5 + 10 + 5
+    assert lab.good is False and c.step("4").labels["rollout"].good is True
+    assert c.step("2").labels["rollout"].cost["rollouts"] == 0
+
+
+def test_build_annotator_errors():
+    with pytest.raises(InputError, match="unknown annotator"):
+        build_annotator("nope")
+    with pytest.raises(InputError, match="rollout annotator needs"):
+        build_annotator("rollout")
+    with pytest.raises(InputError, match="prm"):
+        build_annotator("prm")
+
+
+class Interrupt(Exception):
+    pass
+
+
+class DyingEvidence(EvidenceAnnotator):
+    def __init__(self, cfg, die_after):
+        super().__init__(cfg)
+        self.left = die_after
+
+    def annotate(self, chains):
+        if self.left == 0:
+            raise Interrupt()
+        self.left -= 1
+        return super().annotate(chains)
+
+
+def test_annotate_file_resume_equals_uninterrupted(tmp_path):
+    chains = [hand_tree(f"q{i}") for i in range(5)] + [hand_tree("q1")]   # q1 has two chains
+    src = tmp_path / "chains.jsonl"
+    write_chains(src, chains)
+    cfg = AnnotatorConfig(batch_chains=2)
+    full = annotate_file(src, EvidenceAnnotator(cfg), tmp_path / "full.jsonl", progress=False)
+
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(Interrupt):
+        annotate_file(src, DyingEvidence(cfg, die_after=1), out, progress=False)
+    assert 0 < len(read_chains(out)) < len(chains)
+    # a kill in the middle of the next write (batch q2, q3): q2 complete, q3 torn
+    extra = hand_tree("q2")
+    EvidenceAnnotator(cfg).annotate([extra])
+    with open(out, "a") as f:
+        f.write(json.dumps(extra.to_dict()) + "\n" + '{"version": 1, "question_id": "q3", "que')
+    annotate_file(src, EvidenceAnnotator(cfg), out, progress=False)
+    assert out.read_text() == full.read_text()
+    assert sorted(c.question_id for c in read_chains(out)) == sorted(c.question_id for c in chains)
+    # rerunning a finished file changes nothing
+    annotate_file(src, EvidenceAnnotator(cfg), out, progress=False)
+    assert out.read_text() == full.read_text()
+
+
+def test_annotate_file_refuses_other_annotator_on_same_out(tmp_path):
+    src = tmp_path / "chains.jsonl"
+    write_chains(src, [hand_tree()])
+    annotate_file(src, EvidenceAnnotator(), tmp_path / "out.jsonl", progress=False)
+    with pytest.raises(InputError, match="started with annotator"):
+        annotate_file(src, OutcomeAnnotator(), tmp_path / "out.jsonl", progress=False)
+
+
+def test_cohen_kappa_hand_worked():
+    # 10 items: both good 4, both bad 3, A good/B bad 2, A bad/B good 1
+    a = [1] * 4 + [0] * 3 + [1] * 2 + [0] * 1
+    b = [1] * 4 + [0] * 3 + [0] * 2 + [1] * 1
+    # po = 0.7; pA = 0.6, pB = 0.5; pe = 0.3 + 0.2 = 0.5; kappa = 0.2 / 0.5 = 0.4
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    assert cohen_kappa([1, 0, 1], [1, 0, 1]) == pytest.approx(1.0)
+    assert math.isnan(cohen_kappa([1, 1], [1, 1]))
+
+
+def test_annotate_report_tables_and_png(tmp_path):
+    src = tmp_path / "chains.jsonl"
+    write_chains(src, [hand_tree("a"), hand_tree("b")])
+    ev = annotate_file(src, EvidenceAnnotator(), tmp_path / "ev.jsonl", progress=False)
+    oc = annotate_file(src, OutcomeAnnotator(), tmp_path / "oc.jsonl", progress=False)
+    rep = annotate_report([ev, oc], tmp_path / "report", wandb=False)
+    bal = {b["annotator"]: b for b in rep["balance"]}
+    assert bal["evidence"]["steps"] == 12 and bal["evidence"]["good"] == pytest.approx(0.5)
+    # outcome good (>= 0.5): steps 0, 4, 2 -> 3 of 6
+    assert bal["outcome"]["good"] == pytest.approx(0.5)
+    (agr,) = rep["agreement"]
+    assert agr["steps"] == 12
+    # evidence good: 0,4,2; outcome good: 0,4,2 -> identical labels
+    assert agr["kappa"] == pytest.approx(1.0)
+    assert (tmp_path / "report" / "report.png").stat().st_size > 1000
+    assert "Cohen's kappa" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_invalid_step_gets_zero():
+    c = Chain(question_id="q", question="?", gold_answers=["x"], supporting_ids=["p1"], steps=[
+        Step(id="0", parent=None, text="prose", action=INVALID, parse_error="no tag")])
+    EvidenceAnnotator().annotate([c])
+    RolloutAnnotator(FakeEngine({}), AnnotatorConfig()).annotate([c])
+    assert c.steps[0].labels["evidence"].value == 0.0 and c.steps[0].labels["rollout"].value == 0.0
+
+
+def test_annotate_file_redoes_partly_written_question(tmp_path):
+    chains = [hand_tree("q0"), hand_tree("q1"), hand_tree("q1")]
+    src = tmp_path / "chains.jsonl"
+    write_chains(src, chains)
+    full = annotate_file(src, EvidenceAnnotator(), tmp_path / "full.jsonl", progress=False)
+    out = tmp_path / "out.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    out.write_text(lines[1])                        # only one of q1's two chains made it to disk
+    (tmp_path / "out.jsonl.annotate.json").write_text((tmp_path / "full.jsonl.annotate.json").read_text())
+    annotate_file(src, EvidenceAnnotator(), out, progress=False)
+    got = sorted(out.read_text().splitlines())
+    assert got == sorted(lines_.rstrip("\n") for lines_ in lines)
+
+
+# ---- PRM ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_prm_dir(tmp_path_factory):
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForTokenClassification
+
+    from rag_dpo.annotate.prm import save_prm
+    tok = AutoTokenizer.from_pretrained(str(Path(__file__).parent / "assets" / "smollm2_tokenizer"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=tok.eos_token_id)
+    return save_prm(LlamaForTokenClassification(cfg), tok, tmp_path_factory.mktemp("prm"), max_length=1024)
+
+
+def test_prm_scores_match_stepwise_training_positions(tiny_prm_dir):
+    import torch
+
+    from rag_dpo.annotate.prm import PRMAnnotator, PRMScorer, encode_stepwise
+    from rag_dpo.pairs.builders import stepwise_rows
+    scorer = PRMScorer.load(tiny_prm_dir)
+    c = EvidenceAnnotator().annotate([hand_tree()])[0]
+    scores = scorer.score(c.question, c.prefix("2"), [c.step("2"), c.step("5")])
+    assert len(scores) == 2 and all(0.0 < x < 1.0 for x in scores) and scores[0] != scores[1]
+    # the stepwise row of the path ending at step "2", encoded for training, puts its last label exactly where
+    # the scorer reads the score
+    row = next(r for r in stepwise_rows([c], scorer.tok, "evidence") if len(r["completions"]) == 3
+               and r["completions"][-1].endswith(c.step("2").text))
+    enc = encode_stepwise(scorer.tok, row["prompt"], row["completions"], row["labels"], row["completion_info_spans"])
+    assert [x for x in enc["labels"] if x != -100] == [1, 1, 1]
+    last = max(i for i, x in enumerate(enc["labels"]) if x != -100)
+    with torch.no_grad():
+        logits = scorer.model(input_ids=torch.tensor([enc["input_ids"][:last + 1]])).logits
+    assert float(logits.softmax(-1)[0, last, 1]) == pytest.approx(scores[0], abs=1e-5)
+    PRMAnnotator(scorer).annotate([c])
+    assert c.step("2").labels["prm"].value == pytest.approx(scores[0], abs=1e-5)
+    assert all("prm" in s.labels for s in c.steps)
+
+
+def test_prm_load_refuses_non_prm_folder(tmp_path):
+    from rag_dpo.annotate.prm import PRMScorer
+    with pytest.raises(InputError, match="prm.json"):
+        PRMScorer.load(tmp_path)

@@ -1,0 +1,101 @@
+"""The eval stage end to end on a tiny model and a 3-question slice of the bundled HotpotQA file: every method
+(the PRM best-of-N with a stub scorer), every results key, the table and plot, resume, and the refusal to
+evaluate on questions the policy was trained on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import HOTPOT_DEV
+from rag_dpo.agent.rollout import RolloutConfig
+from rag_dpo.errors import InputError
+from rag_dpo.eval.evaluate import METRICS, evaluate
+from rag_dpo.records import read_chains
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "hotpot3.jsonl"
+    path.write_text("".join(HOTPOT_DEV.read_text().splitlines(keepends=True)[:3]))
+    return path
+
+
+class StubPRM:
+    """Prefers search steps (higher score), then shorter text: deterministic and checkable."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, question, prefix, candidates):
+        self.calls += 1
+        return [(1.0 if c.action == "search" else 0.0) + 1.0 / (1 + len(c.text)) for c in candidates]
+
+
+def _run(data_file, out, tiny, **kw):
+    cfg = RolloutConfig(max_new_tokens=4, max_steps=2, batch_size=4, progress=False)
+    return evaluate(data_file, policy="tiny", split="all", limit=2, out_dir=out, rollout=cfg,
+                    model_and_tokenizer=tiny, use_wandb=False, **kw)
+
+
+def test_eval_all_methods_writes_every_key(data_file, tmp_path, tiny_model_and_tokenizer):
+    prm = StubPRM()
+    methods = ["direct", "rag", "iter-retgen", "agent", "agent-prm-bon"]
+    results = _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=methods, prm=prm, bon_n=3,
+                   baseline_results={"rag": {"em": 0.5, "f1": 0.5}})
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results)) and list(on_disk) == methods
+    for m in methods:
+        assert set(on_disk[m]) == set(METRICS) and on_disk[m]["n"] == 2
+    assert on_disk["agent"]["parse_error_rate"] == 1.0          # a random model never follows the protocol
+    assert on_disk["rag"]["support_recall"] > 0                 # BM25 on the question finds some support
+    table = (tmp_path / "results.md").read_text()
+    assert "| agent-prm-bon |" in table and "Δ vs baseline" in table
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    chains = read_chains(tmp_path / "chains.jsonl")
+    assert sorted({c.method for c in chains}) == sorted(methods) and len(chains) == 10
+    bon = [c for c in chains if c.method == "agent-prm-bon"]
+    assert prm.calls >= 2
+    for c in bon:
+        first = c.children(None)
+        assert len(first) == 3 and all("prm" in s.labels for s in first)
+        best = max(first, key=lambda s: s.labels["prm"].value)
+        assert c.path()[0].id == best.id
+
+
+def test_eval_resumes_without_duplicates(data_file, tmp_path, tiny_model_and_tokenizer):
+    _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=["direct"])
+    first = (tmp_path / "chains.jsonl").read_text()
+    results = _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=["direct", "rag"])
+    text = (tmp_path / "chains.jsonl").read_text()
+    assert text.startswith(first) and len(read_chains(tmp_path / "chains.jsonl")) == 4
+    assert results["direct"]["n"] == 2 and results["rag"]["n"] == 2
+    with pytest.raises(InputError, match="other settings"):
+        _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=["direct"], k=5)
+
+
+def test_eval_refuses_trained_on_questions(data_file, tmp_path, tiny_model_and_tokenizer):
+    from rag_dpo.data import load_dataset, write_manifest
+    ids = [q.id for q in load_dataset(data_file).questions]
+    policy_dir = tmp_path / "policy"
+    write_manifest(policy_dir, ids[1:2])
+    cfg = RolloutConfig(max_new_tokens=4, progress=False)
+    with pytest.raises(InputError, match="used to train"):
+        evaluate(data_file, policy=str(policy_dir), split="all", limit=2, out_dir=tmp_path / "out", rollout=cfg,
+                 model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False)
+    assert not (tmp_path / "out" / "chains.jsonl").exists()
+    with pytest.raises(InputError, match="unknown method"):
+        _run(data_file, tmp_path / "o2", tiny_model_and_tokenizer, methods=["agnet"])
+
+
+def test_eval_cli_prints_the_table(data_file, tmp_path, tiny_policy_dir):
+    from typer.testing import CliRunner
+    from rag_dpo.cli import app
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["eval", "--data", str(data_file), "--policy", str(tiny_policy_dir),
+                                   "--methods", "direct,agent", "--split", "all", "--limit", "1", "--out", str(out),
+                                   "max_new_tokens=3", "progress=false"])
+    assert res.exit_code == 0, res.output
+    assert "| direct |" in res.output and "| agent |" in res.output
+    assert json.loads((out / "results.json").read_text())["agent"]["n"] == 1

@@ -1,0 +1,112 @@
+"""Multi-turn PPO/GRPO: rewards land on the right tokens, GAE skips retrieved tokens, retrieved tokens get zero
+gradient, and a few updates on a fixed batch move the policy towards the rewarded chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rag_dpo.agent.protocol import format_observation, format_step, tokenize_path
+from rag_dpo.records import ANSWER, SEARCH, Chain, Label, Passage, Step
+from rag_dpo.train.ppo import (PPOSettings, chains_to_rollouts, gae, group_advantages, kl_k3, policy_loss,
+                               token_rewards, value_loss)
+
+
+def _chain(tok, answer: str, qid: str = "q1") -> Chain:
+    obs = format_observation([Passage("p1", "Paris", "Paris is the capital of France.")], tok, 48)
+    s0 = Step("0", None, format_step("Search first.", SEARCH, "capital of France"), SEARCH, query="capital of France",
+              observation=obs, retrieved_ids=["p1"])
+    s1 = Step("1", "0", format_step("Done.", ANSWER, answer), ANSWER, answer=answer)
+    s0.labels["evidence"] = Label(1.0, True, "evidence")
+    s1.labels["evidence"] = Label(1.0 if answer == "Paris" else 0.0, answer == "Paris", "evidence")
+    return Chain(qid, "What is the capital of France?", ["Paris"], ["p1"], [s0, s1], selected="1")
+
+
+def test_token_rewards_placement():
+    spans = [(10, 20), (30, 35)]
+    r = token_rewards(40, spans, [0.5, 0.2], outcome=1.0, mode="process", process_weight=2.0)
+    assert r[19] == pytest.approx(1.0) and r[34] == pytest.approx(0.4 + 1.0)
+    assert sum(1 for x in r if x) == 2
+    r = token_rewards(40, spans, [0.5, 0.2], outcome=1.0, mode="outcome")
+    assert r[34] == 1.0 and sum(r) == 1.0
+
+
+def test_process_rewards_land_on_last_token_of_each_step(tokenizer):
+    c = _chain(tokenizer, "Paris")
+    tp = tokenize_path(tokenizer, c.question, c.path())
+    cfg = PPOSettings(reward="process", process_weight=0.5)
+    ro = chains_to_rollouts(tokenizer, [c], None, cfg)
+    placed = (ro.rewards[0] != 0).nonzero().flatten().tolist()
+    # shifted tensors: index j is token j+1, so the last token of a step span (a, b) sits at b - 2
+    assert placed == [b - 2 for _, b in tp.step_spans]
+    assert ro.rewards[0, tp.step_spans[0][1] - 2] == pytest.approx(0.5)           # search step: 0.5 * 1.0
+    assert ro.rewards[0, tp.step_spans[1][1] - 2] == pytest.approx(0.5 + 1.0)     # answer: 0.5 * 1.0 + F1
+    a, b = tp.info_spans[0]
+    assert ro.mask[0, a - 1:b - 1].sum() == 0 and ro.mask[0].sum() == sum(tp.policy_mask)
+
+
+def test_gae_skips_retrieved_tokens():
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.1, 0.2, 9.0, 9.0, 0.3]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    adv, ret = gae(rewards, values * mask, mask, gamma=1.0, lam=1.0)
+    assert adv[0, 2] == 0 and adv[0, 3] == 0 and ret[0, 2] == 0
+    # with lam = gamma = 1 the advantage is return-to-go minus value, across the retrieved gap
+    assert adv[0].tolist() == pytest.approx([1.0 - 0.1, 1.0 - 0.2, 0.0, 0.0, 1.0 - 0.3])
+
+
+def test_group_advantages_normalise_within_question():
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 5.0], [0.0, 5.0]])
+    mask = torch.ones_like(rewards)
+    adv = group_advantages(rewards, mask, ["a", "a", "b", "b"])
+    assert adv[0, 1] > 0 > adv[1, 1]
+    assert adv[2].abs().sum() == 0 and adv[3].abs().sum() == 0     # identical rewards: no signal
+    assert adv[0, 0] == adv[0, 1]                                  # reward-to-go reaches earlier tokens
+
+
+def test_retrieved_tokens_get_zero_gradient():
+    torch.manual_seed(0)
+    logp = torch.randn(2, 6, requires_grad=True)
+    values = torch.randn(2, 6, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 0, 0, 1, 1, 0]], dtype=torch.float)
+    old, adv, ret = torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 6)
+    pg, _ = policy_loss(logp, old, adv, mask, 0.2)
+    loss = pg + value_loss(values, values.detach() + 0.1, ret, mask, 0.2) + kl_k3(logp, old).mul(mask).mean()
+    loss.backward()
+    assert (logp.grad[mask == 0] == 0).all() and (values.grad[mask == 0] == 0).all()
+    assert (logp.grad[mask == 1] != 0).any()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_updates_move_policy_towards_rewarded_chain(tiny_model_and_tokenizer, algorithm):
+    import copy
+
+    from peft import get_peft_model
+
+    from rag_dpo.train.common import TrainerSettings, lora_config
+    from rag_dpo.train.ppo import PPOTrainer, forward_logps
+    base, tok = tiny_model_and_tokenizer
+    model = get_peft_model(copy.deepcopy(base), lora_config(TrainerSettings()))
+    cfg = PPOSettings(algorithm=algorithm, reward="outcome", learning_rate=1e-2, ppo_epochs=2, minibatch_size=2,
+                      precision="fp32", wandb=False, kl_coef=0.01)
+    tr = PPOTrainer(cfg, policy=model, tokenizer=tok)
+    ro = chains_to_rollouts(tok, [_chain(tok, "Paris"), _chain(tok, "Lyon")], None, cfg)
+
+    def margin():
+        with torch.no_grad():
+            logp, _ = forward_logps(tr.policy, None, ro.input_ids, ro.attention_mask, with_values=False)
+        s = (logp * ro.mask).sum(-1)
+        return float(s[0] - s[1])
+
+    before = margin()
+    stats = [tr.update(ro) for _ in range(3)]
+    assert margin() > before + 0.1
+    assert stats[0]["outcome"] == pytest.approx(0.5)
+    if algorithm == "ppo":
+        assert stats[0]["vf_loss"] > 0 and stats[0]["pg_loss"] != 0
+    # the reference (adapter disabled) did not move
+    assert tr.ref_adapter is None
+    with torch.no_grad(), tr.unwrapped().disable_adapter():
+        ref, _ = forward_logps(tr.unwrapped(), None, ro.input_ids, ro.attention_mask, with_values=False)
+        base_logp, _ = forward_logps(base, None, ro.input_ids, ro.attention_mask, with_values=False)
+    assert torch.allclose(ref, base_logp, atol=1e-5)
