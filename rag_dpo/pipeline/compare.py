@@ -55,6 +55,8 @@ class CompareConfig:
     budget_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # budget curve points
     curve_seeds: list[int] = field(default_factory=lambda: [0])   # seeds of budget-curve points below 1.0
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # evaluated next to the warm start
+    ppo_spend_budget: bool = True            # PPO keeps rolling out until it generated the pool's tokens (its
+                                             # `iterations` are raised as needed); false: stop at `iterations`
     n_boot: int = 2000                       # bootstrap replicates for intervals and paired tests
     run_dir: str = "runs/compare"            # parent of the run folder
     out_dir: str = "results"                 # where the report and plots go
@@ -457,7 +459,15 @@ class PipelineBackend:
         from rag_dpo.pipeline import run as steps
         out_dir = Path(out_dir)
         if run.arm.method == "ppo":
-            recipe = arm_recipe(self.cfg, run, [f"trainer.max_generated_tokens={int(budget['generated_tokens'])}"])
+            tokens = int(budget["generated_tokens"])
+            extra = [f"trainer.max_generated_tokens={tokens}"]
+            if self.cfg.ppo_spend_budget:
+                # every sampled chain generates >= 1 token, so this many rounds always reach the token cap
+                t = arm_recipe(self.cfg, run, extra).trainer
+                per_round = int(t.get("questions_per_iteration", 8)) * int(t.get("group_size", 2))
+                need = -(-tokens // max(1, min(per_round, len(question_ids) * int(t.get("group_size", 2)))))
+                extra.append(f"trainer.iterations={max(int(t.get('iterations', 8)), need)}")
+            recipe = arm_recipe(self.cfg, run, extra)
             policy = steps.train_policy(recipe, out_dir, self.start, None, question_ids=list(question_ids))
             spent = json.loads((policy / "budget.json").read_text(encoding="utf-8"))
             spent.pop("question_ids", None)

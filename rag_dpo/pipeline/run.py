@@ -288,7 +288,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
     (default the recipe's eval split) into run_dir/eval/<name>/ (results.json, chains.jsonl, ...); writes
     run_dir/results.{json,md} with the table and a plain statement of trained vs warm start. Returns
     name -> {method -> metrics}."""
-    from rag_dpo.eval import evaluate
+    from rag_dpo.eval.evaluate import evaluate
     run_dir = Path(run_dir)
     w = world(recipe)
     e = recipe.eval
