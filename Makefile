@@ -12,6 +12,8 @@ export JAX_PLATFORMS ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 # OpenMP threads that spin while waiting make torch several times slower when processes share the 2 cores.
 export OMP_WAIT_POLICY ?= PASSIVE
+# glibc otherwise keeps one malloc arena per thread and the freed training memory never goes back to the OS.
+export MALLOC_ARENA_MAX ?= 2
 
 .PHONY: venv test test-fast train-dpo train-sft train-ppo eval compare compare-quick bench clean
 

@@ -44,6 +44,14 @@ def test_train_sft_recipe_end_to_end_and_resume(tmp_path, tiny_policy_dir, monke
     import rag_dpo.train.sft as sft
     monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("retrained a finished warm start"))
     assert CliRunner().invoke(app, args).exit_code == 0
+    # the eval step really evaluates the saved adapter (on dev questions, which it was not trained on)
+    from rag_dpo.pipeline.run import evaluate_policies
+    r = load_recipe(RECIPES / "sft.yaml", _overrides(tiny_policy_dir)[:-1] + ["eval.limit=1", "rollout.max_steps=1",
+                                                                             "rollout.max_new_tokens=4"])
+    table = evaluate_policies(r, run_dir, {"warm_start": str(ws)})
+    assert set(table["warm_start"]["agent"]) >= {"em", "f1", "support_recall", "parse_error_rate"}
+    assert (run_dir / "eval" / "warm_start" / "chains.jsonl").exists()
+    assert "| warm_start | agent |" in (run_dir / "results.md").read_text()
     # the same folder with another recipe is refused (exit code 2, one line)
     from rag_dpo.pipeline.run import prepare_run_dir
     other = load_recipe(RECIPES / "sft.yaml", _overrides(tiny_policy_dir) + ["seed=7"])
