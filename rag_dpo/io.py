@@ -68,6 +68,20 @@ def iter_jsonl(path: str | Path, tolerate_torn_tail: bool = False) -> Iterator[t
         yield i, obj
 
 
+def read_json_object(path: str | Path, missing: str = "file not found") -> dict:
+    """A JSON file that must hold one object; a missing file, bad JSON or another type is one InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(missing, file=str(path))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", file=str(path), line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", file=str(path))
+    return data
+
+
 def repair_jsonl(path: str | Path) -> None:
     """Drop a torn (unterminated) last line left by a killed writer, so appends start on a clean line."""
     path = Path(path)

@@ -8,14 +8,13 @@ raises an InputError naming the overlap; a model folder with no manifest (a base
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from rag_dpo.errors import InputError
-from rag_dpo.io import atomic_write_json, file_sha256
+from rag_dpo.io import atomic_write_json, file_sha256, read_json_object
 
 MANIFEST_NAME = "training_manifest.json"
 MANIFEST_VERSION = 1
@@ -40,13 +39,8 @@ def manifest_path(path: str | Path) -> Path:
 
 def read_manifest(path: str | Path) -> TrainingManifest:
     path = manifest_path(path)
-    if not path.exists():
-        raise InputError("training manifest not found", file=str(path))
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", file=str(path), line=e.lineno) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("question_ids"), list):
+    obj = read_json_object(path, missing="training manifest not found")
+    if not isinstance(obj.get("question_ids"), list):
         raise InputError("expected an object with a list 'question_ids'", file=str(path), field="question_ids")
     if obj.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
         raise InputError(f"manifest version {obj.get('version')!r} is not supported", file=str(path),

@@ -15,13 +15,13 @@ per-question differences, so question difficulty, which both arms share, cancels
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from rag_dpo.errors import InputError
+from rag_dpo.io import read_json_object
 
 BUDGET_KEYS = ("questions", "rollouts", "generated_tokens")
 
@@ -94,14 +94,7 @@ def seed_means(values) -> list[float]:
 def read_budget(dataset_dir: str | Path) -> dict[str, float]:
     """The `budget.json` of a pair dataset folder (questions, rollouts, generated tokens), checked."""
     path = Path(dataset_dir) / "budget.json"
-    if not path.exists():
-        raise InputError("missing budget.json (every pair dataset records its budget)", file=str(path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON ({e.msg})", file=str(path), line=e.lineno) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", file=str(path))
+    data = read_json_object(path, missing="missing budget.json (every pair dataset records its budget)")
     for key in BUDGET_KEYS:
         if not isinstance(data.get(key), (int, float)) or isinstance(data.get(key), bool):
             raise InputError("missing or non-numeric budget entry", file=str(path), field=key)
