@@ -460,7 +460,7 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
             row = {"step": tr.iteration, **stats, "generated_tokens": gen, "trained_tokens": ro.n_policy_tokens,
                    "rollout_s": t1 - t0 - rs, "retrieval_s": rs, "update_s": t2 - t1}
             append_jsonl(log_path, [row])
-            _wandb_log({f"ppo/{k}": v for k, v in row.items()}, tr.iteration)
+            _wandb_log({f"ppo/{k}": v for k, v in row.items()})
             tr.save_checkpoint(ckpt_root)
             atomic_write_json(budget_path, budget)
             bar.update(1)
@@ -480,10 +480,9 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
     return out_dir
 
 
-def _wandb_log(data: dict, step: int) -> None:
-    try:
-        import wandb
-        if wandb.run is not None:
-            wandb.run.log(data)
-    except Exception:
-        pass
+def _wandb_log(data: dict) -> None:
+    """Log into the run the pipeline opened (if any); tracking.log never lets a wandb failure stop training."""
+    import wandb
+
+    from rag_dpo import tracking
+    tracking.log(wandb.run, data)
