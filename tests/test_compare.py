@@ -149,6 +149,31 @@ def test_step_and_outcome_budgets_match_and_mismatch_is_reported(tmp_path):
     assert "Budgets were NOT matched" in report
 
 
+class NoPairsBackend(FakeBackend):
+    """The pool gives the SFT arm no right chains: it must be recorded as the warm start, not crash the compare."""
+
+    def train(self, run, question_ids, budget, out_dir):
+        if run.arm.family == "sft":
+            self.trained.append(run.slug)
+            return TrainResult(policy="", budget=dict(budget, rows=0), no_data="0 sft rows from the pool")
+        return super().train(run, question_ids, budget, out_dir)
+
+
+def test_arm_without_training_data_is_scored_as_warm_start_and_flagged(tmp_path):
+    cfg = _cfg(tmp_path, arms=["sft", "step-dpo"], pairing_rules=["best-vs-worst"], nll_weights=[1.0],
+               seeds=[0], budget_fractions=[1.0])
+    backend = NoPairsBackend()
+    data = run_compare(cfg, backend, progress=False)
+    sft = next(r for r in data["runs"] if r["arm"]["family"] == "sft")
+    assert sft["no_data"] and sft["rows"] == data["baselines"]["warm-start"]["rows"]
+    assert "sft__s0__q100" not in backend.evaluated          # not evaluated again: it is the warm start
+    report = (tmp_path / "results" / "t.md").read_text()
+    sft_row = next(line for line in report.splitlines() if line.startswith("| sft |"))
+    assert "no training data in 1 of 1 runs" in sft_row
+    assert "no training data" in report.split("## Verdict")[1].split("##")[0] and \
+        "sft" in report.split("gave no training data")[1].split("\n")[0]
+
+
 def test_question_scores_from_chains():
     from rag_dpo.records import ANSWER, INVALID, SEARCH, Chain, Step
     c = Chain("q1", "who?", gold_answers=["Paris"], supporting_ids=["a", "b"],

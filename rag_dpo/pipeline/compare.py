@@ -190,6 +190,8 @@ class TrainResult:
     policy: str                                  # folder of the trained policy (adapter or full model)
     budget: dict[str, float]                     # what its training data cost (pair dataset's budget.json, PPO's own)
     curve: list[dict[str, float]] = field(default_factory=list)   # [{step, loss, ...}] from the trainer's log
+    no_data: str = ""                            # why nothing was trained (the pool gave this arm no rows): the
+                                                 # arm is then the warm start, and the report says so
 
 
 class CompareBackend(Protocol):
@@ -268,7 +270,9 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "compare_config.json", to_dict(cfg))
     shash = settings_hash(cfg)
+    run = _open_run(cfg, f"{cfg.name}-shared", {"kind": "shared"}, tracking)   # the warm start reports into it
     qids = backend.prepare()
+    tracking.finish(run)
     if not qids:
         raise InputError("the rollout pool has no train questions", field="recipe")
     subsets = nested_subsets(qids, cfg.budget_fractions, seed=0)
@@ -282,10 +286,11 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
         done = _read_done(d / "done.json", shash)
         if done is None:
             t0 = time.time()
+            wb = _open_run(cfg, name, {"kind": "baseline"}, tracking)
             rows = backend.evaluate(name, None, d)
             done = {"name": name, "rows": rows, "wall_s": time.time() - t0, "settings_hash": shash}
             atomic_write_json(d / "done.json", done)
-            _track(cfg, name, {"kind": "baseline"}, done, tracking)
+            _log_eval(wb, rows, tracking)
         baselines[name] = done
         bar.update(1)
 
@@ -296,18 +301,23 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
         if done is None:
             bar.set_postfix_str(run.slug)
             t0 = time.time()
+            wb = _open_run(cfg, run.slug, {"kind": "arm", **dataclasses.asdict(run.arm), "seed": run.seed,
+                                           "fraction": run.fraction}, tracking)
             q = subsets[float(run.fraction)]
             target = backend.pool_budget(q)
             trained = backend.train(run, q, target, d)
-            rows = backend.evaluate(run.slug, trained.policy, d / "eval")
+            if trained.no_data:   # nothing to train on: the arm is its warm start (no need to evaluate it again)
+                print(f"[compare] {run.slug}: {trained.no_data}; scored as the warm start")
+                rows = [dict(r) for r in baselines[WARM_START]["rows"]]
+            else:
+                rows = backend.evaluate(run.slug, trained.policy, d / "eval")
             done = {"slug": run.slug, "arm": dataclasses.asdict(run.arm), "name": run.arm.name,
                     "seed": run.seed, "fraction": run.fraction, "questions": len(q),
                     "question_ids_hash": stable_hash(q), "target_budget": target, "budget": trained.budget,
-                    "curve": trained.curve, "policy": trained.policy, "rows": rows, "wall_s": time.time() - t0,
-                    "settings_hash": shash}
+                    "curve": trained.curve, "policy": trained.policy, "no_data": trained.no_data, "rows": rows,
+                    "wall_s": time.time() - t0, "settings_hash": shash}
             atomic_write_json(d / "done.json", done)
-            _track(cfg, run.slug, {"kind": "arm", **done["arm"], "seed": run.seed, "fraction": run.fraction},
-                   done, tracking)
+            _log_eval(wb, rows, tracking)
         results.append(done)
         bar.update(1)
     bar.close()
@@ -319,7 +329,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     paths, (columns, table) = write_report(data, Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot)
     data["report"] = {k: str(v) for k, v in paths.items()}
     summary = tracking.init_run(f"{cfg.name}-summary", to_dict(cfg), group=cfg.name, job_type="summary",
-                                dir=run_dir / "wandb")
+                                dir=run_dir)
     tracking.log_table(summary, "compare/results", columns, table)
     for key, p in paths.items():
         if p.suffix == ".png":
@@ -330,14 +340,15 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     return data
 
 
-def _track(cfg: CompareConfig, name: str, config: dict, done: dict, tracking) -> None:
-    """One wandb run per arm run / baseline, grouped by the compare name: curves and the eval metrics."""
+def _open_run(cfg: CompareConfig, name: str, config: dict, tracking):
+    """One wandb run per arm run / baseline, grouped by the compare name and opened before the work, so the
+    trainers (HF/TRL callbacks, PPO's per-round log) report their curves into it."""
+    return tracking.init_run(name, config, group=cfg.name, job_type=config.get("family", config["kind"]),
+                             dir=Path(cfg.run_dir) / cfg.name)   # wandb adds /wandb
+
+
+def _log_eval(run, rows: list[dict], tracking) -> None:
     import numpy as np
-    run = tracking.init_run(name, config, group=cfg.name, job_type=config.get("family", config["kind"]),
-                            dir=Path(cfg.run_dir) / cfg.name / "wandb")
-    for point in done.get("curve") or []:
-        tracking.log(run, {f"train/{k}": v for k, v in point.items() if k != "step"}, step=int(point.get("step", 0)))
-    rows = done.get("rows") or []
     if rows:
         tracking.log(run, {f"eval/{m}": float(np.mean([r[m] for r in rows])) for m in METRICS})
     tracking.finish(run)
@@ -473,8 +484,12 @@ class PipelineBackend:
             spent.pop("question_ids", None)
         else:
             recipe = arm_recipe(self.cfg, run)
-            data = steps.build_pair_datasets(recipe, out_dir, self.pool, question_ids=list(question_ids))
+            data = steps.build_pair_datasets(recipe, out_dir, self.pool, question_ids=list(question_ids),
+                                             require_rows=False)
             spent = read_budget(data)
+            if not spent.get("rows"):
+                return TrainResult(policy="", budget=spent, no_data=f"0 {recipe.pairs.kind} rows from the pool's "
+                                                                   f"{len(question_ids)} questions")
             policy = steps.train_policy(recipe, out_dir, self.start, data)
         return TrainResult(policy=str(policy), budget=spent, curve=read_curve(policy))
 

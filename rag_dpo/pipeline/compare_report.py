@@ -146,7 +146,7 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
     add("## Results on the test split (mean [95 % CI])\n")
     add("| " + " | ".join(columns) + " |")
     add("|" + "---|" * len(columns))
-    below = []
+    below, no_data = [], []
     for m in full.values():
         cells = [m.name, f"{len(m.by_seed)}"]
         for metric in METRICS:
@@ -162,6 +162,11 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
                 below.append(f"{m.name} ({res['diff']:+.3f} EM{', significant' if res['hi'] < 0 else ''})")
         else:
             cells.append("—")
+        empty = [r for r in m.runs if r.get("no_data")]
+        if empty:
+            note = (note + "; " if note else "") + (f"⚠ no training data in {len(empty)} of {len(m.runs)} runs "
+                                                    f"({empty[0]['no_data']}): scored as the warm start")
+            no_data.append(m.name)
         if len(m.by_seed) > 1 and qids:
             note = (note + "; " if note else "") + "seed EMs " + "/".join(
                 f"{x:.3f}" for x in seed_means(m.matrix("em", qids)))
@@ -173,6 +178,9 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
         verdict.append("Arms below the warm start they were trained from: " + ", ".join(below) + ".")
     elif warm is not None and n_arms:
         verdict.append("No arm scored below the warm start on EM.")
+    if no_data:
+        verdict.append("Arms the rollout pool gave no training data (no pairs / no right chains), so they are the "
+                       "warm start unchanged and say nothing about their method: " + ", ".join(no_data) + ".")
 
     # ---- paired tests ---------------------------------------------------------------------------------------
     pairs: list[tuple[str, Method, Method]] = []

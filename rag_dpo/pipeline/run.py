@@ -206,9 +206,11 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
 
 
 def build_pair_datasets(recipe: Recipe, run_dir: str | Path, labels_path: str | Path,
-                        question_ids: list[str] | None = None, out_dir: str | Path | None = None) -> Path:
+                        question_ids: list[str] | None = None, out_dir: str | Path | None = None,
+                        require_rows: bool = True) -> Path:
     """The training dataset of kind `recipe.pairs.kind` from the labelled pool (restricted to `question_ids` when
-    given), with the recipe's pairing settings. Returns its folder (default run_dir/pairs/<kind>)."""
+    given), with the recipe's pairing settings. Returns its folder (default run_dir/pairs/<kind>). An empty
+    dataset is an error unless `require_rows` is false (compare records such an arm as "no training data")."""
     from rag_dpo.pairs import build_dataset
     from rag_dpo.records import read_chains, write_chains
     kind = recipe.pairs.kind
@@ -224,7 +226,7 @@ def build_pair_datasets(recipe: Recipe, run_dir: str | Path, labels_path: str | 
     build_dataset(src, kind, out, _tokenizer(recipe.model), recipe.pairs.settings)
     n = _rows(out)
     log(f"pairs: {n} {kind} rows ({out})")
-    if n == 0:
+    if n == 0 and require_rows:
         raise InputError(f"no {kind} rows could be built from the rollout pool (all candidates tied or "
                          "near-duplicates); raise rollout.questions or rollout.k, or lower pairs.settings.margin",
                          file=str(labels_path), field="pairs")
