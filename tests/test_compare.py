@@ -174,6 +174,26 @@ def test_arm_without_training_data_is_scored_as_warm_start_and_flagged(tmp_path)
         "sft" in report.split("gave no training data")[1].split("\n")[0]
 
 
+class InterruptedBackend(FakeBackend):
+    def train(self, run, question_ids, budget, out_dir):
+        if len(self.trained) == 2:
+            raise KeyboardInterrupt
+        return super().train(run, question_ids, budget, out_dir)
+
+
+def test_report_is_current_while_a_compare_runs_and_final_after_resume(tmp_path):
+    cfg = _cfg(tmp_path, seeds=[0], budget_fractions=[1.0])
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, InterruptedBackend(), progress=False)
+    report = (tmp_path / "results" / "t.md").read_text()
+    assert f"**Partial report**: 2 of {len(plan_runs(cfg))} training runs finished" in report
+    assert any(line.startswith("| sft | 1 |") for line in report.splitlines())   # finished arms are in the table
+    resumed = FakeBackend()
+    run_compare(cfg, resumed, progress=False)
+    assert len(resumed.trained) == len(plan_runs(cfg)) - 2
+    assert "Partial report" not in (tmp_path / "results" / "t.md").read_text()
+
+
 def test_question_scores_from_chains():
     from rag_dpo.records import ANSWER, INVALID, SEARCH, Chain, Step
     c = Chain("q1", "who?", gold_answers=["Paris"], supporting_ids=["a", "b"],

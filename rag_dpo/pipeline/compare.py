@@ -295,6 +295,13 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
         bar.update(1)
 
     results: list[dict] = []
+
+    def report_data(finished: list[dict], partial: int | None = None) -> dict:
+        return {"config": to_dict(cfg), "setup": backend.describe(), "baselines": baselines, "runs": finished,
+                "train_questions": len(qids), "machine": machine_description(), "planned_runs": partial,
+                "wall_s_this_invocation": time.time() - started,
+                "wall_s_total": sum(float(x.get("wall_s", 0)) for x in list(baselines.values()) + finished)}
+
     for run in runs:
         d = run_dir / "arms" / run.slug
         done = _read_done(d / "done.json", shash)
@@ -318,14 +325,15 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
                     "wall_s": time.time() - t0, "settings_hash": shash}
             atomic_write_json(d / "done.json", done)
             _log_eval(wb, rows, tracking)
-        results.append(done)
+            results.append(done)
+            if len(results) < len(runs):   # a long compare's report is current after every run, marked partial
+                write_report(report_data(results, partial=len(runs)), Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot)
+        else:
+            results.append(done)
         bar.update(1)
     bar.close()
 
-    data = {"config": to_dict(cfg), "setup": backend.describe(), "baselines": baselines, "runs": results,
-            "train_questions": len(qids), "machine": machine_description(),
-            "wall_s_this_invocation": time.time() - started,
-            "wall_s_total": sum(float(x.get("wall_s", 0)) for x in list(baselines.values()) + results)}
+    data = report_data(results)
     paths, (columns, table) = write_report(data, Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot)
     data["report"] = {k: str(v) for k, v in paths.items()}
     summary = tracking.init_run(f"{cfg.name}-summary", to_dict(cfg), group=cfg.name, job_type="summary",

@@ -124,6 +124,10 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
         add(f"> **Smoke run (`--quick`)**: {len(cfg['seeds'])} seed(s), {len(qids)} test questions, tiny training "
             "budgets. It checks that the pipeline runs end to end; its numbers are not evidence for or against "
             "step-level supervision.\n")
+    if data.get("planned_runs"):
+        add(f"> **Partial report**: {n_runs} of {data['planned_runs']} training runs finished so far (the compare "
+            "is still running or was interrupted; rerun the same command to continue). Missing arms and tests "
+            "are left out.\n")
     if len(cfg["seeds"]) < 3:
         add(f"> Only {len(cfg['seeds'])} seed(s) for the main arms (the default compare uses 3); intervals "
             "mostly reflect test-question noise, not run-to-run variation.\n")
