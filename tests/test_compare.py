@@ -84,6 +84,8 @@ def test_plan_covers_every_arm_seed_and_budget_point():
     assert sorted((r.arm.family, r.fraction) for r in curve) == [
         ("outcome-dpo", 0.25), ("outcome-dpo", 0.5), ("step-dpo", 0.25), ("step-dpo", 0.5)]
     assert len({r.slug for r in runs}) == len(runs)
+    # an interrupted compare has the main comparison of the first seed before any ablation or curve run
+    assert [(r.arm.main, r.seed, r.fraction) for r in runs[:5]] == [(True, 0, 1.0)] * 5
 
 
 def test_compare_writes_every_file_row_and_plot_and_resumes(tmp_path):
@@ -153,15 +155,15 @@ class NoPairsBackend(FakeBackend):
     """The pool gives the SFT arm no right chains: it must be recorded as the warm start, not crash the compare."""
 
     def train(self, run, question_ids, budget, out_dir):
-        if run.arm.family == "sft":
+        if run.arm.family in ("sft", "outcome-dpo"):
             self.trained.append(run.slug)
-            return TrainResult(policy="", budget=dict(budget, rows=0), no_data="0 sft rows from the pool")
+            return TrainResult(policy="", budget=dict(budget, rows=0), no_data="0 rows from the pool")
         return super().train(run, question_ids, budget, out_dir)
 
 
 def test_arm_without_training_data_is_scored_as_warm_start_and_flagged(tmp_path):
-    cfg = _cfg(tmp_path, arms=["sft", "step-dpo"], pairing_rules=["best-vs-worst"], nll_weights=[1.0],
-               seeds=[0], budget_fractions=[1.0])
+    cfg = _cfg(tmp_path, arms=["sft", "outcome-dpo", "step-dpo"], pairing_rules=["best-vs-worst"],
+               nll_weights=[1.0], seeds=[0], budget_fractions=[1.0])
     backend = NoPairsBackend()
     data = run_compare(cfg, backend, progress=False)
     sft = next(r for r in data["runs"] if r["arm"]["family"] == "sft")
@@ -172,6 +174,9 @@ def test_arm_without_training_data_is_scored_as_warm_start_and_flagged(tmp_path)
     assert "no training data in 1 of 1 runs" in sft_row
     assert "no training data" in report.split("## Verdict")[1].split("##")[0] and \
         "sft" in report.split("gave no training data")[1].split("\n")[0]
+    # a paired test against an arm that trained on nothing is not reported as a result
+    assert "step-DPO vs outcome-DPO (NLL weight 1): not a comparison — outcome-dpo+nll had no training data" in report
+    assert "did not demonstrably beat outcome-DPO" not in report
 
 
 class InterruptedBackend(FakeBackend):

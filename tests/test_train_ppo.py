@@ -110,3 +110,85 @@ def test_updates_move_policy_towards_rewarded_chain(tiny_model_and_tokenizer, al
         ref, _ = forward_logps(tr.unwrapped(), None, ro.input_ids, ro.attention_mask, with_values=False)
         base_logp, _ = forward_logps(base, None, ro.input_ids, ro.attention_mask, with_values=False)
     assert torch.allclose(ref, base_logp, atol=1e-5)
+
+
+def test_policy_token_only_head_matches_the_full_forward(tiny_model_and_tokenizer):
+    """`only=` (LM head on policy tokens alone) gives the same log-probs, values and LoRA gradients there."""
+    import copy
+
+    from peft import get_peft_model
+
+    from rag_dpo.train.common import TrainerSettings, lora_config
+    from rag_dpo.train.ppo import forward_logps
+    base, tok = tiny_model_and_tokenizer
+    model = get_peft_model(copy.deepcopy(base), lora_config(TrainerSettings()))
+    for n, p in model.named_parameters():      # non-zero LoRA B so the adapter changes the output
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    head = torch.nn.Linear(base.config.hidden_size, 1)
+    ro = chains_to_rollouts(tok, [_chain(tok, "Paris"), _chain(tok, "Lyon")], None, PPOSettings())
+    grads = []
+    outs = []
+    for only in (None, ro.mask):
+        model.zero_grad()
+        logp, v = forward_logps(model, head, ro.input_ids, ro.attention_mask, only=only)
+        (logp * ro.mask).sum().backward()
+        outs.append((logp * ro.mask, v * ro.mask))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5) and torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+    lp, v = forward_logps(model, None, ro.input_ids, ro.attention_mask, with_values=False, only=ro.mask)
+    assert v is None and torch.allclose(lp, outs[1][0], atol=1e-5)
+
+
+class _ToyRetriever:
+    name = "toy"
+
+    def __init__(self, corpus):
+        self.ids = [p.id for p in corpus]
+
+    def search(self, queries, k):
+        return [[(self.ids[(len(q) + j) % len(self.ids)], 1.0 / (j + 1)) for j in range(k)] for q in queries]
+
+
+def test_train_ppo_spends_its_token_budget_and_resumes_after_a_kill(tmp_path, tiny_policy_dir):
+    """The loop: rounds stop near `max_generated_tokens` (the last one shrinks), an interrupted run continues
+    from its last finished round without repeating or losing log rows, and the policy is saved at the end."""
+    import json
+
+    from rag_dpo.records import Corpus, Passage, Question
+    from rag_dpo.train.ppo import PPOInputs, PPOTrainer, train_ppo
+    corpus = Corpus([Passage(f"p{i}", f"Title {i}", f"Passage number {i} says something.") for i in range(6)])
+    qs = [Question(f"q{i}", f"What is thing {i}?", [f"thing {i}"], [f"p{i}"]) for i in range(6)]
+    inputs = PPOInputs(qs, corpus, _ToyRetriever(corpus), {"max_new_tokens": 8, "max_steps": 2, "batch_size": 4})
+    cfg = PPOSettings(reward="outcome", iterations=50, questions_per_iteration=3, group_size=2, ppo_epochs=1,
+                      minibatch_size=4, precision="fp32", wandb=False, max_generated_tokens=120)
+    out = tmp_path / "ppo"
+
+    class Killed(Exception):
+        pass
+
+    tr = PPOTrainer(cfg, str(tiny_policy_dir))
+    real_update, calls = tr.update, []
+
+    def update_then_die(ro):
+        if len(calls) == 1:
+            raise Killed
+        calls.append(1)
+        return real_update(ro)
+
+    tr.update = update_then_die
+    with pytest.raises(Killed):
+        train_ppo(cfg, inputs, out, str(tiny_policy_dir), trainer=tr)
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1]
+    first = json.loads((out / "budget.json").read_text())
+
+    train_ppo(cfg, inputs, out, str(tiny_policy_dir))          # rerun: resumes at round 2
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2
+    spent = json.loads((out / "budget.json").read_text())
+    assert spent["generated_tokens"] == sum(r["generated_tokens"] for r in rows) > first["generated_tokens"]
+    per_chain = spent["generated_tokens"] / spent["rollouts"]
+    assert 120 <= spent["generated_tokens"] < 120 + 2 * per_chain * cfg.group_size   # near the cap, not a round past
+    assert (out / "adapter_config.json").exists() and (out / "train_done.json").exists()

@@ -167,12 +167,14 @@ def plan_arms(cfg: CompareConfig) -> list[Arm]:
 
 
 def plan_runs(cfg: CompareConfig) -> list[ArmRun]:
-    """Every training run, seed-major so an interrupted compare already has one full seed of everything."""
+    """Every training run, seed-major and within a seed the main arm of every family first, then the other DPO
+    variants, then the budget curve: an interrupted compare (the report is rewritten after every run) already
+    holds the main comparison for the first seed."""
     arms = plan_arms(cfg)
     seeds = list(dict.fromkeys(list(cfg.seeds) + list(cfg.ablation_seeds) + list(cfg.curve_seeds)))
     runs = []
     for seed in seeds:
-        for arm in arms:
+        for arm in [a for a in arms if a.main] + [a for a in arms if not a.main]:
             if seed in (cfg.seeds if arm.main else cfg.ablation_seeds):
                 runs.append(ArmRun(arm, seed, 1.0))
         for f in sorted(float(x) for x in cfg.budget_fractions):

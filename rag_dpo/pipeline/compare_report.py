@@ -212,7 +212,11 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
             add(f"| {label} | {a.name} | {b.name} | {em['diff']:+.3f} [{em['lo']:+.3f}, {em['hi']:+.3f}] | "
                 f"{_fmt_p(em['p_value'])} | {f1['diff']:+.3f} [{f1['lo']:+.3f}, {f1['hi']:+.3f}] | "
                 f"{_fmt_p(f1['p_value'])} |")
-            if label.startswith("step-DPO vs outcome-DPO"):
+            empty = [m.name for m in (a, b) if m.runs and all(r.get("no_data") for r in m.runs)]
+            if empty and (label.startswith("step-DPO vs outcome-DPO") or
+                          label in ("step-dpo vs process-ppo", "outcome-dpo vs outcome-ppo")):
+                verdict.append(f"{label}: not a comparison — {' and '.join(empty)} had no training data.")
+            elif label.startswith("step-DPO vs outcome-DPO"):
                 verdict.append(_sentence("Step-DPO", "outcome-DPO", label, em))
             elif label in ("step-dpo vs process-ppo", "outcome-dpo vs outcome-ppo"):
                 verdict.append(_sentence(a.name, b.name, label, em))
@@ -225,7 +229,7 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
     add("| arm | seed | questions | fraction | rollouts | generated tokens | pool budget (target) |")
     add("|---|---|---|---|---|---|---|")
     checks: dict[float, dict[str, dict]] = {}
-    ppo_checks = []
+    ppo_checks, ppo_rollouts = [], []
     for run in data["runs"]:
         b, t = run.get("budget") or {}, run.get("target_budget") or {}
         add(f"| {run['name']} | {run['seed']} | {b.get('questions', '?')} | {run['fraction']:g} | "
@@ -235,7 +239,9 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
             ppo_checks.extend(f"{run['name']} s{run['seed']}: {p}" for p in budget_mismatches(
                 {"pool": t, run["name"]: b}, keys=("questions",), rel_tol=0.0))
             ppo_checks.extend(f"{run['name']} s{run['seed']}: {p}" for p in budget_mismatches(
-                {"pool": t, run["name"]: b}, keys=("rollouts", "generated_tokens"), rel_tol=PPO_BUDGET_SLACK))
+                {"pool": t, run["name"]: b}, keys=("generated_tokens",), rel_tol=PPO_BUDGET_SLACK))
+            if b.get("rollouts") != t.get("rollouts"):
+                ppo_rollouts.append(f"{run['name']} s{run['seed']} {b.get('rollouts')} vs pool {t.get('rollouts')}")
         else:
             checks.setdefault(float(run["fraction"]), {})[f"{run['name']} s{run['seed']}"] = b
     problems = [f"at {f:g} of the questions: {p}" for f, arms in sorted(checks.items())
@@ -248,8 +254,12 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
     else:
         add(f"Budgets match: every SFT/DPO arm at the same question fraction trained on data costing the same "
             f"questions, rollouts and generated tokens; PPO arms stayed within {PPO_BUDGET_SLACK:.0%} of the pool's "
-            "rollouts and tokens on the same questions.")
+            "generated tokens on the same questions.")
         verdict.append("Budgets matched across arms.")
+    if ppo_rollouts:
+        add("\nPPO's rollout counts differ from the pool's by design (a tree-search chain counts as one rollout but "
+            "holds k candidates per step; PPO samples group_size whole chains per question), so PPO is matched on "
+            "generated tokens: " + "; ".join(ppo_rollouts) + ".")
     add("")
 
     # ---- budget curve ---------------------------------------------------------------------------------------

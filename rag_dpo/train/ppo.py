@@ -157,16 +157,30 @@ def kl_k3(logp, ref_logp):
 
 # ---- model pieces ----------------------------------------------------------------------------------------------
 
-def forward_logps(model, value_head, input_ids, attention_mask, with_values: bool = True):
-    """(log-prob of each next token, value before it), both [B, T-1], index j <-> token j+1."""
+def forward_logps(model, value_head, input_ids, attention_mask, with_values: bool = True, only=None):
+    """(log-prob of each next token, value before it), both [B, T-1], index j <-> token j+1.
+
+    With `only` (a [B, T-1] mask, the policy tokens) the LM head and the vocabulary softmax run on those positions
+    alone and the other log-probs are 0: every loss is masked to the policy tokens, and on a chain that is mostly
+    prompt and retrieved text the full-vocabulary logits are most of the memory and a large share of the time."""
     import torch
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_values,
-                use_cache=False)
-    logits = out.logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    # a DDP/DeepSpeed wrapper (`.module`) must see the whole forward call for its gradient hooks: full path there
+    direct = only is not None and not hasattr(model, "module") and hasattr(model, "get_decoder")
+    head = model.get_output_embeddings() if direct else None
+    decoder = model.get_decoder() if head is not None else None
+    if decoder is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_values,
+                    use_cache=False)
+        logits = out.logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        h = out.hidden_states[-1][:, :-1] if with_values else None
+    else:
+        h = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+        sel = only.bool()
+        picked = torch.log_softmax(head(h[sel]).float(), -1).gather(-1, input_ids[:, 1:][sel][:, None]).squeeze(-1)
+        logp = torch.zeros(sel.shape, dtype=picked.dtype, device=picked.device).masked_scatter(sel, picked)
     values = None
     if with_values and value_head is not None:
-        h = out.hidden_states[-1][:, :-1]
         values = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
     return logp, values
 
@@ -274,15 +288,15 @@ class PPOTrainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.policy)
 
-    def ref_logps(self, ids, att):
+    def ref_logps(self, ids, att, only=None):
         import torch
         with torch.no_grad(), self.accelerator.autocast():
             if self.ref_model is not None:
-                return forward_logps(self.ref_model, None, ids, att, with_values=False)[0]
+                return forward_logps(self.ref_model, None, ids, att, with_values=False, only=only)[0]
             from trl.trainer.utils import use_adapter
             model = self.unwrapped()
             with use_adapter(model, self.ref_adapter):
-                logp = forward_logps(model, None, ids, att, with_values=False)[0]
+                logp = forward_logps(model, None, ids, att, with_values=False, only=only)[0]
             model.set_adapter("default")
             return logp
 
@@ -295,8 +309,8 @@ class PPOTrainer:
         self.policy.eval()
         with torch.no_grad(), self.accelerator.autocast():
             old_logp, old_v = forward_logps(self.policy, self.value_head if use_critic else None, ids, att,
-                                            with_values=use_critic)
-        ref_logp = self.ref_logps(ids, att)
+                                            with_values=use_critic, only=mask)
+        ref_logp = self.ref_logps(ids, att, only=mask)
         kl = (old_logp - ref_logp) * mask
         if use_critic:
             shaped = rew - cfg.kl_coef * kl
@@ -317,7 +331,7 @@ class PPOTrainer:
                 m = mask[rows]
                 with self.accelerator.autocast():
                     logp, v = forward_logps(self.policy, self.value_head if use_critic else None, ids[rows],
-                                            att[rows], with_values=use_critic)
+                                            att[rows], with_values=use_critic, only=m)
                 pg, clip_frac = policy_loss(logp, old_logp[rows], adv[rows], m, cfg.clip_range)
                 loss = pg
                 vf = torch.zeros(())
@@ -426,13 +440,22 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
     rng.shuffle(order)
     times = {"rollout_s": 0.0, "retrieval_s": 0.0, "update_s": 0.0}
     seen: set[str] = set(budget.get("question_ids", []))
-    bar = tqdm(total=cfg.iterations, initial=tr.iteration, desc=f"{cfg.algorithm} ({cfg.reward})", unit="round")
+    by_tokens = bool(cfg.max_generated_tokens)   # under a token budget the rounds needed are unknown: count tokens
+    bar = tqdm(total=cfg.max_generated_tokens if by_tokens else cfg.iterations,
+               initial=min(budget["generated_tokens"], cfg.max_generated_tokens) if by_tokens else tr.iteration,
+               desc=f"{cfg.algorithm} ({cfg.reward})", unit="tok" if by_tokens else "round")
     try:
         while tr.iteration < cfg.iterations:
             if cfg.max_generated_tokens and budget["generated_tokens"] >= cfg.max_generated_tokens:
                 break
             start = (tr.iteration * cfg.questions_per_iteration) % len(order)
-            qs = [order[(start + j) % len(order)] for j in range(min(cfg.questions_per_iteration, len(order)))]
+            n_q = min(cfg.questions_per_iteration, len(order))
+            if cfg.max_generated_tokens and budget["rollouts"]:
+                # the last round shrinks to what the budget has left, so PPO lands near the cap, not a round past it
+                per_chain = budget["generated_tokens"] / budget["rollouts"]
+                left = cfg.max_generated_tokens - budget["generated_tokens"]
+                n_q = max(1, min(n_q, round(left / (per_chain * cfg.group_size))))
+            qs = [order[(start + j) % len(order)] for j in range(n_q)]
             t0 = time.perf_counter()
             r0 = retriever.seconds
             tok0 = engine.stats["generated_tokens"]
@@ -463,8 +486,8 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
             _wandb_log({f"ppo/{k}": v for k, v in row.items()})
             tr.save_checkpoint(ckpt_root)
             atomic_write_json(budget_path, budget)
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward']:.3f}", outcome=f"{stats['outcome']:.3f}", kl=f"{stats['kl']:.3f}")
+            bar.update(min(gen, max(0, bar.total - bar.n)) if by_tokens else 1)
+            bar.set_postfix(round=tr.iteration, reward=f"{stats['reward']:.3f}", outcome=f"{stats['outcome']:.3f}", kl=f"{stats['kl']:.3f}")
     finally:
         bar.close()
     save_policy(tr.unwrapped(), tr.tok, out_dir, model)
