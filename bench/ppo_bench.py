@@ -4,7 +4,13 @@ rollout generation, retrieval and the update, plus peak memory, on the bundled H
     .venv/bin/python bench/ppo_bench.py [--policy smollm2|ADAPTER_DIR] [--iterations 2] [--questions 4]
                                         [--group 2] [--algorithm ppo|grpo] [--reward process|outcome]
 
-Use a warm-started adapter as --policy for realistic chain lengths (the base model rarely follows the protocol)."""
+Use a warm-started adapter as --policy for realistic chain lengths (the base model rarely follows the protocol).
+
+    .venv/bin/python bench/ppo_bench.py --head [--policy smollm2] [--chains 8] [--repeats 2]
+
+times one PPO forward+backward on oracle chains (realistic prompt + retrieved text) with the LM head and softmax
+over every position vs over the policy tokens only (`forward_logps(only=mask)`), each in its own subprocess so
+peak memory is per variant."""
 
 from __future__ import annotations
 
@@ -30,7 +36,16 @@ def main() -> None:
     ap.add_argument("--algorithm", default="ppo")
     ap.add_argument("--reward", default="process")
     ap.add_argument("--out", default="bench/results/ppo_bench.json")
+    ap.add_argument("--head", action="store_true", help="full-vocabulary head vs policy-token head, one update")
+    ap.add_argument("--chains", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variant", choices=["full", "policy"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.variant:
+        print("RESULT " + json.dumps(head_variant(a.variant, a.policy, a.chains)), flush=True)
+        return
+    if a.head:
+        return head_bench(a)
 
     from rag_dpo.data import load_dataset, split_questions
     from rag_dpo.paths import DEFAULT_DATA
@@ -65,6 +80,62 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
     shutil.rmtree(out, ignore_errors=True)
+
+
+def head_variant(variant: str, policy: str, n: int) -> dict:
+    """One PPO loss forward+backward over n oracle chains with the LM head on every position or on policy tokens."""
+    import torch
+
+    from rag_dpo.annotate import oracle_chains
+    from rag_dpo.data import load_dataset, split_questions
+    from rag_dpo.paths import DEFAULT_DATA
+    from rag_dpo.retrieval import build_retriever
+    from rag_dpo.train.ppo import PPOSettings, PPOTrainer, chains_to_rollouts, forward_logps
+    torch.manual_seed(0)
+    cfg = PPOSettings(wandb=False, max_length=768, precision="fp32")
+    tr = PPOTrainer(cfg, policy)
+    ds = load_dataset(DEFAULT_DATA)
+    qs = split_questions(ds.questions, "train")[:n]
+    chains = oracle_chains(qs, ds.corpus, build_retriever("bm25", ds.corpus), tr.tok, 3, 48)
+    ro = chains_to_rollouts(tr.tok, chains, None, cfg)
+    only = ro.mask if variant == "policy" else None
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        forward_logps(tr.policy, tr.value_head, ro.input_ids, ro.attention_mask, only=only)
+    t1 = time.perf_counter()
+    logp, v = forward_logps(tr.policy, tr.value_head, ro.input_ids, ro.attention_mask, only=only)
+    ((logp * ro.mask).sum() + (v * ro.mask).sum()).backward()
+    t2 = time.perf_counter()
+    return {"variant": variant, "chains": n, "tokens": int(ro.attention_mask.sum()),
+            "policy_tokens": int(ro.mask.sum()), "forward_s": t1 - t0, "forward_backward_s": t2 - t1,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def head_bench(a) -> None:
+    import statistics
+    import subprocess
+    import sys
+    runs: dict[str, list[dict]] = {"full": [], "policy": []}
+    for _ in range(a.repeats):
+        for variant in runs:
+            p = subprocess.run([sys.executable, __file__, "--variant", variant, "--policy", a.policy,
+                                "--chains", str(a.chains)], capture_output=True, text=True)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"variant {variant} failed:\n{p.stderr[-3000:]}")
+            runs[variant].append(json.loads(line[7:]))
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("forward_s", "forward_backward_s", "peak_rss_mb")}
+           for v, rs in runs.items()}
+    r0 = runs["full"][0]
+    print(f"{a.chains} chains, {r0['tokens']} tokens, {r0['policy_tokens']} policy tokens")
+    for v, m in med.items():
+        print(f"{v:7s} forward {m['forward_s']:6.2f} s  forward+backward {m['forward_backward_s']:6.2f} s  "
+              f"peak {m['peak_rss_mb']:6.0f} MB")
+    print(f"policy-token head: forward {med['full']['forward_s'] / med['policy']['forward_s']:.2f}x, "
+          f"forward+backward {med['full']['forward_backward_s'] / med['policy']['forward_backward_s']:.2f}x faster")
+    out = Path(a.out).with_name("ppo_head_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "runs": runs, "median": med}, indent=2))
 
 
 if __name__ == "__main__":
