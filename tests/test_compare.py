@@ -177,6 +177,7 @@ def test_arm_without_training_data_is_scored_as_warm_start_and_flagged(tmp_path)
     # a paired test against an arm that trained on nothing is not reported as a result
     assert "step-DPO vs outcome-DPO (NLL weight 1): not a comparison — outcome-dpo+nll had no training data" in report
     assert "did not demonstrably beat outcome-DPO" not in report
+    assert "| step-DPO vs outcome-DPO (NLL weight 1) (⚠ no training data: outcome-dpo+nll) |" in report
 
 
 class InterruptedBackend(FakeBackend):
@@ -193,6 +194,10 @@ def test_report_is_current_while_a_compare_runs_and_final_after_resume(tmp_path)
     report = (tmp_path / "results" / "t.md").read_text()
     assert f"**Partial report**: 2 of {len(plan_runs(cfg))} training runs finished" in report
     assert any(line.startswith("| sft | 1 |") for line in report.splitlines())   # finished arms are in the table
+    idle = FakeBackend()                           # --report-only: the same partial report, no work at all
+    run_compare(cfg, idle, progress=False, report_only=True)
+    assert idle.trained == [] and idle.evaluated == []
+    assert "**Partial report**: 2 of" in (tmp_path / "results" / "t.md").read_text()
     resumed = FakeBackend()
     run_compare(cfg, resumed, progress=False)
     assert len(resumed.trained) == len(plan_runs(cfg)) - 2

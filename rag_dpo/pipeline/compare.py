@@ -259,8 +259,10 @@ def _read_done(path: Path, expected_hash: str) -> dict | None:
     return done
 
 
-def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) every baseline evaluation and arm run, then write the report. Returns the report's data."""
+def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = True,
+                report_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) every baseline evaluation and arm run, then write the report. Returns the report's data.
+    `report_only`: rebuild the report from the runs that finished (marked partial if any is missing); no work."""
     from tqdm.auto import tqdm
 
     from rag_dpo import tracking
@@ -272,12 +274,15 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "compare_config.json", to_dict(cfg))
     shash = settings_hash(cfg)
-    run = _open_run(cfg, f"{cfg.name}-shared", {"kind": "shared"}, tracking)   # the warm start reports into it
-    qids = backend.prepare()
-    tracking.finish(run)
-    if not qids:
-        raise InputError("the rollout pool has no train questions", field="recipe")
-    subsets = nested_subsets(qids, cfg.budget_fractions, seed=0)
+    if report_only:
+        qids, subsets = [], {}
+    else:
+        run = _open_run(cfg, f"{cfg.name}-shared", {"kind": "shared"}, tracking)   # the warm start reports into it
+        qids = backend.prepare()
+        tracking.finish(run)
+        if not qids:
+            raise InputError("the rollout pool has no train questions", field="recipe")
+        subsets = nested_subsets(qids, cfg.budget_fractions, seed=0)
 
     evals = [WARM_START] + list(cfg.baselines)
     runs = plan_runs(cfg)
@@ -286,6 +291,8 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     for name in evals:
         d = run_dir / "baselines" / name
         done = _read_done(d / "done.json", shash)
+        if done is None and report_only:
+            continue
         if done is None:
             t0 = time.time()
             wb = _open_run(cfg, name, {"kind": "baseline"}, tracking)
@@ -300,13 +307,16 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
 
     def report_data(finished: list[dict], partial: int | None = None) -> dict:
         return {"config": to_dict(cfg), "setup": backend.describe(), "baselines": baselines, "runs": finished,
-                "train_questions": len(qids), "machine": machine_description(), "planned_runs": partial,
+                "train_questions": len(qids) or max((int(r.get("questions", 0)) for r in finished), default=0),
+                "machine": machine_description(), "planned_runs": partial,
                 "wall_s_this_invocation": time.time() - started,
                 "wall_s_total": sum(float(x.get("wall_s", 0)) for x in list(baselines.values()) + finished)}
 
     for run in runs:
         d = run_dir / "arms" / run.slug
         done = _read_done(d / "done.json", shash)
+        if done is None and report_only:
+            continue
         if done is None:
             bar.set_postfix_str(run.slug)
             t0 = time.time()
@@ -335,7 +345,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
         bar.update(1)
     bar.close()
 
-    data = report_data(results)
+    data = report_data(results, partial=len(runs) if len(results) < len(runs) else None)
     paths, (columns, table) = write_report(data, Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot)
     data["report"] = {k: str(v) for k, v in paths.items()}
     summary = tracking.init_run(f"{cfg.name}-summary", to_dict(cfg), group=cfg.name, job_type="summary",

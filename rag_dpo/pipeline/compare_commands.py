@@ -13,12 +13,14 @@ def register(app: typer.Typer) -> None:
     def compare(ctx: typer.Context,
                 recipe: Path = typer.Argument(..., help="compare recipe YAML (recipes/compare.yaml)"),
                 quick: bool = typer.Option(False, "--quick", help="smoke run: the recipe's quick_* overrides"),
+                report_only: bool = typer.Option(False, "--report-only",
+                                                 help="rebuild the report from the finished runs; train nothing"),
                 ) -> None:
         """Train SFT, outcome/step-DPO and outcome/process-PPO from one warm start and rollout pool at matched
         budgets over seeds, evaluate them with the baselines, and write results/<name>.md with plots.
         Extra `key=value` arguments override the compare recipe (e.g. `seeds=[0]`). Rerun to resume."""
         from rag_dpo.pipeline.compare import PipelineBackend, load_compare_config, run_compare
         cfg = load_compare_config(recipe, list(ctx.args), quick=quick)
-        data = run_compare(cfg, PipelineBackend(cfg))
+        data = run_compare(cfg, PipelineBackend(cfg), report_only=report_only)
         typer.echo(Path(data["report"]["report"]).read_text(encoding="utf-8"))
         typer.echo(f"report: {data['report']['report']}")

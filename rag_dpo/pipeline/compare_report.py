@@ -209,10 +209,11 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
             if em is None:
                 add(f"| {label} | {a.name} | {b.name} | no common seeds | | | |")
                 continue
-            add(f"| {label} | {a.name} | {b.name} | {em['diff']:+.3f} [{em['lo']:+.3f}, {em['hi']:+.3f}] | "
+            empty = [m.name for m in (a, b) if m.runs and all(r.get("no_data") for r in m.runs)]
+            shown = f"{label} (⚠ no training data: {', '.join(empty)})" if empty else label
+            add(f"| {shown} | {a.name} | {b.name} | {em['diff']:+.3f} [{em['lo']:+.3f}, {em['hi']:+.3f}] | "
                 f"{_fmt_p(em['p_value'])} | {f1['diff']:+.3f} [{f1['lo']:+.3f}, {f1['hi']:+.3f}] | "
                 f"{_fmt_p(f1['p_value'])} |")
-            empty = [m.name for m in (a, b) if m.runs and all(r.get("no_data") for r in m.runs)]
             if empty and (label.startswith("step-DPO vs outcome-DPO") or
                           label in ("step-dpo vs process-ppo", "outcome-dpo vs outcome-ppo")):
                 verdict.append(f"{label}: not a comparison — {' and '.join(empty)} had no training data.")
