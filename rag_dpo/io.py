@@ -13,6 +13,10 @@ from typing import Any, Iterable, Iterator
 from rag_dpo.errors import InputError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so readers see the old or the new file, never half."""
     path = Path(path)
@@ -23,6 +27,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; a report should get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -81,6 +82,9 @@ def test_atomic_write_and_append(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask   # not mkstemp's 0600
     append_jsonl(tmp_path / "b.jsonl", [{"i": 1}, {"i": 2}])
     (tmp_path / "b.jsonl").write_text((tmp_path / "b.jsonl").read_text() + '{"i": 3')
     repair_jsonl(tmp_path / "b.jsonl")
