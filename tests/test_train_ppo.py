@@ -142,6 +142,35 @@ def test_policy_token_only_head_matches_the_full_forward(tiny_model_and_tokenize
     assert v is None and torch.allclose(lp, outs[1][0], atol=1e-5)
 
 
+def test_rollouts_with_merged_lora_match_and_leave_the_adapter_intact(tiny_model_and_tokenizer):
+    """`merged_lora` (PPO's rollouts): the merged model gives the adapter's outputs, and afterwards the base
+    weights are restored and the LoRA parameters are still the trainable ones."""
+    import copy
+
+    from peft import get_peft_model
+
+    from rag_dpo.train.common import TrainerSettings, lora_config
+    from rag_dpo.train.ppo import forward_logps, merged_lora
+    base, tok = tiny_model_and_tokenizer
+    model = get_peft_model(copy.deepcopy(base), lora_config(TrainerSettings()))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    ro = chains_to_rollouts(tok, [_chain(tok, "Paris")], None, PPOSettings())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want, _ = forward_logps(model, None, ro.input_ids, ro.attention_mask, with_values=False)
+        with merged_lora(model):
+            assert any(getattr(m, "merged", False) for m in model.modules())
+            got, _ = forward_logps(model, None, ro.input_ids, ro.attention_mask, with_values=False)
+        plain, _ = forward_logps(base, None, ro.input_ids, ro.attention_mask, with_values=False)
+    assert torch.allclose(want, got, atol=1e-4) and not torch.allclose(want, plain, atol=1e-4)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    after = dict(model.named_parameters())
+    assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
+    assert all(after[n].requires_grad for n in before if "lora_" in n)
+
+
 class _ToyRetriever:
     name = "toy"
 

@@ -28,13 +28,20 @@ class ScriptedEngine:
     def sample_next_steps(self, items, n):
         self.calls += 1
         out = []
+        next_id: dict[int, int] = {}
         for chain, parent in items:
             depth = len(chain.path(parent)) if parent is not None else 0
-            base = len(chain.steps)
+            base = next_id.setdefault(id(chain), len(chain.steps))
+            next_id[id(chain)] = base + n
             steps = []
             for j in range(n):
                 sid = str(base + j)
-                if j == 1 and depth >= len(chain.supporting_ids):
+                if n == 1:   # a continuation (finish): answers, right iff its path retrieved a supporting passage
+                    found = any(p.retrieved_ids[0] in chain.supporting_ids for p in chain.path(parent) if p.retrieved_ids)
+                    ans = chain.gold_answers[0] if found else "wrong"
+                    steps.append(Step(id=sid, parent=parent, text=f"<answer>{ans}</answer>", action=ANSWER, answer=ans,
+                                      generated_tokens=2))
+                elif j == 1 and depth >= len(chain.supporting_ids):
                     steps.append(Step(id=sid, parent=parent, text=f"<answer>{chain.gold_answers[0]}</answer>",
                                       action=ANSWER, answer=chain.gold_answers[0], generated_tokens=3))
                 elif j == 1:
@@ -74,6 +81,25 @@ def test_tree_search_step_limit_and_refuses_outcome():
     assert len(chains[0].path()) == 2 and chains[0].path()[-1].action == SEARCH
     with pytest.raises(InputError, match="cannot guide tree search"):
         tree_search(questions(1), ScriptedEngine(), OutcomeAnnotator(), TreeSearchConfig(progress=False))
+
+
+def test_tree_search_finish_completes_losers_into_outcome_data(tokenizer):
+    """finish=True: every losing search step is sampled on to an answer, so the tree holds right and wrong whole
+    chains (outcome pairs, SFT rows) while the best path and the step pairs stay what they were."""
+    from rag_dpo.pairs.builders import PairConfig, finished_paths, outcome_pairs, step_pairs
+    plain = tree_search(questions(1), ScriptedEngine(), EvidenceAnnotator(), TreeSearchConfig(k=3, progress=False))[0]
+    eng = ScriptedEngine()
+    c = tree_search(questions(1), eng, EvidenceAnnotator(), TreeSearchConfig(k=3, finish=True, progress=False))[0]
+    assert eng.calls == 4                        # 3 depths + one batched call for all 6 losers (each answers at once)
+    assert len(c.steps) == 9 + 6 and all("evidence" in s.labels for s in c.steps)
+    assert [s.id for s in c.path()] == [s.id for s in plain.path()]   # the best path is unchanged
+    assert all(leaf.action == ANSWER for leaf in c.leaves())
+    f1s = sorted(s[-1].answer == c.gold_answers[0] for s in finished_paths(c))
+    assert f1s == [False, False, True, True, True, True, True]   # 2 losers at depth 1 found nothing: wrong
+    assert len(step_pairs([c], tokenizer, PairConfig(), "evidence")) == \
+        len(step_pairs([plain], tokenizer, PairConfig(), "evidence"))
+    assert outcome_pairs([plain], tokenizer, PairConfig()) == []       # without finish: no wrong finished path
+    assert len(outcome_pairs([c], tokenizer, PairConfig())) == 1
 
 
 def test_tree_search_to_file_resumes(tmp_path):

@@ -2,8 +2,13 @@
 with an annotator, continue from the best, until an answer, an invalid best step, or the step limit.
 
 The result is one chain tree per question: the path of best candidates plus, at every prefix, the K-1 siblings
-that lost (stored, labelled, never continued). `chain.selected` is the last step of the best path. All questions
-of a batch advance together: one `sample_next_steps` call and one `label_groups` call per depth.
+that lost (stored, labelled, and by default never continued). `chain.selected` is the last step of the best path.
+All questions of a batch advance together: one `sample_next_steps` call and one `label_groups` call per depth.
+
+`finish=True` then completes every losing search step by sampling one step at a time (all of a batch together)
+to an answer, an invalid step or the step limit, labelling each new step. The tree then also holds whole right and
+wrong chains for every question, so outcome-level pairs and SFT get data from the same pool as step-level pairs
+(without it a weak policy's pool has almost no finished right paths: the tree only finishes the path it follows).
 `tree_search_to_file` appends finished batches whole and skips questions already in the file (resume).
 """
 
@@ -22,6 +27,7 @@ class TreeSearchConfig:
     k: int = 4                 # candidate next steps sampled per prefix
     max_steps: int | None = None   # depth limit; None = the engine's RolloutConfig.max_steps
     batch_questions: int = 8   # questions searched together (and appended to the output together)
+    finish: bool = False       # also complete every losing search step to a finished chain (outcome data)
     progress: bool = True
 
 
@@ -54,7 +60,29 @@ def tree_search(questions: Sequence[Question], engine, annotator, cfg: TreeSearc
             if best.action not in (ANSWER, INVALID) and depth + 1 < max_steps:
                 nxt.append((chain, best.id))
         frontier = nxt
+    if cfg.finish:
+        finish_losers(chains, engine, annotator, max_steps)
     return chains
+
+
+def finish_losers(chains: Sequence[Chain], engine, annotator, max_steps: int) -> None:
+    """Continue every unfinished leaf off the best path (a losing search step below the step limit) one sampled
+    step at a time until each ends; new steps are added to their tree and labelled (singleton sibling groups, so
+    they never form step pairs)."""
+    def depth(chain: Chain, step) -> int:
+        return len(chain.path(step.id))
+
+    best = {id(c): {s.id for s in c.path()} for c in chains}
+    frontier = [(c, s.id) for c in chains for s in c.leaves()
+                if s.id not in best[id(c)] and s.action not in (ANSWER, INVALID) and depth(c, s) < max_steps]
+    while frontier:
+        steps = engine.sample_next_steps(frontier, 1)
+        groups = []
+        for (chain, _), (s,) in zip(frontier, steps):
+            chain.add_step(s)
+            groups.append((chain, [s]))
+        annotator.label_groups(groups)
+        frontier = [(c, s.id) for c, (s,) in groups if s.action not in (ANSWER, INVALID) and depth(c, s) < max_steps]
 
 
 def tree_search_to_file(questions: Sequence[Question], engine, annotator, out_path: str | Path,

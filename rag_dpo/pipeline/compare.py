@@ -535,7 +535,9 @@ class PipelineBackend:
                                           f"{r.data.eval_split}, {r.eval.limit or 'all'} eval questions)",
                 "retriever": f"{r.retrieval.name}, k={r.retrieval.k}",
                 "rollout pool": f"{r.rollout.search} search, k={r.rollout.k}, {r.rollout.questions or 'all'} "
-                                f"questions, max {r.rollout.max_steps} steps, annotator {r.annotate.name}",
+                                f"questions, max {r.rollout.max_steps} steps, temperature {r.rollout.temperature}, "
+                                f"annotator {r.annotate.name}"
+                                + (", losing steps finished to whole chains" if r.rollout.finish else ""),
                 "warm start": f"SFT on {r.warm_start.questions or 'all'} oracle chains" if r.warm_start.enabled
                 else "none (arms start from the base model)",
                 "base recipe": self.cfg.recipe, "recipe overrides": list(self.cfg.recipe_overrides)}

@@ -58,6 +58,8 @@ class RolloutSection:
     questions: int | None = 40         # train questions in the rollout pool (None = all) -- the data budget
     search: str = "tree"               # tree: K candidate steps per prefix, annotator picks the path; sample: K chains
     k: int = 4                         # candidates per prefix (tree) or sampled chains per question (sample)
+    finish: bool = False               # tree: also sample every losing search step on to a finished chain, so
+                                       # outcome pairs and SFT get right/wrong chains from the same pool (costs tokens)
     max_steps: int = 3                 # steps per chain (searches + answer)
     max_new_tokens: int = 48           # generation budget of one step
     temperature: float = 1.0

@@ -180,10 +180,10 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
     t0 = time.perf_counter()
     if ro.search == "tree":
         log(f"rollouts: tree search, {ro.k} candidates per prefix, {len(qs)} questions, annotator "
-            f"{recipe.annotate.name}")
+            f"{recipe.annotate.name}" + (", losing steps finished" if ro.finish else ""))
         # batch_size // k questions at a time: each generate call still holds batch_size rows, and the bar moves
         tree_search_to_file(qs, engine, annotator, labels,
-                            TreeSearchConfig(k=ro.k, max_steps=ro.max_steps,
+                            TreeSearchConfig(k=ro.k, max_steps=ro.max_steps, finish=ro.finish,
                                              batch_questions=max(1, ro.batch_size // ro.k)))
     else:
         raw = out / "chains.jsonl"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -389,6 +390,20 @@ class PPOInputs:
     annotator: Any = None                 # Annotator for process rewards (built from process_annotator if None)
 
 
+@contextmanager
+def merged_lora(model):
+    """Generate with the active LoRA adapter merged into the base weights (about 2x faster on CPU than the separate
+    low-rank matmuls), then unmerge before the update; a full fine-tune (no adapter) is left alone."""
+    merge = hasattr(model, "peft_config") and hasattr(model, "merge_adapter")
+    if merge:
+        model.merge_adapter()
+    try:
+        yield model
+    finally:
+        if merge:
+            model.unmerge_adapter()
+
+
 class _TimedRetriever:
     def __init__(self, inner):
         self.inner, self.seconds = inner, 0.0
@@ -461,9 +476,10 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
             tok0 = engine.stats["generated_tokens"]
             chains = []
             tr.policy.eval()
-            for gi in range(cfg.group_size):
-                engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009 + gi
-                chains += engine.rollout(qs)
+            with merged_lora(tr.unwrapped()):
+                for gi in range(cfg.group_size):
+                    engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009 + gi
+                    chains += engine.rollout(qs)
             if cfg.reward == "process":
                 annotator.annotate(chains)
             t1 = time.perf_counter()
