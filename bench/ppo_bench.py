@@ -10,7 +10,12 @@ Use a warm-started adapter as --policy for realistic chain lengths (the base mod
 
 times one PPO forward+backward on oracle chains (realistic prompt + retrieved text) with the LM head and softmax
 over every position vs over the policy tokens only (`forward_logps(only=mask)`), each in its own subprocess so
-peak memory is per variant."""
+peak memory is per variant.
+
+    .venv/bin/python bench/ppo_bench.py --merge --policy ADAPTER_DIR [--questions 8] [--repeats 2]
+
+times PPO's rollouts (same questions, same seeds) with the LoRA adapter merged into the weights (`merged_lora`,
+what `train_ppo` does) vs the unmerged peft model, alternating, and checks both generated the same tokens count."""
 
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ def main() -> None:
     ap.add_argument("--reward", default="process")
     ap.add_argument("--out", default="bench/results/ppo_bench.json")
     ap.add_argument("--head", action="store_true", help="full-vocabulary head vs policy-token head, one update")
+    ap.add_argument("--merge", action="store_true", help="rollouts with the LoRA merged vs unmerged")
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variant", choices=["full", "policy"], help=argparse.SUPPRESS)
@@ -46,6 +52,8 @@ def main() -> None:
         return
     if a.head:
         return head_bench(a)
+    if a.merge:
+        return merge_bench(a)
 
     from rag_dpo.data import load_dataset, split_questions
     from rag_dpo.paths import DEFAULT_DATA
@@ -136,6 +144,48 @@ def head_bench(a) -> None:
     out = Path(a.out).with_name("ppo_head_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "runs": runs, "median": med}, indent=2))
+
+
+def merge_bench(a) -> None:
+    """Rollout speed of the warm-started policy with its LoRA merged vs not (one process, alternating)."""
+    import contextlib
+    import statistics
+
+    import torch
+
+    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
+    from rag_dpo.data import load_dataset, split_questions
+    from rag_dpo.paths import DEFAULT_DATA
+    from rag_dpo.retrieval import build_retriever
+    from rag_dpo.train.ppo import PPOSettings, PPOTrainer, merged_lora
+    torch.manual_seed(0)
+    tr = PPOTrainer(PPOSettings(wandb=False, max_length=768), a.policy)
+    ds = load_dataset(DEFAULT_DATA)
+    qs = split_questions(ds.questions, "train")[: a.questions]
+    engine = RolloutEngine(tr.unwrapped(), tr.tok, build_retriever("bm25", ds.corpus), ds.corpus,
+                           RolloutConfig(max_steps=3, k=3, max_new_tokens=48, batch_size=16, do_sample=True,
+                                         temperature=1.0, max_tokens_per_passage=48, progress=False))
+    tr.policy.eval()
+    runs: dict[str, list[dict]] = {"unmerged": [], "merged": []}
+    for r in range(a.repeats):
+        for variant in runs:
+            ctx = merged_lora(tr.unwrapped()) if variant == "merged" else contextlib.nullcontext()
+            tok0 = engine.stats["generated_tokens"]
+            engine.cfg.seed = r
+            t0 = time.perf_counter()
+            with ctx:
+                chains = engine.rollout(qs)
+            dt = time.perf_counter() - t0
+            gen = engine.stats["generated_tokens"] - tok0
+            runs[variant].append({"seconds": dt, "generated_tokens": gen, "steps": sum(len(c.steps) for c in chains),
+                                  "tokens_per_s": gen / dt})
+            print(f"repeat {r} {variant:8s} {dt:7.1f} s  {gen} tokens  {gen / dt:6.1f} tok/s", flush=True)
+    med = {v: statistics.median(x["tokens_per_s"] for x in rs) for v, rs in runs.items()}
+    print(f"merged LoRA rollouts: {med['merged']:.1f} vs unmerged {med['unmerged']:.1f} generated tok/s = "
+          f"{med['merged'] / med['unmerged']:.2f}x")
+    out = Path(a.out).with_name("ppo_merge_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "runs": runs, "median_tokens_per_s": med}, indent=2))
 
 
 if __name__ == "__main__":

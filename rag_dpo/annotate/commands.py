@@ -103,6 +103,8 @@ def tree_search_cmd(data: Path = typer.Option(..., "--data", help="Question file
                     corpus: Optional[Path] = typer.Option(None, "--corpus"),
                     retriever: str = typer.Option("bm25", "--retriever"),
                     k: int = typer.Option(4, "--k", help="Candidates per prefix."),
+                    finish: bool = typer.Option(False, "--finish", help="Also sample every losing search step on "
+                                                "to an answer (whole right/wrong chains for outcome pairs)."),
                     split: str = typer.Option("train", "--split", help="train, dev, test or all."),
                     limit: Optional[int] = typer.Option(None, "--limit"),
                     config: Optional[Path] = typer.Option(None, "--config", help="YAML with AnnotatorConfig fields."),
@@ -117,7 +119,7 @@ def tree_search_cmd(data: Path = typer.Option(..., "--data", help="Question file
         raise InputError("the data file has no corpus; give --corpus", file=str(data), field="corpus")
     engine = _engine(policy, ds.corpus, retriever, rollout_set)
     ann = build_annotator(annotator, _config(config, overrides), engine=engine)
-    tree_search_to_file(questions, engine, ann, out, TreeSearchConfig(k=k))
+    tree_search_to_file(questions, engine, ann, out, TreeSearchConfig(k=k, finish=finish))
     print(f"wrote {out}")
 
 

@@ -308,10 +308,18 @@ class PPOTrainer:
         ids, att, mask, rew = (t.to(dev) for t in (ro.input_ids, ro.attention_mask, ro.mask, ro.rewards))
         use_critic = cfg.algorithm == "ppo"
         self.policy.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            old_logp, old_v = forward_logps(self.policy, self.value_head if use_critic else None, ids, att,
-                                            with_values=use_critic, only=mask)
-        ref_logp = self.ref_logps(ids, att, only=mask)
+        # the no-grad passes go minibatch by minibatch too: a whole round's attention at once set the memory peak
+        step = max(1, cfg.minibatch_size)
+        chunks = [slice(b, b + step) for b in range(0, ids.shape[0], step)]
+        olds, refs = [], []
+        for c in chunks:
+            with torch.no_grad(), self.accelerator.autocast():
+                olds.append(forward_logps(self.policy, self.value_head if use_critic else None, ids[c], att[c],
+                                          with_values=use_critic, only=mask[c]))
+            refs.append(self.ref_logps(ids[c], att[c], only=mask[c]))
+        old_logp = torch.cat([o[0] for o in olds])
+        old_v = torch.cat([o[1] for o in olds]) if use_critic else None
+        ref_logp = torch.cat(refs)
         kl = (old_logp - ref_logp) * mask
         if use_critic:
             shaped = rew - cfg.kl_coef * kl
