@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 HOTPOT_DEV = REPO / "data" / "hotpotqa" / "ircot_hotpotqa_dev_subsampled_500.jsonl"
 
 
+class ToyRetriever:
+    """Deterministic stand-in retriever: passage ids picked by query length (no index to build)."""
+    name = "toy"
+
+    def __init__(self, corpus):
+        self.ids = [p.id for p in corpus]
+
+    def search(self, queries, k):
+        return [[(self.ids[(len(q) + j) % len(self.ids)], 1.0 / (j + 1)) for j in range(k)] for q in queries]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_and_tokenizer():
     from rag_dpo.agent.policy import tiny_policy

@@ -4,19 +4,10 @@ for the multi-step logic (searches, observations, siblings, continuations) a ran
 from __future__ import annotations
 
 import pytest
+from conftest import ToyRetriever
 
 from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
 from rag_dpo.records import ANSWER, INVALID, SEARCH, Corpus, Passage, Question, read_chains
-
-
-class ToyRetriever:
-    name = "toy"
-
-    def __init__(self, corpus):
-        self.ids = [p.id for p in corpus]
-
-    def search(self, queries, k):
-        return [[(self.ids[(len(q) + j) % len(self.ids)], 1.0 / (j + 1)) for j in range(k)] for q in queries]
 
 
 class ScriptedBackend:

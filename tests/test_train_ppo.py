@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ToyRetriever
 
 from rag_dpo.agent.protocol import format_observation, format_step, tokenize_path
 from rag_dpo.records import ANSWER, SEARCH, Chain, Label, Passage, Step
@@ -171,16 +172,6 @@ def test_rollouts_with_merged_lora_match_and_leave_the_adapter_intact(tiny_model
     assert all(after[n].requires_grad for n in before if "lora_" in n)
 
 
-class _ToyRetriever:
-    name = "toy"
-
-    def __init__(self, corpus):
-        self.ids = [p.id for p in corpus]
-
-    def search(self, queries, k):
-        return [[(self.ids[(len(q) + j) % len(self.ids)], 1.0 / (j + 1)) for j in range(k)] for q in queries]
-
-
 def test_train_ppo_spends_its_token_budget_and_resumes_after_a_kill(tmp_path, tiny_policy_dir):
     """The loop: rounds stop near `max_generated_tokens` (the last one shrinks), an interrupted run continues
     from its last finished round without repeating or losing log rows, and the policy is saved at the end."""
@@ -190,7 +181,7 @@ def test_train_ppo_spends_its_token_budget_and_resumes_after_a_kill(tmp_path, ti
     from rag_dpo.train.ppo import PPOInputs, PPOTrainer, train_ppo
     corpus = Corpus([Passage(f"p{i}", f"Title {i}", f"Passage number {i} says something.") for i in range(6)])
     qs = [Question(f"q{i}", f"What is thing {i}?", [f"thing {i}"], [f"p{i}"]) for i in range(6)]
-    inputs = PPOInputs(qs, corpus, _ToyRetriever(corpus), {"max_new_tokens": 8, "max_steps": 2, "batch_size": 4})
+    inputs = PPOInputs(qs, corpus, ToyRetriever(corpus), {"max_new_tokens": 8, "max_steps": 2, "batch_size": 4})
     cfg = PPOSettings(reward="outcome", iterations=50, questions_per_iteration=3, group_size=2, ppo_epochs=1,
                       minibatch_size=4, precision="fp32", wandb=False, max_generated_tokens=120)
     out = tmp_path / "ppo"
