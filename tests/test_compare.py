@@ -178,6 +178,9 @@ def test_arm_without_training_data_is_scored_as_warm_start_and_flagged(tmp_path)
     assert "step-DPO vs outcome-DPO (NLL weight 1): not a comparison — outcome-dpo+nll had no training data" in report
     assert "did not demonstrably beat outcome-DPO" not in report
     assert "| step-DPO vs outcome-DPO (NLL weight 1) (⚠ no training data: outcome-dpo+nll) |" in report
+    # the families `arms=` left out are named, and no PPO budget claim is made without PPO runs
+    assert "**not in this compare** (`arms=` leaves them out): outcome-ppo, process-ppo" in report
+    assert "PPO arms stayed within" not in report
 
 
 class InterruptedBackend(FakeBackend):

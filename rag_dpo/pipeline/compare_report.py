@@ -139,6 +139,10 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
         f"test questions scored: {len(qids)}")
     add(f"- arms: {n_arms} variants, {n_runs} training runs; main-arm seeds {cfg['seeds']}, "
         f"ablation seeds {cfg['ablation_seeds']}, budget-curve seeds {cfg['curve_seeds']}")
+    from rag_dpo.pipeline.compare import FAMILIES
+    left_out = [f for f in FAMILIES if f not in cfg.get("arms", FAMILIES)]
+    if left_out:
+        add(f"- **not in this compare** (`arms=` leaves them out): {', '.join(left_out)}")
     add(f"- machine: {data.get('machine', '?')}; summed run wall time {data.get('wall_s_total', 0) / 60:.1f} min "
         f"(this invocation {data.get('wall_s_this_invocation', 0) / 60:.1f} min)")
     add("- intervals: 95 % bootstrap over test questions and seeds (two-level; "
@@ -231,6 +235,7 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
     add("|---|---|---|---|---|---|---|")
     checks: dict[float, dict[str, dict]] = {}
     ppo_checks, ppo_rollouts = [], []
+    ppo_seen = any(run["arm"]["family"].endswith("ppo") for run in data["runs"])
     for run in data["runs"]:
         b, t = run.get("budget") or {}, run.get("target_budget") or {}
         add(f"| {run['name']} | {run['seed']} | {b.get('questions', '?')} | {run['fraction']:g} | "
@@ -253,9 +258,10 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
         add("\n".join(f"- {p}" for p in problems))
         verdict.append("Budgets were NOT matched (see the budgets section); treat comparisons with care.")
     else:
-        add(f"Budgets match: every SFT/DPO arm at the same question fraction trained on data costing the same "
-            f"questions, rollouts and generated tokens; PPO arms stayed within {PPO_BUDGET_SLACK:.0%} of the pool's "
-            "generated tokens on the same questions.")
+        add("Budgets match: every SFT/DPO arm at the same question fraction trained on data costing the same "
+            "questions, rollouts and generated tokens" +
+            (f"; PPO arms stayed within {PPO_BUDGET_SLACK:.0%} of the pool's generated tokens on the same questions."
+             if ppo_seen else "."))
         verdict.append("Budgets matched across arms.")
     if ppo_rollouts:
         add("\nPPO's rollout counts differ from the pool's by design (a tree-search chain counts as one rollout but "
