@@ -384,7 +384,7 @@ def _plot_training_curves(runs: list[dict], path: Path) -> None:
             pts = [(p.get("step", i), p[key]) for i, p in enumerate(r["curve"]) if key in p]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, lw=1, alpha=0.9 if r["arm"]["main"] else 0.5,
+                ax.plot(xs, ys, lw=1, marker="o", ms=3, alpha=0.9 if r["arm"]["main"] else 0.5,   # 1 step shows
                         label=f"{r['name']} s{r['seed']}")
                 ax.set_ylabel(key)
         ax.set_title(fam)
