@@ -67,6 +67,18 @@ def test_sampling_does_not_depend_on_batch_composition(tiny_model_and_tokenizer,
     assert [x.steps[0].text for x in c] != [x.steps[0].text for x in a]
 
 
+def test_several_samples_per_question_share_a_batch(tiny_model_and_tokenizer, corpus, questions):
+    """PPO's group: sample 0 is the single-chain rollout, sample 1 draws its own tokens, all in one batch."""
+    one = _engine(tiny_model_and_tokenizer, corpus, batch_size=4).rollout(questions[:2])
+    eng = _engine(tiny_model_and_tokenizer, corpus, batch_size=4)
+    two = eng.rollout(questions[:2], samples=2)
+    assert [c.question_id for c in two] == ["q0", "q1", "q0", "q1"]
+    assert [c.to_dict() for c in two[:2]] == [c.to_dict() for c in one]
+    assert [c.steps[0].text for c in two[2:]] != [c.steps[0].text for c in two[:2]]
+    apart = _engine(tiny_model_and_tokenizer, corpus, batch_size=1).rollout(questions[:2], samples=2)
+    assert [c.to_dict() for c in apart] == [c.to_dict() for c in two]   # still independent of batching
+
+
 def test_scripted_multistep_rollout_observes_and_masks(tiny_model_and_tokenizer, corpus, questions):
     from rag_dpo.agent.protocol import tokenize_path
     eng = _engine(tiny_model_and_tokenizer, corpus, do_sample=False)

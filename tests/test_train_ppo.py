@@ -113,6 +113,41 @@ def test_updates_move_policy_towards_rewarded_chain(tiny_model_and_tokenizer, al
     assert torch.allclose(ref, base_logp, atol=1e-5)
 
 
+def test_update_cuts_each_minibatch_to_its_longest_row(tiny_model_and_tokenizer, monkeypatch):
+    """Rows are right-padded to the round's longest chain; every forward sees only its own rows' columns, and a
+    short row's log-probs are the same with or without the trailing padding (causal attention)."""
+    import copy
+
+    from peft import get_peft_model
+
+    from rag_dpo.train import ppo
+    from rag_dpo.train.common import TrainerSettings, lora_config
+    base, tok = tiny_model_and_tokenizer
+    model = get_peft_model(copy.deepcopy(base), lora_config(TrainerSettings()))
+    cfg = PPOSettings(reward="outcome", ppo_epochs=1, minibatch_size=1, precision="fp32", wandb=False)
+    tr = ppo.PPOTrainer(cfg, policy=model, tokenizer=tok)
+    ro = chains_to_rollouts(tok, [_chain(tok, "Paris"), _chain(tok, "Lyon " * 30, "q2")], None, cfg)
+    lengths = ro.attention_mask.sum(-1).tolist()
+    assert lengths[0] < lengths[1] == ro.input_ids.shape[1]
+    seen = []
+    real = ppo.forward_logps
+
+    def spy(model, head, ids, att, **kw):
+        seen.append((ids.shape[1], int(att.sum(-1).max())))
+        return real(model, head, ids, att, **kw)
+
+    monkeypatch.setattr(ppo, "forward_logps", spy)
+    stats = tr.update(ro)
+    assert len(seen) == 2 * 2 + 2        # old + ref (adapter disabled) per row, then one update per row
+    assert all(width == longest for width, longest in seen) and {w for w, _ in seen} == set(lengths)
+    assert stats["pg_loss"] == stats["pg_loss"] and stats["vf_loss"] > 0
+    short = lengths[0]
+    with torch.no_grad():
+        full, _ = real(model, None, ro.input_ids[:1], ro.attention_mask[:1], with_values=False)
+        cut, _ = real(model, None, ro.input_ids[:1, :short], ro.attention_mask[:1, :short], with_values=False)
+    assert torch.allclose(full[:, : short - 1], cut, atol=1e-5)
+
+
 def test_policy_token_only_head_matches_the_full_forward(tiny_model_and_tokenizer):
     """`only=` (LM head on policy tokens alone) gives the same log-probs, values and LoRA gradients there."""
     import copy

@@ -47,9 +47,11 @@ class RolloutConfig:
     progress: bool = True              # show a tqdm progress bar
 
 
-def row_seed(seed: int, question_id: str, step_id: str) -> int:
-    """A 63-bit seed for one generated step, independent of batch composition."""
-    h = hashlib.sha256(f"{seed}|{question_id}|{step_id}".encode()).digest()
+def row_seed(seed: int, question_id: str, step_id: str, sample: int = 0) -> int:
+    """A 63-bit seed for one generated step, independent of batch composition; `sample` tells apart several
+    chains of one question sampled together (sample 0 keeps the single-chain seed)."""
+    key = f"{seed}|{question_id}|{step_id}" + (f"|{sample}" if sample else "")
+    h = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
@@ -94,6 +96,7 @@ class _Request:
     prefix: list[Step]
     step_id: str
     parent: str | None
+    sample: int = 0        # which of a question's chains sampled in one batch (`rollout(samples=n)`)
 
 
 class _SeededSampler:
@@ -203,7 +206,7 @@ class RolloutEngine:
         """Generate, parse and observe one step per request (batched in `batch_size` rows)."""
         t0 = time.perf_counter()
         contexts = [protocol.tokenize_path(self.tokenizer, r.question, r.prefix).input_ids for r in requests]
-        seeds = [row_seed(self.cfg.seed, r.question_id, r.step_id) for r in requests]
+        seeds = [row_seed(self.cfg.seed, r.question_id, r.step_id, r.sample) for r in requests]
         outputs = self.generate_texts(contexts, seeds, sample)
         steps = []
         for r, (text, n_tokens) in zip(requests, outputs):
@@ -262,9 +265,11 @@ class RolloutEngine:
         return step.action in (ANSWER, INVALID)
 
     # ---- public API ----------------------------------------------------------------------------------------
-    def rollout(self, questions: Sequence[Question]) -> list[Chain]:
-        """One path per question (greedy or sampled per `do_sample`), batched across questions."""
-        return [c for chunk in self._iter_rollout(questions) for c in chunk]
+    def rollout(self, questions: Sequence[Question], samples: int = 1) -> list[Chain]:
+        """`samples` paths per question (greedy or sampled per `do_sample`), batched across questions and samples:
+        PPO's group of chains per question shares one batch (on a CPU a wider batch generates faster). Returned in
+        sample-major order: every question's sample 0, then every question's sample 1, ..."""
+        return [c for chunk in self._iter_rollout(questions, samples=samples) for c in chunk]
 
     def rollout_to_file(self, questions: Sequence[Question], path: str | Path) -> Path:
         """Resumable: skips questions already in `path`, appends each finished chunk of chains whole."""
@@ -275,21 +280,23 @@ class RolloutEngine:
             append_chains(path, chunk)
         return path
 
-    def _iter_rollout(self, questions: Sequence[Question], already: int = 0):
+    def _iter_rollout(self, questions: Sequence[Question], already: int = 0, samples: int = 1):
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(questions) + already, initial=already, unit="chain", desc="rollout",
+        items = [(q, j) for j in range(max(1, samples)) for q in questions]
+        bar = tqdm(total=len(items) + already, initial=already, unit="chain", desc="rollout",
                    disable=not self.cfg.progress)
         t0, steps0, tok0 = time.perf_counter(), self.stats["steps"], self.stats["generated_tokens"]
         try:
             bs = max(1, self.cfg.batch_size)
-            for b in range(0, len(questions), bs):
-                chains = [self.new_chain(q) for q in questions[b:b + bs]]
+            for b in range(0, len(items), bs):
+                chains = [self.new_chain(q) for q, _ in items[b:b + bs]]
+                sample_of = {id(c): j for c, (_, j) in zip(chains, items[b:b + bs])}
                 active = list(chains)
                 for t in range(self.cfg.max_steps):
                     if not active:
                         break
                     reqs = [_Request(c.question_id, c.question, list(c.steps), str(t),
-                                     c.steps[-1].id if c.steps else None) for c in active]
+                                     c.steps[-1].id if c.steps else None, sample_of[id(c)]) for c in active]
                     for c, s in zip(active, self.generate_steps(reqs, sample=self.cfg.do_sample)):
                         c.add_step(s)
                     active = [c for c in active if not self.is_terminal(c.steps[-1])]

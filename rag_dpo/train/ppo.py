@@ -289,6 +289,11 @@ class PPOTrainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.policy)
 
+    @staticmethod
+    def _width(att, rows) -> int:
+        """Columns the given rows need: their longest sequence (rows are right-padded)."""
+        return max(2, int(att[rows].sum(-1).max()))
+
     def ref_logps(self, ids, att, only=None):
         import torch
         with torch.no_grad(), self.accelerator.autocast():
@@ -308,18 +313,23 @@ class PPOTrainer:
         ids, att, mask, rew = (t.to(dev) for t in (ro.input_ids, ro.attention_mask, ro.mask, ro.rewards))
         use_critic = cfg.algorithm == "ppo"
         self.policy.eval()
-        # the no-grad passes go minibatch by minibatch too: a whole round's attention at once set the memory peak
-        step = max(1, cfg.minibatch_size)
-        chunks = [slice(b, b + step) for b in range(0, ids.shape[0], step)]
-        olds, refs = [], []
-        for c in chunks:
+        # The no-grad passes go minibatch by minibatch too (a whole round's attention at once set the memory peak),
+        # over rows sorted by length, each minibatch cut to its longest row: rows are right-padded to the round's
+        # longest chain, and causal attention makes the trailing padding pure waste.
+        n, step = ids.shape[0], max(1, cfg.minibatch_size)
+        by_len = torch.argsort(att.sum(-1))
+        old_logp, ref_logp = torch.zeros_like(mask), torch.zeros_like(mask)
+        old_v = torch.zeros_like(mask) if use_critic else None
+        for b in range(0, n, step):
+            rows = by_len[b:b + step]
+            w = self._width(att, rows)
             with torch.no_grad(), self.accelerator.autocast():
-                olds.append(forward_logps(self.policy, self.value_head if use_critic else None, ids[c], att[c],
-                                          with_values=use_critic, only=mask[c]))
-            refs.append(self.ref_logps(ids[c], att[c], only=mask[c]))
-        old_logp = torch.cat([o[0] for o in olds])
-        old_v = torch.cat([o[1] for o in olds]) if use_critic else None
-        ref_logp = torch.cat(refs)
+                lp, v = forward_logps(self.policy, self.value_head if use_critic else None, ids[rows, :w],
+                                      att[rows, :w], with_values=use_critic, only=mask[rows, :w - 1])
+            old_logp[rows, :w - 1] = lp
+            if use_critic:
+                old_v[rows, :w - 1] = v
+            ref_logp[rows, :w - 1] = self.ref_logps(ids[rows, :w], att[rows, :w], only=mask[rows, :w - 1])
         kl = (old_logp - ref_logp) * mask
         if use_critic:
             shaped = rew - cfg.kl_coef * kl
@@ -331,25 +341,26 @@ class PPOTrainer:
             adv, returns = group_advantages(rew, mask, ro.groups), None
         self.policy.train()
         stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "kl_loss": [], "clip_frac": [], "loss": []}
-        n = ids.shape[0]
         g = torch.Generator().manual_seed(cfg.seed + self.iteration)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=g)
             for b in range(0, n, cfg.minibatch_size):
                 rows = order[b:b + cfg.minibatch_size].to(dev)
-                m = mask[rows]
+                w = self._width(att, rows)
+                cut = (rows, slice(0, w - 1))    # the minibatch's positions, trailing padding dropped
+                m = mask[cut]
                 with self.accelerator.autocast():
-                    logp, v = forward_logps(self.policy, self.value_head if use_critic else None, ids[rows],
-                                            att[rows], with_values=use_critic, only=m)
-                pg, clip_frac = policy_loss(logp, old_logp[rows], adv[rows], m, cfg.clip_range)
+                    logp, v = forward_logps(self.policy, self.value_head if use_critic else None, ids[rows, :w],
+                                            att[rows, :w], with_values=use_critic, only=m)
+                pg, clip_frac = policy_loss(logp, old_logp[cut], adv[cut], m, cfg.clip_range)
                 loss = pg
                 vf = torch.zeros(())
                 kl_term = torch.zeros(())
                 if use_critic:
-                    vf = value_loss(v, old_v[rows], returns[rows], m, cfg.value_clip)
+                    vf = value_loss(v, old_v[cut], returns[cut], m, cfg.value_clip)
                     loss = loss + cfg.vf_coef * vf
                 else:
-                    kl_term = masked_mean(kl_k3(logp, ref_logp[rows]), m)
+                    kl_term = masked_mean(kl_k3(logp, ref_logp[cut]), m)
                     loss = loss + cfg.kl_coef * kl_term
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
@@ -482,12 +493,12 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
             t0 = time.perf_counter()
             r0 = retriever.seconds
             tok0 = engine.stats["generated_tokens"]
-            chains = []
             tr.policy.eval()
             with merged_lora(tr.unwrapped()):
-                for gi in range(cfg.group_size):
-                    engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009 + gi
-                    chains += engine.rollout(qs)
+                # the whole group in one batch: 1.27x the generated tokens/s of one batch per group member (16
+                # rows vs 2 x 8 on a 2-core CPU, see the README)
+                engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009
+                chains = engine.rollout(qs, samples=cfg.group_size)
             if cfg.reward == "process":
                 annotator.annotate(chains)
             t1 = time.perf_counter()
