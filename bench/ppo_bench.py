@@ -15,7 +15,12 @@ peak memory is per variant.
     .venv/bin/python bench/ppo_bench.py --merge --policy ADAPTER_DIR [--questions 8] [--repeats 2]
 
 times PPO's rollouts (same questions, same seeds) with the LoRA adapter merged into the weights (`merged_lora`,
-what `train_ppo` does) vs the unmerged peft model, alternating, and checks both generated the same tokens count."""
+what `train_ppo` does) vs the unmerged peft model, alternating, and checks both generated the same tokens count.
+
+    .venv/bin/python bench/ppo_bench.py --group-batch --policy ADAPTER_DIR [--questions 8] [--group 2] [--repeats 2]
+
+times PPO's rollouts of a round (`--questions` questions x `--group` chains each, merged LoRA) sampled as one batch
+(`RolloutEngine.rollout(questions, samples=group)`, what `train_ppo` does) vs one batch per group member."""
 
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/ppo_bench.json")
     ap.add_argument("--head", action="store_true", help="full-vocabulary head vs policy-token head, one update")
     ap.add_argument("--merge", action="store_true", help="rollouts with the LoRA merged vs unmerged")
+    ap.add_argument("--group-batch", action="store_true", help="a round's group of chains in one batch vs one each")
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variant", choices=["full", "policy"], help=argparse.SUPPRESS)
@@ -52,8 +58,8 @@ def main() -> None:
         return
     if a.head:
         return head_bench(a)
-    if a.merge:
-        return merge_bench(a)
+    if a.merge or a.group_batch:
+        return rollout_ab_bench(a)
 
     from rag_dpo.data import load_dataset, split_questions
     from rag_dpo.paths import DEFAULT_DATA
@@ -146,8 +152,10 @@ def head_bench(a) -> None:
     out.write_text(json.dumps({"args": vars(a), "runs": runs, "median": med}, indent=2))
 
 
-def merge_bench(a) -> None:
-    """Rollout speed of the warm-started policy with its LoRA merged vs not (one process, alternating)."""
+def rollout_ab_bench(a) -> None:
+    """PPO rollout speed of the warm-started policy, two ways, alternating in one process: LoRA merged vs not
+    (`--merge`, same questions and seeds), or a round's group in one batch vs one batch per member (`--group-batch`,
+    merged; the samples differ, so it compares tokens/s)."""
     import contextlib
     import statistics
 
@@ -163,27 +171,36 @@ def merge_bench(a) -> None:
     ds = load_dataset(DEFAULT_DATA)
     qs = split_questions(ds.questions, "train")[: a.questions]
     engine = RolloutEngine(tr.unwrapped(), tr.tok, build_retriever("bm25", ds.corpus), ds.corpus,
-                           RolloutConfig(max_steps=3, k=3, max_new_tokens=48, batch_size=16, do_sample=True,
+                           RolloutConfig(max_steps=3, k=3, max_new_tokens=48, batch_size=64, do_sample=True,
                                          temperature=1.0, max_tokens_per_passage=48, progress=False))
     tr.policy.eval()
-    runs: dict[str, list[dict]] = {"unmerged": [], "merged": []}
+    if a.merge:
+        variants = {"unmerged": (contextlib.nullcontext, 1, 1), "merged": (lambda: merged_lora(tr.unwrapped()), 1, 1)}
+        name, base = "merged LoRA rollouts", "unmerged"
+    else:
+        merged = lambda: merged_lora(tr.unwrapped())   # noqa: E731
+        variants = {"batch per member": (merged, a.group, 1), "one batch": (merged, 1, a.group)}
+        name, base = f"group of {a.group} in one batch", "batch per member"
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(a.repeats):
-        for variant in runs:
-            ctx = merged_lora(tr.unwrapped()) if variant == "merged" else contextlib.nullcontext()
+        for variant, (ctx, calls, samples) in variants.items():
             tok0 = engine.stats["generated_tokens"]
-            engine.cfg.seed = r
             t0 = time.perf_counter()
-            with ctx:
-                chains = engine.rollout(qs)
+            chains = []
+            with ctx():
+                for c in range(calls):
+                    engine.cfg.seed = r * 1009 + c
+                    chains += engine.rollout(qs, samples=samples)
             dt = time.perf_counter() - t0
             gen = engine.stats["generated_tokens"] - tok0
-            runs[variant].append({"seconds": dt, "generated_tokens": gen, "steps": sum(len(c.steps) for c in chains),
-                                  "tokens_per_s": gen / dt})
-            print(f"repeat {r} {variant:8s} {dt:7.1f} s  {gen} tokens  {gen / dt:6.1f} tok/s", flush=True)
+            runs[variant].append({"seconds": dt, "generated_tokens": gen, "chains": len(chains),
+                                  "steps": sum(len(c.steps) for c in chains), "tokens_per_s": gen / dt})
+            print(f"repeat {r} {variant:16s} {dt:7.1f} s  {len(chains)} chains  {gen} tokens  {gen / dt:6.1f} tok/s",
+                  flush=True)
     med = {v: statistics.median(x["tokens_per_s"] for x in rs) for v, rs in runs.items()}
-    print(f"merged LoRA rollouts: {med['merged']:.1f} vs unmerged {med['unmerged']:.1f} generated tok/s = "
-          f"{med['merged'] / med['unmerged']:.2f}x")
-    out = Path(a.out).with_name("ppo_merge_bench.json")
+    other = next(v for v in variants if v != base)
+    print(f"{name}: {med[other]:.1f} vs {base} {med[base]:.1f} generated tok/s = {med[other] / med[base]:.2f}x")
+    out = Path(a.out).with_name("ppo_merge_bench.json" if a.merge else "ppo_group_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "runs": runs, "median_tokens_per_s": med}, indent=2))
 

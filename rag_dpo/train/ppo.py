@@ -495,8 +495,8 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
             tok0 = engine.stats["generated_tokens"]
             tr.policy.eval()
             with merged_lora(tr.unwrapped()):
-                # the whole group in one batch: 1.27x the generated tokens/s of one batch per group member (16
-                # rows vs 2 x 8 on a 2-core CPU, see the README)
+                # the whole group in one batch: on a CPU a wider batch generates more tokens/s
+                # (`bench/ppo_bench.py --group-batch`, numbers in the README)
                 engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009
                 chains = engine.rollout(qs, samples=cfg.group_size)
             if cfg.reward == "process":
