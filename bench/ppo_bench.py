@@ -174,11 +174,11 @@ def rollout_ab_bench(a) -> None:
                            RolloutConfig(max_steps=3, k=3, max_new_tokens=48, batch_size=64, do_sample=True,
                                          temperature=1.0, max_tokens_per_passage=48, progress=False))
     tr.policy.eval()
+    merged = lambda: merged_lora(tr.unwrapped())   # noqa: E731
     if a.merge:
-        variants = {"unmerged": (contextlib.nullcontext, 1, 1), "merged": (lambda: merged_lora(tr.unwrapped()), 1, 1)}
+        variants = {"unmerged": (contextlib.nullcontext, 1, 1), "merged": (merged, 1, 1)}
         name, base = "merged LoRA rollouts", "unmerged"
     else:
-        merged = lambda: merged_lora(tr.unwrapped())   # noqa: E731
         variants = {"batch per member": (merged, a.group, 1), "one batch": (merged, 1, a.group)}
         name, base = f"group of {a.group} in one batch", "batch per member"
     runs: dict[str, list[dict]] = {v: [] for v in variants}

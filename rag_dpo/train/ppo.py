@@ -323,13 +323,14 @@ class PPOTrainer:
         for b in range(0, n, step):
             rows = by_len[b:b + step]
             w = self._width(att, rows)
+            rows_ids, rows_att, cut = ids[rows, :w], att[rows, :w], (rows, slice(0, w - 1))
             with torch.no_grad(), self.accelerator.autocast():
-                lp, v = forward_logps(self.policy, self.value_head if use_critic else None, ids[rows, :w],
-                                      att[rows, :w], with_values=use_critic, only=mask[rows, :w - 1])
-            old_logp[rows, :w - 1] = lp
+                lp, v = forward_logps(self.policy, self.value_head if use_critic else None, rows_ids, rows_att,
+                                      with_values=use_critic, only=mask[cut])
+            old_logp[cut] = lp
             if use_critic:
-                old_v[rows, :w - 1] = v
-            ref_logp[rows, :w - 1] = self.ref_logps(ids[rows, :w], att[rows, :w], only=mask[rows, :w - 1])
+                old_v[cut] = v
+            ref_logp[cut] = self.ref_logps(rows_ids, rows_att, only=mask[cut])
         kl = (old_logp - ref_logp) * mask
         if use_critic:
             shaped = rew - cfg.kl_coef * kl
