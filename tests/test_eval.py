@@ -99,3 +99,23 @@ def test_eval_cli_prints_the_table(data_file, tmp_path, tiny_policy_dir):
     assert res.exit_code == 0, res.output
     assert "| direct |" in res.output and "| agent |" in res.output
     assert json.loads((out / "results.json").read_text())["agent"]["n"] == 1
+    # the CLI evaluates in float32 unless asked: bf16 would round away a short fine-tune's change
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_bf16_erases_a_small_weight_change_but_not_a_large_one(tiny_model_and_tokenizer):
+    import copy
+
+    import torch
+    from rag_dpo.eval.evaluate import bf16_erased_change
+    ref = tiny_model_and_tokenizer[0]
+    small, large = copy.deepcopy(ref), copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.mul_(1 + 1e-4)      # a fine-tune-sized step: far below bf16's ~0.4 % resolution
+        for p in large.parameters():
+            p.mul_(1.25)
+    s, big = bf16_erased_change(small, ref), bf16_erased_change(large, ref)
+    assert s["changed"] > 0 and s["erased"] > 0.9
+    assert big["erased"] < 0.1 and big["rel_error"] < 0.05
+    assert bf16_erased_change(ref, ref)["changed"] == 0

@@ -28,8 +28,9 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
              iter_rounds: int = typer.Option(2, "--iter-rounds", help="ITER-RETGEN rounds."),
              answer_tokens: int = typer.Option(32, "--answer-tokens", help="Baselines: token budget of an answer."),
              device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
-             dtype: str = typer.Option("auto", "--dtype", help="Policy weights: auto (bf16 on GPUs and on CPUs "
-                                       "with AMX/AVX512-BF16, else float32), float32, bfloat16, float16."),
+             dtype: str = typer.Option("float32", "--dtype", help="Policy weights: float32, or auto (bf16 on GPUs "
+                                       "and on CPUs with AMX/AVX512-BF16, else float32: faster, but bf16 rounding "
+                                       "erases most of a short fine-tune's change), bfloat16, float16."),
              prm: Optional[str] = typer.Option(None, "--prm", help="agent-prm-bon: saved PRM folder."),
              bon_n: int = typer.Option(4, "--bon-n", help="agent-prm-bon: candidates per step."),
              manifest: Optional[Path] = typer.Option(None, "--manifest", help="Extra training manifest whose "
