@@ -37,15 +37,12 @@ def eval_once(policy: str, dtype: str, limit: int, batch: int) -> dict:
     import torch
 
     from rag_dpo.agent.policy import load_policy
-    from rag_dpo.agent.rollout import RolloutConfig
     from rag_dpo.eval.evaluate import evaluate
     from rag_dpo.pipeline.recipe import load_recipe
-    from rag_dpo.pipeline.run import world
+    from rag_dpo.pipeline.run import eval_rollout_config, world
     recipe = load_recipe("recipes/dpo_step.yaml")
-    w, ro = world(recipe), recipe.rollout
-    rcfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
-                         do_sample=False, batch_size=batch, seed=recipe.seed, progress=False,
-                         max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+    w, rcfg = world(recipe), eval_rollout_config(recipe, batch_size=batch)
+    rcfg.progress = False
     model = load_policy(policy, merge_adapter=True, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()

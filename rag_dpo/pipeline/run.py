@@ -284,6 +284,15 @@ def train_policy(recipe: Recipe, run_dir: str | Path, start_policy: str, data: s
     return out
 
 
+def eval_rollout_config(recipe: Recipe, batch_size: int | None = None):
+    """The agent's greedy eval settings from a recipe (its rollout budgets, retrieval k, eval batch size)."""
+    from rag_dpo.agent.rollout import RolloutConfig
+    ro = recipe.rollout
+    return RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
+                         do_sample=False, batch_size=batch_size or recipe.eval.batch_size, seed=recipe.seed,
+                         max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+
+
 def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, str | None],
                       methods: list[str] | None = None, split: str | None = None) -> dict[str, dict]:
     """Evaluate each named policy (name -> spec; None entries are skipped) with rag_dpo.eval.evaluate on `split`
@@ -307,11 +316,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
         else:
             log(f"eval {name}: {spec} on {e.limit or 'all'} {split} questions")
             from rag_dpo.agent.policy import load_policy
-            from rag_dpo.agent.rollout import RolloutConfig
-            ro = recipe.rollout
-            rcfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
-                                 do_sample=False, batch_size=e.batch_size, seed=recipe.seed,
-                                 max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+            rcfg = eval_rollout_config(recipe)
             res = evaluate(str(w.data_path), recipe.data.corpus, policy=str(spec), methods=methods, split=split,
                            limit=e.limit, out_dir=out, retriever=recipe.retrieval.name, rollout=rcfg,
                            fractions=recipe.data.fractions, use_wandb=False,
