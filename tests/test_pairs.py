@@ -144,24 +144,90 @@ def test_pairs_cli(tmp_path):
     assert (tmp_path / "sw" / "budget.json").exists() and '"rows": 5' in res.output
 
 
-def test_datasets_load_in_trl_trainers(tmp_path, tiny_model_and_tokenizer, tiny_policy_dir):
-    from datasets import load_from_disk
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-    _, tok = tiny_model_and_tokenizer
-    model = str(tiny_policy_dir)
+def test_failed_chains_are_wrong_outcomes(tokenizer):
+    """A chain that ended in an invalid step or at the step limit is a wrong answer (F1 0) for outcome pairs and
+    the outcome annotator; only a losing tree-search step below the limit (never continued) is unfinished."""
+    from rag_dpo.annotate.annotators import OutcomeAnnotator, finished_leaves
+    from rag_dpo.records import INVALID
+    c = Chain(question_id="q", question="Who?", gold_answers=["Ann Lee"], meta={"tree_search": {"max_steps": 2}})
+    for s in [step("0", None, SEARCH, 1, ["p1"]), step("1", "0", ANSWER, 1, ans="Ann Lee"),
+              step("2", None, SEARCH, 0, ["p9"]), step("3", "2", SEARCH, 0, ["p8"]),   # step limit (depth 2)
+              step("4", None, SEARCH, 0, ["p7"])]:                                     # unfinished loser
+        c.add_step(s)
+    bad = Step("5", "0", "<think>x</think>\n<answer></answer>", INVALID, parse_error="empty <answer>")
+    bad.labels["manual"] = Label(0.0, False, "manual", {})
+    c.add_step(bad)
+    c.selected = "1"
+    assert sorted(s.id for s in finished_leaves(c)) == ["1", "3", "5"]
+    rows, _ = build_rows([c], "outcome", tokenizer, PairConfig(rule="all-margin"))
+    assert sorted(r["rejected"].endswith("<answer></answer>") for r in rows) == [False, True]
+    assert {r["rejected_value"] for r in rows} == {0.0} and len(rows) == 2
+    # the invalid step never ended the policy's turn: no EOS may be trained after it
+    assert [(r["chosen_ends_turn"], r["rejected_ends_turn"]) for r in rows] == [(True, False), (True, False)]
+    OutcomeAnnotator().annotate([c])
+    assert c.step("0").labels["outcome"].value == pytest.approx(0.5)   # right answer + invalid step below it
+    assert c.step("2").labels["outcome"].value == 0.0 and c.step("2").labels["outcome"].info["paths"] == 1
+    assert c.step("4").labels["outcome"].info["paths"] == 0
+    # without a recorded step limit, a search leaf is only finished when it is the selected one
+    c.meta = {}
+    assert sorted(s.id for s in finished_leaves(c)) == ["1", "5"]
+
+
+def test_ends_turn_and_rows_by_action(tmp_path, tokenizer):
+    from rag_dpo.records import INVALID
+    c = labelled_tree()
+    bad = Step("G", "A", "<think>x</think>\n<answer></answer>", INVALID, parse_error="empty <answer>")
+    bad.labels["manual"] = Label(0.0, False, "manual", {})
+    c.add_step(bad)
     labels = tmp_path / "labels.jsonl"
-    write_chains(labels, [labelled_tree("q1"), labelled_tree("q2")] + outcome_chains())
-    cfg = PairConfig(annotator="manual")
-    common = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no",
-                  logging_steps=1, max_length=512)
-    for kind in ("step", "outcome"):
-        ds = load_from_disk(str(build_dataset(labels, kind, tmp_path / kind, tok, cfg)))
-        trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / f"dpo_{kind}"),
-                                                                      **common),
-                             train_dataset=ds, processing_class=tok)
-        out = trainer.train()
-        assert math.isfinite(out.training_loss)
-    ds = load_from_disk(str(build_dataset(labels, "sft", tmp_path / "sft", tok, PairConfig(level="chain"))))
-    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "sft_out"), **common),
-                         train_dataset=ds, processing_class=tok)
-    assert math.isfinite(trainer.train().training_loss)
+    write_chains(labels, [c])
+    rows, _ = build_rows([c], "step", tokenizer, PairConfig(rule="all-margin"))
+    ends = {(r["chosen_id"], r["rejected_id"]): (r["chosen_ends_turn"], r["rejected_ends_turn"]) for r in rows}
+    assert ends[("E", "G")] == (True, False) and ends[("A", "D")] == (False, True)
+    out = build_dataset(labels, "step", tmp_path / "step", tokenizer, PairConfig(rule="all-margin"))
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["rows_by_action"] == {"answer>answer": 1, "answer>invalid": 1, "search>answer": 3,
+                                        "search>search": 2}
+    assert sum(budget["rows_by_action"].values()) == budget["rows"] == len(rows)
+
+
+def test_pair_text_tokenises_to_exactly_the_policy_tokens(tmp_path, tokenizer):
+    """What the DPO/SFT trainers train on (their tokenisation of our rows, info spans masked) is exactly the policy's
+    own tokens of those steps as the rollout engine rendered them: `tokenize_path`'s policy mask, EOS only after an
+    answer. Replaces a raw TRL DPOTrainer run that scored retrieved text and only checked the loss was finite."""
+    from datasets import load_from_disk
+
+    from rag_dpo.agent.protocol import tokenize_path
+    from rag_dpo.train.dpo import tokenize_pairs
+    from rag_dpo.train.sft import tokenize_sft
+    tree, chains = labelled_tree("q1"), outcome_chains()
+    labels = tmp_path / "labels.jsonl"
+    write_chains(labels, [tree] + chains)
+    cfg = PairConfig(annotator="manual", rule="all-margin")
+
+    def policy_tokens(question, path):
+        tp = tokenize_path(tokenizer, question, path)
+        return sum(tp.policy_mask)
+
+    step_ds = load_from_disk(str(build_dataset(labels, "step", tmp_path / "step", tokenizer, cfg)))
+    enc = tokenize_pairs(step_ds, tokenizer)
+    for row, e in zip(step_ds, enc):
+        if row["question_id"] != "q1":
+            continue
+        for side in ("chosen", "rejected"):
+            st = tree.step(row[f"{side}_id"])
+            a, b = tokenize_path(tokenizer, tree.question, tree.path(st.id)).step_spans[-1]
+            assert sum(e[f"{side}_mask"]) == b - a, (row[f"{side}_id"], side)
+            assert (e[f"{side}_ids"][-1] == tokenizer.eos_token_id) == row[f"{side}_ends_turn"]
+    out_ds = load_from_disk(str(build_dataset(labels, "outcome", tmp_path / "outcome", tokenizer, cfg)))
+    enc = tokenize_pairs(out_ds, tokenizer)
+    right, wrong = chains[0], chains[1]
+    row = next(i for i, r in enumerate(out_ds) if r["rejected"].endswith("<answer>Bob</answer>"))
+    assert sum(enc[row]["chosen_mask"]) == policy_tokens("Who?", right.path())
+    assert sum(enc[row]["rejected_mask"]) == policy_tokens("Who?", wrong.path())
+    assert sum(enc[row]["chosen_mask"]) < len(enc[row]["chosen_ids"])      # retrieved tokens are in, not targets
+    sft_ds = load_from_disk(str(build_dataset(labels, "sft", tmp_path / "sft", tokenizer, PairConfig(level="chain"))))
+    sft = tokenize_sft(sft_ds, tokenizer)
+    first = next(i for i, r in enumerate(sft_ds) if r["question_id"] == "q")
+    n_target = sum(1 for x in sft[first]["labels"] if x != -100)
+    assert n_target == policy_tokens("Who?", right.path())

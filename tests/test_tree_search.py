@@ -172,6 +172,22 @@ def test_end_to_end_tiny_model_real_engine(tiny_model_and_tokenizer):
     for c in chains:
         assert len(c.children(None)) == 2 and c.selected is not None
         assert all("evidence" in s.labels for s in c.steps)
+    # A random tiny model writes invalid steps, which the rollout annotator scores 0 without any rollout; a
+    # hand-written search step makes `continue_from` really run from it (its continuations fail: F1 0).
+    c = chains[0]
+    probe = Step(id="99", parent=None, text="<think>t</think>\n<search>alpha</search>", action=SEARCH,
+                 query="alpha", retrieved_ids=["a"], observation="\n<information>\n[1] Alpha: alpha text\n"
+                 "</information>\n", generated_tokens=9)
+    c.add_step(probe)
+    tokens_before = eng.stats["generated_tokens"]
     ann = RolloutAnnotator(eng, AnnotatorConfig(rollouts=2))
     ann.annotate(chains)
-    assert all("rollout" in s.labels and s.labels["rollout"].value >= 0 for c in chains for s in c.steps)
+    assert all("rollout" in s.labels for c in chains for s in c.steps)
+    lab = probe.labels["rollout"]
+    assert lab.cost["rollouts"] == 2 and len(lab.info["returns"]) == 2
+    assert lab.cost["generated_tokens"] > 0
+    assert eng.stats["generated_tokens"] - tokens_before == lab.cost["generated_tokens"]   # cost = what it generated
+    assert lab.value == 0.0 and lab.info["returns"] == [0.0, 0.0]   # failed continuations are wrong answers
+    for s in c.steps:
+        if s.action != SEARCH:
+            assert s.labels["rollout"].value == 0.0 and s.labels["rollout"].cost["rollouts"] == 0

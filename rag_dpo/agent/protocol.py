@@ -88,11 +88,18 @@ def render_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT) 
     return f"{system_prompt}\n\nQuestion: {question}\nAssistant: "
 
 
+def ends_turn(step: Step) -> bool:
+    """Whether the policy's turn ends after this step, i.e. whether EOS follows it in training: only an answer.
+    A search step is followed by retrieved text and an invalid step was cut off by the engine, so neither may
+    teach the policy to emit EOS (an invalid `<answer></answer>` ends with the answer tag but is not an answer)."""
+    return step.action == ANSWER
+
+
 def step_segments(steps: Sequence[Step], eos: str | None) -> list[tuple[str, str]]:
     """(kind, text) segments after the prompt: 'policy' for generated text, 'info' for retrieved text."""
     segs: list[tuple[str, str]] = []
     for s in steps:
-        text = s.text + (eos if (s.action == ANSWER and eos) else "")
+        text = s.text + (eos if (ends_turn(s) and eos) else "")
         segs.append(("policy", text))
         if s.observation:
             segs.append(("info", s.observation))
@@ -116,7 +123,7 @@ def tokenize_path(tokenizer, question: str, steps: Sequence[Step], system_prompt
     step_spans, info_spans = [], []
     eos = tokenizer.eos_token if add_eos else None
     for s in steps:
-        text = s.text + (eos if (s.action == ANSWER and eos) else "")
+        text = s.text + (eos if (ends_turn(s) and eos) else "")
         t = tokenizer(text, add_special_tokens=False)["input_ids"]
         step_spans.append((len(ids), len(ids) + len(t)))
         ids += t

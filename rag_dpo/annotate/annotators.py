@@ -8,14 +8,16 @@ one by one but still receive groups so tree search can score fresh candidates wi
 summing `cost` over all steps gives what the annotation spent (pairs' `budget.json` does exactly that).
 
 - `outcome`: a step's value is the mean final-answer F1 over the finished paths through it (a linear chain: its
-  final answer's F1) — the outcome-only baseline. It cannot guide tree search (fresh candidates have no outcome).
+  final answer's F1; a path that ended in an invalid step or at the step limit counts as F1 0) — the outcome-only
+  baseline. It cannot guide tree search (fresh candidates have no outcome).
 - `evidence`: a search step is worth 1 when it retrieves a supporting passage not retrieved earlier on its path,
   else 0; an answer step is worth its F1 against the gold answers; an invalid step is worth 0.
 - `rollout`: Monte-Carlo. N continuations from the prefix ending with the step (one `continue_from` call for all
   steps of a batch; the engine generates the N continuations of a prefix together). Each continuation's final F1
   is discounted by the steps it took, counting the step itself (shortest-path reward estimation):
-  value = mean_i F1_i * gamma ** steps_i. An answer step needs no rollout: value = F1 * gamma; an invalid step
-  ends its chain (the engine does not continue it): value 0.
+  value = mean_i F1_i * gamma ** steps_i; a continuation that fails (invalid step, step limit) has F1 0 and stays
+  in the mean. An answer step needs no rollout: value = F1 * gamma; an invalid step ends its chain (the engine
+  does not continue it): value 0.
 - `judge`: an LLM ranks the K candidates of a group (RAG-Gym); see `judge.py`.
 - `prm`: a trained process reward model scores the candidates of a group; see `prm.py`.
 """
@@ -106,9 +108,21 @@ class OutcomeAnnotator(Annotator):
                 s.labels[self.name] = self.label(value, paths=len(scores))
 
 
+def step_limit(chain: Chain) -> int | None:
+    """The depth at which this chain's paths were cut off: the tree search's limit, else the sampler's."""
+    limit = (chain.meta.get("tree_search") or {}).get("max_steps") or (chain.sampling or {}).get("max_steps")
+    return int(limit) if limit else None
+
+
 def finished_leaves(chain: Chain) -> list[Step]:
-    """Leaves whose path is a finished chain: answer steps, and the selected leaf (which may end at the step limit)."""
-    return [leaf for leaf in chain.leaves() if leaf.action == ANSWER or leaf.id == chain.selected]
+    """Leaves whose path is a finished chain: an answer, an invalid step (the engine never continues one), a leaf
+    at the step limit, and the selected leaf. A failed chain (invalid step, step limit) is a *wrong* outcome, not a
+    missing one: dropping it would make a policy that often fails look as good as its few answers. Only a losing
+    tree-search candidate below the limit (a search step nobody continued) is unfinished."""
+    limit = step_limit(chain)
+    return [leaf for leaf in chain.leaves()
+            if leaf.action in (ANSWER, INVALID) or leaf.id == chain.selected
+            or (limit is not None and len(chain.path(leaf.id)) >= limit)]
 
 
 class EvidenceAnnotator(Annotator):

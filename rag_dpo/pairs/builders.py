@@ -19,6 +19,9 @@ Four kinds (`build_dataset(..., kind=...)`):
 Retrieved text is context, never a target: every completion column `X` has `X_info_spans`, the [start, end)
 character spans of retrieved text inside it (`chosen_info_spans`, `rejected_info_spans`, `completion_info_spans`;
 empty for single steps, whose retrieved text lives in the next prompt). Trainers turn them into token masks.
+EOS is trained only where the policy's turn ended (`protocol.ends_turn`: an answer step): every completion column
+`X` also has `X_ends_turn`, so a trainer appends EOS from the data, not from the text (a rejected invalid step
+such as `<answer></answer>` ends with the answer tag, but the policy never ended its turn there).
 Rows stay text (trainers tokenize); extra columns (ids, values, actions) are metadata TRL drops.
 
 Every dataset folder also gets `budget.json` (what produced the data: questions, chains, policy steps and
@@ -96,8 +99,10 @@ def _value(step: Step, name: str, chain: Chain) -> float:
 
 
 def finished_paths(chain: Chain) -> list[list[Step]]:
-    """Root-to-leaf paths that ended (an answer, or the selected leaf that hit the step limit)."""
-    return [chain.path(leaf.id) for leaf in chain.leaves() if leaf.action == ANSWER or leaf.id == chain.selected]
+    """Root-to-leaf paths that ended: an answer, an invalid step or the step limit (the last two are wrong outcomes,
+    F1 0); see `annotate.annotators.finished_leaves`."""
+    from rag_dpo.annotate.annotators import finished_leaves
+    return [chain.path(leaf.id) for leaf in finished_leaves(chain)]
 
 
 def path_f1(chain: Chain, path: Sequence[Step]) -> float:
@@ -122,7 +127,7 @@ def _pick(cands: list[tuple[float, Step]], cfg: PairConfig, best_only: bool) -> 
 
 # ---- builders ------------------------------------------------------------------------------------------------
 def step_pairs(chains: Sequence[Chain], tokenizer, cfg: PairConfig, name: str) -> list[dict]:
-    from rag_dpo.agent.protocol import render_context
+    from rag_dpo.agent.protocol import ends_turn, render_context
     from rag_dpo.annotate.annotators import sibling_groups
     if cfg.rule not in RULES:
         raise InputError(f"unknown rule {cfg.rule!r} (choose from {', '.join(RULES)})", field="rule")
@@ -142,7 +147,9 @@ def step_pairs(chains: Sequence[Chain], tokenizer, cfg: PairConfig, name: str) -
             prompt = render_context(tokenizer, chain.question, chain.path(parent) if parent is not None else [])
             for (cv, c), (rv, r) in pairs:
                 rows.append({"prompt": prompt, "chosen": c.text, "rejected": r.text, "chosen_info_spans": [],
-                             "rejected_info_spans": [], "question_id": chain.question_id, "prefix_id": parent or "",
+                             "rejected_info_spans": [], "chosen_ends_turn": ends_turn(c),
+                             "rejected_ends_turn": ends_turn(r), "question_id": chain.question_id,
+                             "prefix_id": parent or "",
                              "chosen_id": c.id, "rejected_id": r.id, "chosen_value": cv, "rejected_value": rv,
                              "chosen_action": c.action, "rejected_action": r.action, "annotator": name})
     return rows
@@ -156,7 +163,7 @@ def _by_question(chains: Sequence[Chain]) -> dict[str, list[Chain]]:
 
 
 def outcome_pairs(chains: Sequence[Chain], tokenizer, cfg: PairConfig) -> list[dict]:
-    from rag_dpo.agent.protocol import render_prompt
+    from rag_dpo.agent.protocol import ends_turn, render_prompt
     if cfg.rule not in ("best-vs-worst", "all-margin"):
         raise InputError(f"rule {cfg.rule!r} does not apply to outcome pairs (best-vs-worst or all-margin)",
                          field="rule")
@@ -178,7 +185,9 @@ def outcome_pairs(chains: Sequence[Chain], tokenizer, cfg: PairConfig) -> list[d
                 if cfg.dedup and ctext.strip() == rtext.strip():
                     continue
                 rows.append({"prompt": render_prompt(tokenizer, hi[1].question), "chosen": ctext, "rejected": rtext,
-                             "chosen_info_spans": cspans, "rejected_info_spans": rspans, "question_id": qid,
+                             "chosen_info_spans": cspans, "rejected_info_spans": rspans,
+                             "chosen_ends_turn": ends_turn(hi[2][-1]), "rejected_ends_turn": ends_turn(lo[2][-1]),
+                             "question_id": qid,
                              "chosen_value": hi[0], "rejected_value": lo[0],
                              "chosen_steps": len(hi[2]), "rejected_steps": len(lo[2])})
                 n += 1
@@ -186,7 +195,7 @@ def outcome_pairs(chains: Sequence[Chain], tokenizer, cfg: PairConfig) -> list[d
 
 
 def sft_rows(chains: Sequence[Chain], tokenizer, cfg: PairConfig, name: str | None) -> list[dict]:
-    from rag_dpo.agent.protocol import render_prompt
+    from rag_dpo.agent.protocol import ends_turn, render_prompt
     if cfg.level == "step":
         rows, seen = [], set()
         for r in step_pairs(chains, tokenizer, cfg, name):
@@ -194,7 +203,8 @@ def sft_rows(chains: Sequence[Chain], tokenizer, cfg: PairConfig, name: str | No
             if key not in seen:
                 seen.add(key)
                 rows.append({"prompt": r["prompt"], "completion": r["chosen"], "completion_info_spans": [],
-                             "question_id": r["question_id"], "value": r["chosen_value"]})
+                             "completion_ends_turn": r["chosen_ends_turn"], "question_id": r["question_id"],
+                             "value": r["chosen_value"]})
         return rows
     if cfg.level != "chain":
         raise InputError(f"unknown sft level {cfg.level!r} (step or chain)", field="level")
@@ -205,7 +215,8 @@ def sft_rows(chains: Sequence[Chain], tokenizer, cfg: PairConfig, name: str | No
             if f1 >= cfg.right_threshold:
                 text, spans = chain_text(p)
                 rows.append({"prompt": render_prompt(tokenizer, c.question), "completion": text,
-                             "completion_info_spans": spans, "question_id": c.question_id, "value": f1})
+                             "completion_info_spans": spans, "completion_ends_turn": ends_turn(p[-1]),
+                             "question_id": c.question_id, "value": f1})
     return rows
 
 
@@ -232,19 +243,22 @@ def stepwise_rows(chains: Sequence[Chain], tokenizer, name: str) -> list[dict]:
 
 def _features(kind: str):
     from datasets import Features, List, Value
-    s, f, i = Value("string"), Value("float64"), Value("int64")
+    s, f, i, b = Value("string"), Value("float64"), Value("int64"), Value("bool")
     spans = List(List(i))
     if kind == "step":
         return Features({"prompt": s, "chosen": s, "rejected": s, "chosen_info_spans": spans,
-                         "rejected_info_spans": spans, "question_id": s, "prefix_id": s, "chosen_id": s,
+                         "rejected_info_spans": spans, "chosen_ends_turn": b, "rejected_ends_turn": b,
+                         "question_id": s, "prefix_id": s, "chosen_id": s,
                          "rejected_id": s, "chosen_value": f, "rejected_value": f, "chosen_action": s,
                          "rejected_action": s, "annotator": s})
     if kind == "outcome":
         return Features({"prompt": s, "chosen": s, "rejected": s, "chosen_info_spans": spans,
-                         "rejected_info_spans": spans, "question_id": s, "chosen_value": f, "rejected_value": f,
+                         "rejected_info_spans": spans, "chosen_ends_turn": b, "rejected_ends_turn": b,
+                         "question_id": s, "chosen_value": f, "rejected_value": f,
                          "chosen_steps": i, "rejected_steps": i})
     if kind == "sft":
-        return Features({"prompt": s, "completion": s, "completion_info_spans": spans, "question_id": s, "value": f})
+        return Features({"prompt": s, "completion": s, "completion_info_spans": spans, "completion_ends_turn": b,
+                         "question_id": s, "value": f})
     return Features({"prompt": s, "completions": List(s), "labels": List(Value("bool")),
                      "completion_info_spans": List(spans), "values": List(f), "question_id": s})
 
@@ -264,6 +278,16 @@ def budget(chains: Sequence[Chain], annotator: str | None) -> dict:
             "annotation_rollouts": cost["rollouts"], "annotation_generated_tokens": cost["generated_tokens"],
             "judge_calls": cost["judge_calls"],
             "rollouts": len(chains) + cost["rollouts"], "generated_tokens": policy_tokens + cost["generated_tokens"]}
+
+
+def rows_by_action(rows: Sequence[dict]) -> dict[str, int]:
+    """Step pairs counted by `chosen action>rejected action` (e.g. `search>invalid`): which decisions the pairs
+    teach (a pool whose pairs mostly prefer answers over searches teaches the policy to stop searching)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        key = f"{r['chosen_action']}>{r['rejected_action']}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def build_rows(chains: Sequence[Chain], kind: str, tokenizer, cfg: PairConfig, file: str | None = None
@@ -316,6 +340,8 @@ def build_dataset(labels_path: str | Path, kind: str, out_dir: str | Path, token
     spend = budget(chains, name)
     spend["rows"] = len(rows)
     spend["questions_with_rows"] = len({r["question_id"] for r in rows})
+    if kind == "step":
+        spend["rows_by_action"] = rows_by_action(rows)
     qids = sorted({c.question_id for c in chains})
     config = {"kind": kind, **dataclasses.asdict(cfg), "annotator": name, "labels": str(labels_path),
               "labels_sha256": file_sha256(labels_path), "tokenizer": getattr(tokenizer, "name_or_path", "")}
