@@ -10,7 +10,9 @@ bootstrapping only questions would hide the run-to-run spread. With one seed it 
 bootstrap. With few seeds (3) the seed part of the interval is crude; the report prints the per-seed means too.
 
 The paired test compares two arms on the same questions (and, with seeds, the same seed indices): it resamples the
-per-question differences, so question difficulty, which both arms share, cancels out.
+per-question differences, so question difficulty, which both arms share, cancels out. Next to each test the report
+prints `min_detectable_effect` (what the test could have detected at 80 % power, from the observed discordance)
+and, for every test but the one primary comparison, a Holm-corrected p (`holm`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,52 @@ def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0, alpha: float = 0.0
     ties = 0.5 * float(np.mean(means == 0))      # replicates exactly at zero count half to each side
     p = 2 * min(float(np.mean(means < 0)) + ties, float(np.mean(means > 0)) + ties)
     return {"diff": diff, "lo": float(lo), "hi": float(hi), "p_value": float(min(1.0, max(p, 1.0 / n_boot)))}
+
+
+def min_detectable_effect(a, b, alpha: float = 0.05, power: float = 0.8) -> dict[str, float]:
+    """The smallest true difference mean(a) - mean(b) a two-sided paired test at `alpha` detects with `power`,
+    given the observed discordance between the two arms: what a "no significant difference" could have seen.
+
+    For 0/1 scores (EM) on one seed, the paired differences are -1, 0 or +1 and their second moment is the
+    discordant-question rate p (questions one arm got right and the other wrong). McNemar's power calculation
+    (Connor 1987) then gives the detectable difference d on n questions from
+        d * sqrt(n) = z_(1-alpha/2) * sqrt(p) + z_power * sqrt(p - d^2),
+    solved here in closed form (the larger root of the squared equation). With several seeds, p is the second
+    moment of each question's seed-averaged difference (averaging runs lowers it), n stays the number of
+    questions. Returns {mde, discordant_rate, questions}; mde is nan when nothing was discordant (no estimate)."""
+    from statistics import NormalDist
+    ma, mb = _as_matrix(a), _as_matrix(b)
+    if ma.shape[1] != mb.shape[1]:
+        raise ValueError(f"paired effect needs the same questions: {ma.shape[1]} vs {mb.shape[1]} scores")
+    if ma.shape[0] == 1 or mb.shape[0] == 1:
+        d = ma - mb
+    else:
+        s = min(ma.shape[0], mb.shape[0])
+        d = ma[:s] - mb[:s]
+    per_q = d.mean(axis=0)
+    n = per_q.size
+    p = float(np.mean(per_q ** 2))
+    out = {"discordant_rate": p, "questions": float(n), "mde": float("nan")}
+    za, zb = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    if p <= 0 or n <= za ** 2:
+        return out
+    # (n + zb^2) d^2 - 2 za sqrt(p n) d + (za^2 - zb^2) p = 0
+    qa, qb, qc = n + zb ** 2, -2 * za * np.sqrt(p * n), (za ** 2 - zb ** 2) * p
+    d_root = (-qb + np.sqrt(max(qb ** 2 - 4 * qa * qc, 0.0))) / (2 * qa)
+    out["mde"] = float(min(d_root, np.sqrt(p)))
+    return out
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order: the k-th smallest p is multiplied by (m - k + 1), then
+    made monotone (never below an earlier adjusted p) and capped at 1. Controls the family-wise error rate."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        out[i] = running
+    return out
 
 
 def seed_means(values) -> list[float]:
