@@ -105,12 +105,13 @@ def test_updates_move_policy_towards_rewarded_chain(tiny_model_and_tokenizer, al
     assert stats[0]["outcome"] == pytest.approx(0.5)
     if algorithm == "ppo":
         assert stats[0]["vf_loss"] > 0 and stats[0]["pg_loss"] != 0
-    # the reference (adapter disabled) did not move
+    # a fresh adapter's reference is the base model: what ref_logps returns (not the moved policy)
     assert tr.ref_adapter is None
-    with torch.no_grad(), tr.unwrapped().disable_adapter():
-        ref, _ = forward_logps(tr.unwrapped(), None, ro.input_ids, ro.attention_mask, with_values=False)
+    with torch.no_grad():
         base_logp, _ = forward_logps(base, None, ro.input_ids, ro.attention_mask, with_values=False)
-    assert torch.allclose(ref, base_logp, atol=1e-5)
+        now, _ = forward_logps(tr.policy, None, ro.input_ids, ro.attention_mask, with_values=False)
+    ref = tr.ref_logps(ro.input_ids, ro.attention_mask)
+    assert torch.allclose(ref, base_logp, atol=1e-5) and not torch.allclose(now, base_logp, atol=1e-3)
 
 
 def test_update_cuts_each_minibatch_to_its_longest_row(tiny_model_and_tokenizer, monkeypatch):
@@ -247,3 +248,158 @@ def test_train_ppo_spends_its_token_budget_and_resumes_after_a_kill(tmp_path, ti
     per_chain = spent["generated_tokens"] / spent["rollouts"]
     assert 120 <= spent["generated_tokens"] < 120 + 2 * per_chain * cfg.group_size   # near the cap, not a round past
     assert (out / "adapter_config.json").exists() and (out / "train_done.json").exists()
+
+
+# ---- credit assignment, GRPO over step positions, separate clipping, continued-adapter reference, guard --------
+
+def test_lambda_one_carries_the_outcome_to_a_first_step_60_tokens_back():
+    """Hand-built chain: a 60-token search step, 10 retrieved tokens, a 20-token answer with outcome 1, values 0.
+    The default lambda (1, Search-R1's) gives the first search token the whole outcome; the old 0.95 gave ~2 %."""
+    n_search, n_info, n_answer = 60, 10, 20
+    mask = torch.tensor([[1.0] * n_search + [0.0] * n_info + [1.0] * n_answer])
+    rewards = torch.zeros_like(mask)
+    rewards[0, -1] = 1.0
+    values = torch.zeros_like(mask)
+    cfg = PPOSettings()
+    assert cfg.gamma == 1.0 and cfg.lam == 1.0
+    adv, ret = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    assert adv[0, 0] == pytest.approx(1.0) and adv[0, n_search - 1] == pytest.approx(1.0)
+    assert ret[0, 0] == pytest.approx(1.0)
+    old, _ = gae(rewards, values, mask, 1.0, 0.95)
+    assert old[0, 0] == pytest.approx(0.95 ** (n_search + n_answer - 1), rel=1e-5) and old[0, 0] < 0.05
+
+
+def test_grpo_process_mode_penalises_a_zero_valued_step(tokenizer):
+    """Two chains of one question, both right in the end; the first one's search step is valued 0 by the
+    annotator, the second one's 1. Step values normalised over every step position of the group: the 0-valued step
+    comes out negative and its sibling positive (the equal outcomes add nothing); before, a 0 reward stayed 0."""
+    good, bad = _chain(tokenizer, "Paris"), _chain(tokenizer, "Paris")
+    bad.steps[0].labels["evidence"] = Label(0.0, False, "evidence")
+    cfg = PPOSettings(algorithm="grpo", reward="process", process_weight=1.0)
+    ro = chains_to_rollouts(tokenizer, [bad, good], None, cfg)
+    tp = tokenize_path(tokenizer, bad.question, bad.path())
+    ends = [b - 2 for _, b in tp.step_spans]                       # shifted index of each step's last token
+    assert (ro.positions[0].nonzero().flatten().tolist() == ends == ro.positions[1].nonzero().flatten().tolist())
+    assert ro.rewards[0, ends[0]] == 0                              # a zero reward, but a reward position
+    assert ro.step_values[0, ends[0]] == 0 and ro.step_values[1, ends[0]] == 1
+    adv = group_advantages(ro.rewards, ro.mask, ro.groups, ro.positions, ro.step_values, cfg.process_weight)
+    first = int(ro.mask[0].nonzero()[0])
+    # the search step's own normalised reward: advantage at its last token minus that of the next policy token
+    after = int(ro.mask[0, ends[0] + 1:].nonzero()[0]) + ends[0] + 1
+    own_bad = adv[0, ends[0]] - adv[0, after]
+    own_good = adv[1, ends[0]] - adv[1, after]
+    assert own_bad < 0 < own_good
+    assert adv[0, first] < adv[1, first]
+    legacy = group_advantages(ro.rewards, ro.mask, ro.groups)     # old rule: nonzero rewards only
+    assert legacy[0, ends[0]] - legacy[0, after] == 0
+    # a wrong final answer on the first chain: its outcome is normalised against the sibling's, apart from steps
+    wrong = _chain(tokenizer, "Lyon")
+    ro2 = chains_to_rollouts(tokenizer, [wrong, good], None, cfg)
+    adv2 = group_advantages(ro2.rewards, ro2.mask, ro2.groups, ro2.positions, ro2.step_values, 1.0)
+    last = [int(ro2.mask[i].nonzero()[-1]) for i in range(2)]
+    assert adv2[0, last[0]] < 0 < adv2[1, last[1]]
+
+
+def test_policy_and_value_gradients_are_clipped_separately(tiny_model_and_tokenizer, monkeypatch):
+    """The value head sits on detached features and each gradient is clipped to its own norm: scaling every
+    reward by 100 (whitened advantages unchanged, value loss 10^4 x larger) leaves the policy's clipped gradient
+    exactly the same. Under one joint clip the huge value gradient shrank the policy step."""
+    import copy
+
+    from peft import get_peft_model
+
+    from rag_dpo.train.common import TrainerSettings, lora_config
+    from rag_dpo.train.ppo import PPOTrainer
+    base, tok = tiny_model_and_tokenizer
+    grads = []
+    for scale in (1.0, 100.0):
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(base), lora_config(TrainerSettings()))
+        cfg = PPOSettings(reward="outcome", ppo_epochs=1, minibatch_size=2, precision="fp32", wandb=False,
+                          max_grad_norm=0.5, value_max_grad_norm=0.5, kl_coef=0.0)
+        tr = PPOTrainer(cfg, policy=model, tokenizer=tok)
+        ro = chains_to_rollouts(tok, [_chain(tok, "Paris"), _chain(tok, "Lyon")], None, cfg)
+        ro.rewards = ro.rewards * scale
+        seen = {}
+
+        def spy(*a, _tr=tr, _seen=seen, **k):
+            _seen["policy"] = [p.grad.clone() for p in _tr.optimizer.param_groups[0]["params"] if p.grad is not None]
+            _seen["value"] = [p.grad.clone() for p in _tr.optimizer.param_groups[1]["params"]]
+
+        monkeypatch.setattr(tr.optimizer, "step", spy)
+        stats = tr.update(ro)
+        grads.append((seen, stats))
+    (a, sa), (b, sb) = grads
+    assert sb["vf_loss"] > 1000 * sa["vf_loss"] and sb["value_grad_norm"] > 10 * sa["value_grad_norm"]
+    assert len(a["policy"]) > 0 and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a["policy"], b["policy"]))
+    vnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in b["value"]]))
+    assert vnorm <= 0.5 + 1e-4                                     # the value head's own clip
+
+
+def test_continued_adapter_reference_stays_at_the_starting_adapter(tmp_path, tiny_policy_dir):
+    """compare's PPO arms continue the warm-start adapter: the reference must be that adapter (not the base
+    model), frozen while the policy moves, and left out of the saved policy."""
+    from peft import get_peft_model
+
+    from rag_dpo.train.common import TrainerSettings, load_trainable, lora_config, save_policy
+    from rag_dpo.train.ppo import PPOTrainer, forward_logps
+    cfg0 = TrainerSettings(precision="fp32")
+    base, tok, _ = load_trainable(str(tiny_policy_dir), cfg0)
+    warm = get_peft_model(base, lora_config(cfg0))
+    torch.manual_seed(1)
+    for n, p in warm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    save_policy(warm, tok, tmp_path / "warm", str(tiny_policy_dir))
+    cfg = PPOSettings(reward="outcome", learning_rate=1e-2, ppo_epochs=2, minibatch_size=2, precision="fp32",
+                      wandb=False)
+    tr = PPOTrainer(cfg, str(tmp_path / "warm"))
+    assert tr.ref_adapter == "ref"
+    ro = chains_to_rollouts(tr.tok, [_chain(tr.tok, "Paris"), _chain(tr.tok, "Lyon")], None, cfg)
+
+    def logps(adapter=None):
+        m = tr.unwrapped()
+        with torch.no_grad():
+            if adapter == "base":
+                with m.disable_adapter():
+                    return forward_logps(m, None, ro.input_ids, ro.attention_mask, with_values=False)[0]
+            return forward_logps(m, None, ro.input_ids, ro.attention_mask, with_values=False)[0]
+
+    start, base_lp = logps(), logps("base")
+    assert not torch.allclose(start, base_lp, atol=1e-4)           # the warm start is not the base model
+    assert torch.allclose(tr.ref_logps(ro.input_ids, ro.attention_mask), start, atol=1e-5)
+    for _ in range(2):
+        stats = tr.update(ro)
+    now = logps()
+    assert not torch.allclose(now, start, atol=1e-3)               # the policy moved ...
+    assert torch.allclose(tr.ref_logps(ro.input_ids, ro.attention_mask), start, atol=1e-5)   # ... its reference not
+    assert tr.unwrapped().active_adapter == "default" and abs(stats["kl"]) > 0   # round 2 is measured against it
+    save_policy(tr.unwrapped(), tr.tok, tmp_path / "out", str(tmp_path / "warm"))
+    assert not (tmp_path / "out" / "ref").exists()
+
+
+def test_non_finite_loss_stops_ppo_and_keeps_the_last_good_round(tmp_path, tiny_policy_dir):
+    """Round 2's rewards are NaN: the run stops with one TrainingDiverged naming round 2, round 1's checkpoint is
+    still the newest, and nothing is marked done."""
+    from rag_dpo.records import Corpus, Passage, Question
+    from rag_dpo.train.common import TrainingDiverged
+    from rag_dpo.train.ppo import PPOInputs, PPOTrainer, train_ppo
+    corpus = Corpus([Passage(f"p{i}", f"Title {i}", f"Passage number {i} says something.") for i in range(4)])
+    qs = [Question(f"q{i}", f"What is thing {i}?", [f"thing {i}"], [f"p{i}"]) for i in range(4)]
+    inputs = PPOInputs(qs, corpus, ToyRetriever(corpus), {"max_new_tokens": 6, "max_steps": 2, "batch_size": 4})
+    cfg = PPOSettings(reward="outcome", iterations=3, questions_per_iteration=2, group_size=2, ppo_epochs=1,
+                      minibatch_size=4, precision="fp32", wandb=False)
+    tr = PPOTrainer(cfg, str(tiny_policy_dir))
+    real = tr.update
+
+    def poisoned(ro):
+        if tr.iteration == 1:
+            ro.rewards[:] = float("nan")
+        return real(ro)
+
+    tr.update = poisoned
+    out = tmp_path / "ppo"
+    with pytest.raises(TrainingDiverged, match=r"PPO round 2: non-finite"):
+        train_ppo(cfg, inputs, out, str(tiny_policy_dir), trainer=tr)
+    assert [p.name for p in (out / "checkpoints").glob("iter-*")] == ["iter-1"]
+    assert not (out / "train_done.json").exists()

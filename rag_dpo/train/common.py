@@ -101,6 +101,8 @@ def hf_args(settings: TrainerSettings, out_dir: str | Path, config_cls, **specif
         save_total_limit=settings.save_total_limit, bf16=use_bf16(settings.precision),
         seed=settings.seed, report_to=report,
         save_strategy="steps", logging_first_step=True, disable_tqdm=False, dataloader_num_workers=0,
+        logging_nan_inf_filter=False,   # a NaN loss must show (and stop the run: divergence_guard), not be averaged
+
         use_cpu=not _cuda(),
     )
     # always explicit: TRL's configs default to True (slower; recomputes activations)
@@ -298,8 +300,10 @@ def plot_curves(log_history: list[dict], keys: list[str], path: str | Path, titl
     return path
 
 
-def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: list[str], title: str) -> Path:
-    """Save the policy, the log history (metrics.json) and a curve PNG; mark the folder done."""
+def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: list[str], title: str,
+                    extra: dict | None = None) -> Path:
+    """Save the policy, the log history (train_log.json) and a curve PNG; mark the folder done with a summary
+    (last log row, global_step, `health` = collapse signs from the log, plus `extra`)."""
     from rag_dpo.io import atomic_write_json
     save_policy(trainer.model, tokenizer, out_dir, spec)
     history = trainer.state.log_history
@@ -307,8 +311,104 @@ def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: li
     plot_curves(history, curve_keys, out_dir / "train_curves.png", title)
     summary = {k: v for k, v in (history[-1] if history else {}).items()}
     summary["global_step"] = trainer.state.global_step
+    summary["health"] = health(history)
+    for flag in summary["health"]["flags"]:
+        print(f"[rag-dpo] warning: {out_dir.name}: {flag}", flush=True)
+    summary.update(extra or {})
     atomic_write_json(out_dir / "train_done.json", summary)
     return out_dir
+
+
+# ---- divergence guard and collapse signs -------------------------------------------------------------------
+
+class TrainingDiverged(InputError):
+    """A non-finite loss, gradient or KL: training stops with one line (the CLI prints it and exits 2); nothing of
+    the bad step is saved, so the last checkpoint on disk is the last good one."""
+
+
+def check_finite(step: int, where: str = "step", **values) -> None:
+    """Raise TrainingDiverged naming the step and the first non-finite quantity among `values`."""
+    import math
+    for name, v in values.items():
+        if v is not None and not math.isfinite(float(v)):
+            raise TrainingDiverged(f"training diverged at {where} {step}: non-finite {name} ({v}); stopped before "
+                                   "saving it, the last checkpoint is the last good one (lower the learning rate "
+                                   "or raise beta / the KL coefficient)", field=name)
+
+
+def divergence_guard():
+    """A transformers TrainerCallback for SFT/DPO: before each optimiser step every gradient must be finite (so a
+    NaN never reaches the weights), and every logged loss / grad_norm / KL-like value must be finite (checked in
+    on_log, which runs before that step's checkpoint is written). `hf_args` turns off `logging_nan_inf_filter`,
+    which otherwise hides a NaN loss behind the average of the previous ones."""
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            import torch
+            if model is None:
+                return
+            for name, p in model.named_parameters():
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    check_finite(state.global_step + 1, grad_norm=float("nan"))
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for k, v in (logs or {}).items():
+                if isinstance(v, (int, float)) and (k in ("loss", "grad_norm") or "kl" in k.lower()
+                                                    or k.startswith("logps/")):
+                    check_finite(state.global_step, **{k: v})
+            return control
+
+    return DivergenceGuard()
+
+
+def _series(history: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in history if isinstance(r.get(key), (int, float))]
+
+
+def health(history: list[dict], kl_key: str = "kl", entropy_keys: tuple[str, ...] = ("entropy", "entropy_proxy"),
+           kl_spike: float = 4.0, entropy_drop: float = 0.25) -> dict:
+    """Collapse signs in a training log (HF log_history or PPO's per-round rows), as flags a report can print:
+
+    - `likelihood displacement`: DPO's chosen AND rejected log-probs both ended below where they started
+      (TRL's rewards/chosen and rewards/rejected are beta * (policy - reference) log-prob: both < 0 in the last
+      quarter of the log), the pattern where DPO lowers the rejected step by lowering everything;
+    - `KL spike`: a round's KL above `kl_spike` x the median of the rounds before it (and above 0.05 nats);
+    - `entropy collapse`: the entropy (TRL's `entropy`, PPO's `entropy_proxy`) fell below `entropy_drop` x its
+      first logged value.
+    Also returns the first/last values behind each sign, so the report can show the numbers."""
+    out: dict = {"flags": []}
+    tail = max(1, len(history) // 4)
+    ch, rj = _series(history, "rewards/chosen"), _series(history, "rewards/rejected")
+    lc, lr = _series(history, "logps/chosen"), _series(history, "logps/rejected")
+    if lc and lr:
+        out["logps_chosen"] = [lc[0], lc[-1]]
+        out["logps_rejected"] = [lr[0], lr[-1]]
+    if ch and rj:
+        c_end = sum(ch[-tail:]) / len(ch[-tail:])
+        r_end = sum(rj[-tail:]) / len(rj[-tail:])
+        out["chosen_vs_reference"], out["rejected_vs_reference"] = c_end, r_end
+        if c_end < 0 and r_end < 0:
+            out["flags"].append(f"likelihood displacement: chosen and rejected log-probs both fell below the "
+                                f"reference (beta-scaled {c_end:+.3f} / {r_end:+.3f} over the last {tail} logs)")
+    kl = _series(history, kl_key)
+    if len(kl) >= 3:
+        import statistics
+        for i in range(2, len(kl)):
+            med = statistics.median(abs(x) for x in kl[:i])
+            if kl[i] > max(kl_spike * med, 0.05):
+                out["flags"].append(f"KL spike: {kl[i]:.3f} at log {i + 1} (median before {med:.3f})")
+                break
+        out["kl"] = [kl[0], max(kl), kl[-1]]
+    for key in entropy_keys:
+        ent = _series(history, key)
+        if len(ent) >= 2:
+            out["entropy"] = [ent[0], ent[-1]]
+            if ent[0] > 0 and ent[-1] < entropy_drop * ent[0]:
+                out["flags"].append(f"entropy collapse: {key} {ent[0]:.3f} -> {ent[-1]:.3f}")
+            break
+    return out
 
 
 def is_done(out_dir: str | Path) -> bool:

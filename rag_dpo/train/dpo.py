@@ -8,7 +8,15 @@ TRL's `completion_mask` by them. Every loss TRL computes from `completion_mask` 
 ...) then skips retrieved text; the reference log-probs (precomputed once by default) use the same mask.
 
 `nll_weight > 0` adds TRL's `sft` loss on the chosen completion (RPO-style), which keeps the shared format of
-step pairs from being dragged down with the rejected step.
+step pairs from being dragged down with the rejected step. `loss_type` takes any TRL loss: `ipo` (TRL normalises
+it per token, so long and short completions weigh alike) and `sigmoid_norm` (length-normalised DPO) are the ones
+to try when chosen and rejected differ in length, e.g. a short answer step against a long search step.
+
+Diagnostics (why step-DPO lowered search): before training, `pair_stats` records the action mix of chosen vs
+rejected (how many pairs prefer answering over searching), their lengths and how near-identical they are; after
+training, `common.health` reads TRL's logged rewards/logps for likelihood displacement (chosen and rejected both
+pushed below the reference). Both go into train_done.json; `max_pair_similarity` < 1 drops near-identical pairs
+(a pair whose two steps differ in a word or two teaches the shared text nothing but noise).
 """
 
 from __future__ import annotations
@@ -17,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rag_dpo.errors import InputError
-from rag_dpo.train.common import (ChainTokenizer, TrainerSettings, check_columns, finish_training, hf_args, is_done,
-                                  last_checkpoint, load_dataset_dir, load_trainable)
+from rag_dpo.train.common import (ChainTokenizer, TrainerSettings, check_columns, divergence_guard, finish_training,
+                                  hf_args, is_done, last_checkpoint, load_dataset_dir, load_trainable)
 
 
 @dataclass
@@ -28,6 +36,59 @@ class DPOSettings(TrainerSettings):
     loss_weights: list[float] | None = None  # one weight per loss_type (default 1 each)
     nll_weight: float = 0.0                  # > 0: add an NLL term on the chosen completion with this weight (RPO)
     precompute_ref_log_probs: bool = True    # one reference pass before training instead of one per step
+    max_pair_similarity: float = 1.0         # drop pairs whose chosen/rejected texts are at least this similar
+                                             # (difflib ratio; 1.0 keeps every pair)
+
+
+def _action(text: str) -> str:
+    """The action of a single-step completion (search | answer | invalid), as the agent's parser reads it."""
+    from rag_dpo.agent.protocol import parse_step
+    return parse_step(text).action
+
+
+def similarity(a: str, b: str) -> float:
+    import difflib
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def pair_stats(dataset) -> dict:
+    """What a pairs dataset teaches: `actions` = counts of "chosen>rejected" action kinds (step pairs) or of
+    chains with fewer/more/equal steps (outcome pairs), `answer_over_search` = pairs whose chosen completion answers
+    where the rejected one searches (or, for whole chains, stops earlier), mean character lengths and difflib
+    similarity of chosen vs rejected, and how many pairs are near-identical (similarity >= 0.9)."""
+    from collections import Counter
+    cols = set(dataset.column_names)
+    n = len(dataset)
+    if n == 0:
+        return {"rows": 0}
+    actions: Counter = Counter()
+    early = 0
+    sims, clen, rlen = [], [], []
+    for r in dataset:
+        c, j = r["chosen"], r["rejected"]
+        sims.append(similarity(c, j))
+        clen.append(len(c)), rlen.append(len(j))
+        if "chosen_steps" in cols:
+            cs, rs = int(r["chosen_steps"]), int(r["rejected_steps"])
+            key = "fewer steps" if cs < rs else "more steps" if cs > rs else "same steps"
+            actions[key] += 1
+            early += cs < rs
+        else:
+            ca = r.get("chosen_action") or _action(c)
+            ra = r.get("rejected_action") or _action(j)
+            actions[f"{ca}>{ra}"] += 1
+            early += ca == "answer" and ra == "search"
+    return {"rows": n, "actions": dict(sorted(actions.items())), "answer_over_search": early,
+            "chosen_chars": sum(clen) / n, "rejected_chars": sum(rlen) / n, "similarity": sum(sims) / n,
+            "near_identical": sum(1 for x in sims if x >= 0.9)}
+
+
+def drop_similar(dataset, max_similarity: float):
+    """The pairs whose chosen and rejected texts are less similar than `max_similarity` (1.0: all of them)."""
+    if max_similarity >= 1.0:
+        return dataset
+    return dataset.filter(lambda r: similarity(r["chosen"], r["rejected"]) < max_similarity,
+                          desc="dropping near-identical pairs")
 
 
 def tokenize_pairs(dataset, tokenizer, where: str = "pairs dataset"):
@@ -109,16 +170,26 @@ def dpo_config(cfg: DPOSettings, out_dir: Path):
 
 
 def build_dpo_trainer(cfg: DPOSettings, dataset, out_dir: Path, model: str = "smollm2"):
-    """(trainer, tokenizer) ready to train; exposed for the benchmark and tests."""
+    """(trainer, tokenizer) ready to train; exposed for the benchmark and tests. `trainer.pair_stats` holds
+    `pair_stats` of the pairs as given and after `max_pair_similarity`."""
     if isinstance(dataset, (str, Path)):
         dataset = load_dataset_dir(dataset)
+    check_columns(dataset, ("prompt", "chosen", "rejected"), "pairs dataset")
+    stats = {"given": pair_stats(dataset)}
+    dataset = drop_similar(dataset, cfg.max_pair_similarity)
+    if cfg.max_pair_similarity < 1.0:
+        stats["kept"] = pair_stats(dataset)
+        if len(dataset) == 0:
+            raise InputError(f"every pair is at least {cfg.max_pair_similarity} similar; raise it",
+                             field="trainer.max_pair_similarity")
     policy, tok, peft_cfg = load_trainable(model, cfg)
     train = tokenize_pairs(dataset, tok)
     args = dpo_config(cfg, out_dir / "checkpoints")
     collator = _masked_collator_cls()(pad_token_id=tok.pad_token_id, max_length=args.max_length,
                                       truncation_mode=args.truncation_mode)
     trainer = _masked_trainer_cls()(model=policy, args=args, train_dataset=train, processing_class=tok,
-                                    peft_config=peft_cfg, data_collator=collator)
+                                    peft_config=peft_cfg, data_collator=collator, callbacks=[divergence_guard()])
+    trainer.pair_stats = stats
     return trainer, tok
 
 
@@ -131,4 +202,5 @@ def train_dpo(cfg: DPOSettings, dataset, out_dir: str | Path, model: str = "smol
     trainer, tok = build_dpo_trainer(cfg, dataset, out_dir, model)
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
     return finish_training(trainer, tok, out_dir, model,
-                           ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen"], "DPO")
+                           ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+                            "rewards/chosen", "rewards/rejected"], "DPO", extra={"pairs": trainer.pair_stats})

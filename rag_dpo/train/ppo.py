@@ -7,9 +7,18 @@ TRL 1.16 has no PPOTrainer (and its old one was single-turn), so this is a compa
     -> rewards on tokens:  outcome  = final-answer F1/EM on the last policy token;
                            process  = each step's annotator value on that step's last token, plus the outcome
     -> PPO: per-token KL penalty to the reference in the reward, GAE over the policy tokens only, clipped policy
-       loss and clipped value loss (value head on the policy's last hidden state);
-       GRPO: no critic; rewards normalised within each question's group of samples, advantage = normalised
-       reward-to-go, KL (k3 estimator) in the loss.
+       loss and clipped value loss (value head on the policy's last hidden state, detached: the value loss trains
+       the head only, and the policy's and the head's gradients are clipped each to its own norm);
+       GRPO: no critic; rewards normalised within each question's group of samples over every position a reward
+       is placed on (each step's end in process mode, so a step worth 0 gets a negative advantage when its
+       siblings score higher), advantage = normalised reward-to-go, KL (k3 estimator) in the loss.
+
+Credit assignment: gamma = lambda = 1 by default (Search-R1's setting). With lambda = 0.95 per token and a value
+head that starts at 0, the outcome reward reached a first search step ~60 policy tokens before the answer at
+0.95^60 ~ 5 % of its size, so "outcome vs process" compared mostly how far lambda lets the signal travel; with
+lambda = 1 the advantage of every token is its return-to-go minus its value, whatever the chain length.
+Divergence guard: a non-finite loss, gradient norm or KL stops the run (`TrainingDiverged`, one line naming the
+round) before anything of that round is saved, so the last checkpoint on disk is the last good round.
 
 Retrieved tokens are environment transitions, not actions: GAE runs over the compressed sequence of policy tokens
 (the value after a retrieved block bootstraps the step before it), and every loss is a masked mean with the policy
@@ -28,7 +37,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rag_dpo.errors import InputError
-from rag_dpo.train.common import TrainerSettings, is_done, load_trainable, save_policy
+from rag_dpo.train.common import TrainerSettings, TrainingDiverged, check_finite, is_done, load_trainable, save_policy  # noqa: F401
 
 ALGORITHMS = ("ppo", "grpo")
 REWARDS = ("outcome", "process")
@@ -51,7 +60,10 @@ class PPOSettings(TrainerSettings):
     vf_coef: float = 0.5
     kl_coef: float = 0.05
     gamma: float = 1.0
-    lam: float = 0.95
+    lam: float = 1.0                    # GAE lambda per token; 1 = the outcome reaches every step undiminished
+    value_learning_rate: float = 1e-3   # the value head's own rate (a zero-initialised linear head on lr 2e-5
+                                        # stays ~0 for a whole run, which turns PPO into whitened REINFORCE)
+    value_max_grad_norm: float = 1.0    # the value head's gradient is clipped on its own (policy: max_grad_norm)
     temperature: float = 1.0            # rollout sampling temperature
     max_generated_tokens: int | None = None   # stop once rollouts generated this many tokens (budget)
     learning_rate: float = 2e-5
@@ -76,6 +88,15 @@ def token_rewards(n_tokens: int, step_spans: Sequence[tuple[int, int]], step_val
     return r
 
 
+def reward_positions(n_tokens: int, step_spans: Sequence[tuple[int, int]], mode: str) -> list[int]:
+    """Token indices a reward is placed on (same rule as `token_rewards`), whether or not it is 0: each step's
+    last token in process mode, the final step's last token in outcome mode. GRPO normalises over exactly these."""
+    spans = [(a, min(b, n_tokens)) for a, b in step_spans if a < n_tokens and b > a]
+    if not spans:
+        return []
+    return [b - 1 for _, b in spans] if mode == "process" else [spans[-1][1] - 1]
+
+
 def gae(rewards, values, mask, gamma: float, lam: float):
     """Advantages and returns over the masked (policy) positions of each row; unmasked positions get 0.
     Positions outside the mask are skipped, so the next policy token's value is the bootstrap across them."""
@@ -97,35 +118,53 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return adv, (adv + values) * mask
 
 
-def group_advantages(rewards, mask, groups: Sequence[Any], eps: float = 1e-6):
-    """GRPO: normalise the reward entries of each group (mean/std over its rows' nonzero-reward positions), then
-    advantage = reward-to-go of the normalised rewards over policy positions."""
+def _normalise_in_groups(x, positions, groups: Sequence[Any], eps: float):
+    """(x - mean) / std per group over the marked positions of the group's rows; 0 elsewhere."""
     import torch
-    placed = (rewards != 0) & mask.bool()
-    norm = torch.zeros_like(rewards)
+    norm = torch.zeros_like(x)
     by_group: dict[Any, list[int]] = {}
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)
     for rows in by_group.values():
-        # every row places its outcome on its last policy token even when it is 0: include that position
-        vals = []
-        for i in rows:
-            idx = mask[i].nonzero(as_tuple=True)[0]
-            if idx.numel():
-                p = placed[i].clone()
-                p[idx[-1]] = True
-                vals.append(rewards[i][p])
-        if not vals:
+        vals = [x[i][positions[i]] for i in rows]
+        allv = torch.cat(vals) if vals else torch.zeros(0)
+        if not allv.numel():
             continue
-        allv = torch.cat(vals)
         mean, std = allv.mean(), allv.std(unbiased=False)
         for i in rows:
-            idx = mask[i].nonzero(as_tuple=True)[0]
-            if not idx.numel():
-                continue
-            p = placed[i].clone()
-            p[idx[-1]] = True
-            norm[i][p] = (rewards[i][p] - mean) / (std + eps)
+            p = positions[i]
+            norm[i][p] = (x[i][p] - mean) / (std + eps)
+    return norm
+
+
+def group_advantages(rewards, mask, groups: Sequence[Any], positions=None, step_values=None,
+                     process_weight: float = 1.0, eps: float = 1e-6):
+    """GRPO: normalise rewards within each question's group, then advantage = reward-to-go of the normalised
+    rewards over policy positions.
+
+    `positions` ([B, T] 0/1) marks where rewards were placed, including rewards that are 0 (a step the annotator
+    valued 0 must come out below its siblings, not stay at 0). Without it: the nonzero rewards plus each row's
+    last policy token (where the outcome sits even when it is 0).
+
+    Process mode (`step_values`: each step's unweighted value at its reward position): the outcome (rewards minus
+    the weighted step values, at each row's last position) is normalised over the group's chains and the step
+    values over all the group's step positions, separately, then summed with `process_weight`. Normalising their
+    sum instead would rank every intermediate step below the final ones, which carry the outcome too."""
+    import torch
+    if positions is None:
+        positions = (rewards != 0) & mask.bool()
+    positions = positions.bool() & mask.bool()
+    last = torch.zeros_like(positions)
+    for i in range(rewards.shape[0]):
+        idx = mask[i].nonzero(as_tuple=True)[0]
+        if idx.numel():
+            last[i, idx[-1]] = True
+    if step_values is None:
+        norm = _normalise_in_groups(rewards, positions | last, groups, eps)
+    else:
+        outcome = rewards - process_weight * step_values
+        norm = (_normalise_in_groups(outcome, last, groups, eps)
+                + process_weight * _normalise_in_groups(step_values, positions, groups, eps))
     flipped = (norm * mask).flip(-1).cumsum(-1).flip(-1)
     return flipped * mask
 
@@ -182,7 +221,8 @@ def forward_logps(model, value_head, input_ids, attention_mask, with_values: boo
         logp = torch.zeros(sel.shape, dtype=picked.dtype, device=picked.device).masked_scatter(sel, picked)
     values = None
     if with_values and value_head is not None:
-        values = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+        # detached: the value loss trains the head, never the policy's weights (its gradient is clipped apart)
+        values = value_head(h.detach().to(value_head.weight.dtype)).squeeze(-1).float()
     return logp, values
 
 
@@ -196,6 +236,8 @@ class Rollouts:
     groups: list
     outcomes: list[float]
     n_policy_tokens: int
+    positions: Any = None  # 1 where a reward was placed (even a 0 one): GRPO normalises over these
+    step_values: Any = None  # process mode: each step's unweighted value at its last token (GRPO normalises apart)
 
 
 def chains_to_rollouts(tokenizer, chains, rewards_per_chain: list[list[float]] | None, cfg: PPOSettings,
@@ -205,7 +247,7 @@ def chains_to_rollouts(tokenizer, chains, rewards_per_chain: list[list[float]] |
 
     from rag_dpo.agent.protocol import tokenize_path
     from rag_dpo.metrics import exact_match, f1_score
-    seqs, masks, rews, groups, outs = [], [], [], [], []
+    seqs, masks, rews, groups, outs, places, svals = [], [], [], [], [], [], []
     for i, c in enumerate(chains):
         path = c.path()
         tp = tokenize_path(tokenizer, c.question, path)
@@ -219,6 +261,9 @@ def chains_to_rollouts(tokenizer, chains, rewards_per_chain: list[list[float]] |
         values = step_values[i] if step_values is not None else [
             (s.labels[cfg.process_annotator].value if cfg.process_annotator in s.labels else 0.0) for s in path]
         r = token_rewards(len(ids), tp.step_spans, values, outcome, cfg.reward, cfg.process_weight)
+        places.append(reward_positions(len(ids), tp.step_spans, cfg.reward))
+        svals.append(token_rewards(len(ids), tp.step_spans, values, 0.0, "process") if cfg.reward == "process"
+                     else None)
         seqs.append(ids), masks.append(pm), rews.append(r), groups.append(c.question_id), outs.append(outcome)
     width = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id
@@ -226,12 +271,18 @@ def chains_to_rollouts(tokenizer, chains, rewards_per_chain: list[list[float]] |
     att = torch.zeros((len(seqs), width), dtype=torch.long)
     m = torch.zeros((len(seqs), width))
     rw = torch.zeros((len(seqs), width))
+    pos = torch.zeros((len(seqs), width))
+    sv = torch.zeros((len(seqs), width)) if cfg.reward == "process" else None
     for i, (s, pm, r) in enumerate(zip(seqs, masks, rews)):
         ids[i, : len(s)] = torch.tensor(s)
         att[i, : len(s)] = 1
         m[i, : len(s)] = torch.tensor(pm, dtype=torch.float)
         rw[i, : len(s)] = torch.tensor(r)
-    return Rollouts(ids, att, m[:, 1:], rw[:, 1:], groups, outs, int(m.sum()))
+        pos[i, places[i]] = 1.0
+        if sv is not None:
+            sv[i, : len(s)] = torch.tensor(svals[i])
+    return Rollouts(ids, att, m[:, 1:], rw[:, 1:], groups, outs, int(m.sum()), pos[:, 1:],
+                    sv[:, 1:] if sv is not None else None)
 
 
 class PPOTrainer:
@@ -271,15 +322,25 @@ class PPOTrainer:
         self.value_head = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
-        params = [p for p in policy.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]
         if cfg.algorithm == "ppo":
-            params += list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            groups.append({"params": list(self.value_head.parameters()), "lr": cfg.value_learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16(cfg.precision) else "no",
                                        cpu=not torch.cuda.is_available())
         self.policy, self.value_head, self.optimizer = self.accelerator.prepare(policy, self.value_head,
                                                                                 self.optimizer)
         self.iteration = 0
+
+    def _clip(self, params, max_norm: float) -> float:
+        """Clip this group's gradient to its own norm; returns the norm before clipping (inf if non-finite)."""
+        import torch
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return 0.0
+        if max_norm:
+            return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
 
     @staticmethod
     def _continued(policy) -> bool:
@@ -339,9 +400,14 @@ class PPOTrainer:
             if sel.sum() > 1:
                 adv = (adv - adv[sel].mean()) / (adv[sel].std() + 1e-8) * mask
         else:
-            adv, returns = group_advantages(rew, mask, ro.groups), None
+            pos = ro.positions.to(dev) if ro.positions is not None else None
+            sv = ro.step_values.to(dev) if ro.step_values is not None else None
+            adv, returns = group_advantages(rew, mask, ro.groups, pos, sv, cfg.process_weight), None
+        round_no = self.iteration + 1
+        check_finite(round_no, "PPO round", kl=float(kl.sum()))
         self.policy.train()
-        stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "kl_loss": [], "clip_frac": [], "loss": []}
+        stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "kl_loss": [], "clip_frac": [], "loss": [],
+                                         "grad_norm": [], "value_grad_norm": [], "entropy_proxy": []}
         g = torch.Generator().manual_seed(cfg.seed + self.iteration)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=g)
@@ -363,15 +429,21 @@ class PPOTrainer:
                 else:
                     kl_term = masked_mean(kl_k3(logp, ref_logp[cut]), m)
                     loss = loss + cfg.kl_coef * kl_term
+                check_finite(round_no, "PPO round", loss=float(loss.detach()))
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
-                if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_([p for grp in self.optimizer.param_groups for p in grp["params"]],
-                                                     cfg.max_grad_norm)
+                gnorm = self._clip(self.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
+                vnorm = (self._clip(self.optimizer.param_groups[1]["params"], cfg.value_max_grad_norm)
+                         if use_critic else 0.0)
+                check_finite(round_no, "PPO round", grad_norm=gnorm, value_grad_norm=vnorm)
                 self.optimizer.step()
+                # -mean log-prob of the sampled tokens: a Monte-Carlo entropy estimate (collapse shows as ~0)
+                ent = -masked_mean(logp.detach(), m)
                 for k, val in (("pg_loss", pg), ("vf_loss", vf), ("kl_loss", kl_term), ("clip_frac", clip_frac),
-                               ("loss", loss)):
+                               ("loss", loss), ("entropy_proxy", ent)):
                     stats[k].append(float(val.detach()))
+                stats["grad_norm"].append(gnorm)
+                stats["value_grad_norm"].append(vnorm)
         self.iteration += 1
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["kl"] = float(kl.sum() / mask.sum().clamp(min=1))
@@ -531,10 +603,14 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
     vh = tr.accelerator.unwrap_model(tr.value_head)
     save_file({k: v.detach().cpu().contiguous() for k, v in vh.state_dict().items()}, str(out_dir / "value_head.safetensors"))
     history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    plot_curves(history, ["reward", "outcome", "kl", "pg_loss", "vf_loss"], out_dir / "train_curves.png",
+    plot_curves(history, ["reward", "outcome", "kl", "pg_loss", "vf_loss", "entropy_proxy"], out_dir / "train_curves.png",
                 f"{cfg.algorithm.upper()} ({cfg.reward} reward)")
     atomic_write_json(budget_path, budget)
-    atomic_write_json(out_dir / "train_done.json", {"global_step": tr.iteration, **times,
+    from rag_dpo.train.common import health
+    signs = health(history, kl_key="kl", entropy_keys=("entropy_proxy",))
+    for flag in signs["flags"]:
+        print(f"[rag-dpo] warning: {out_dir.name}: {flag}", flush=True)
+    atomic_write_json(out_dir / "train_done.json", {"global_step": tr.iteration, **times, "health": signs,
                                                     **{k: v for k, v in budget.items() if k != "question_ids"}})
     return out_dir
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rag_dpo.train.common import (ChainTokenizer, TrainerSettings, check_columns, finish_training, hf_args, is_done,
-                                  last_checkpoint, load_dataset_dir, load_trainable)
+from rag_dpo.train.common import (ChainTokenizer, TrainerSettings, check_columns, divergence_guard, finish_training,
+                                  hf_args, is_done, last_checkpoint, load_dataset_dir, load_trainable)
 
 
 @dataclass
@@ -48,6 +48,8 @@ def train_sft(cfg: SFTSettings, dataset, out_dir: str | Path, model: str = "smol
     train = tokenize_sft(dataset, tok)
     args = hf_args(cfg, out_dir / "checkpoints", SFTConfig, max_length=cfg.max_length, packing=False,
                    dataset_num_proc=None)
-    trainer = SFTTrainer(model=policy, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg)
+    trainer = SFTTrainer(model=policy, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
+                         callbacks=[divergence_guard()])
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
-    return finish_training(trainer, tok, out_dir, model, ["loss", "mean_token_accuracy", "learning_rate"], "SFT")
+    return finish_training(trainer, tok, out_dir, model, ["loss", "mean_token_accuracy", "entropy", "learning_rate"],
+                           "SFT")
