@@ -260,3 +260,80 @@ def test_prm_load_refuses_non_prm_folder(tmp_path):
     from rag_dpo.annotate.prm import PRMScorer
     with pytest.raises(InputError, match="prm.json"):
         PRMScorer.load(tmp_path)
+
+
+class SamplingEngine:
+    """`rollout` stand-in: one chain per question whose length and answer depend only on (cfg.seed, question id),
+    like the real engine's per-row seeds; counts calls and rows."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+        self.cfg = SimpleNamespace(seed=0, do_sample=False, max_steps=3)
+        self.rows = 0
+
+    def rollout(self, questions, samples=1):
+        import random
+        assert self.cfg.do_sample, "the outcome pool must sample"
+        out = []
+        for q in questions:
+            rng = random.Random(f"{self.cfg.seed}|{q.id}")
+            n = rng.randint(10, 40)
+            ans = q.answers[0] if rng.random() < 0.4 else "wrong"
+            steps = [search("0", None, ["p1"]), answer("1", "0", ans)]
+            steps[0].generated_tokens, steps[1].generated_tokens = n, 5
+            if rng.random() < 0.2:   # a failed chain: invalid second step
+                steps[1] = Step(id="1", parent="0", text="junk", action=INVALID, parse_error="no tag",
+                                generated_tokens=5)
+            out.append(Chain(q.id, q.question, gold_answers=list(q.answers), steps=steps, selected="1"))
+        self.rows += len(out)
+        return out
+
+
+def _questions(n):
+    from rag_dpo.records import Question
+    return [Question(f"q{i}", f"question {i}?", [f"ans {i}"], ["p1"]) for i in range(n)]
+
+
+def test_iid_pool_matches_token_targets_resumes_and_reads_no_step_label(tmp_path):
+    from rag_dpo.annotate.sampled_pool import chain_tokens, sample_matched_pool, tokens_by_question
+    from rag_dpo.pairs.builders import PairConfig, outcome_pairs
+    qs = _questions(12)
+    targets = {q.id: 150.0 + 20 * i for i, q in enumerate(qs)}
+    out = sample_matched_pool(qs, SamplingEngine(), tmp_path / "pool.jsonl", targets, seed=3, progress=False)
+    chains = read_chains(out)
+    got = tokens_by_question(chains, None)
+    per_q = {q.id: [c for c in chains if c.question_id == q.id] for q in qs}
+    for q in qs:
+        lengths = [chain_tokens(c) for c in per_q[q.id]]
+        assert abs(got[q.id] - targets[q.id]) <= max(lengths)          # within one chain of the target
+        # stopped at the first chain whose half-chain-centred total reached the target
+        assert got[q.id] - lengths[-1] + 0.5 * (got[q.id] - lengths[-1]) / max(1, len(lengths) - 1) < targets[q.id]
+    assert abs(sum(got.values()) - sum(targets.values())) < 0.1 * sum(targets.values())
+    # i.i.d. chains, labelled only by the outcome annotator (no annotator generated anything)
+    assert all(set(s.labels) == {"outcome"} for c in chains for s in c.steps)
+    assert all(len(c.leaves()) == 1 and c.method == "sampled" for c in chains)
+    assert tokens_by_question(chains, "outcome") == got
+    # failed chains are in the pool as wrong outcomes
+    assert any(c.path()[-1].action == INVALID for c in chains)
+
+    # outcome pairs never read step labels: scrambling every label changes nothing
+    pairs = outcome_pairs(chains, None, PairConfig(rule="all-margin"))
+    for c in chains:
+        for s in c.steps:
+            s.labels = {"evidence": s.labels["outcome"].__class__(1.0 - s.labels["outcome"].value, True, "evidence")}
+    assert outcome_pairs(chains, None, PairConfig(rule="all-margin")) == pairs and pairs
+
+    # resume: a pool cut after its first write continues to the same chains
+    lines = (tmp_path / "pool.jsonl").read_text().splitlines(keepends=True)
+    first = sum(1 for c in chains if c.meta["pool"]["round"] == 0)
+    (tmp_path / "cut.jsonl").write_text("".join(lines[:first]))
+    eng = SamplingEngine()
+    sample_matched_pool(qs, eng, tmp_path / "cut.jsonl", targets, seed=3, progress=False)
+    assert eng.rows == len(chains) - first
+    assert sorted(c.to_dict().__repr__() for c in read_chains(tmp_path / "cut.jsonl")) == \
+        sorted(c.to_dict().__repr__() for c in read_chains(tmp_path / "pool.jsonl"))
+
+    # another seed samples another pool
+    other = read_chains(sample_matched_pool(qs, SamplingEngine(), tmp_path / "s4.jsonl", targets, seed=4,
+                                            progress=False))
+    assert [chain_tokens(c) for c in other] != [chain_tokens(c) for c in read_chains(tmp_path / "pool.jsonl")]

@@ -1,0 +1,107 @@
+"""The outcome-only arms' data: whole chains sampled independently per question, with no annotator, on a generated-
+token budget matched to the step-level pool's.
+
+Why a separate pool: outcome-level arms (SFT, outcome-DPO) that learn from a tree search's paths learn from paths
+the process annotator chose to continue, so "outcome-only" would see step labels through the back door. Here
+every chain is an i.i.d. sample of the policy from the question prompt (one chain per round, round r seeded from
+(seed, r), so chains never depend on which other questions share a batch, and a rerun continues identically).
+Each chain is labelled by the `outcome` annotator (its final-answer F1; an invalid step or the step limit is F1 0),
+which costs nothing and reads no step label.
+
+Matching: question q gets chains until its generated tokens reach the step pool's spend on q (policy tokens plus
+what the step annotator generated, e.g. Monte-Carlo continuations): sampling stops when the tokens so far plus half
+a chain of q's mean length reach the target, so the overshoot of the last chain is centred on zero and matched
+totals hold on any subset of questions (the budget curve), not only on all of them. `max_chains` caps a question
+whose chains are very short.
+
+Resumable: each round's chains are appended whole; a rerun counts what every question already has and goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from rag_dpo.records import Chain, Question, append_chains, read_chains
+
+
+def chain_tokens(chain: Chain) -> int:
+    return sum(s.generated_tokens for s in chain.steps)
+
+
+def wants_more(spent: int, chains: int, target: float, max_chains: int) -> bool:
+    """Sample another chain for a question that has `chains` chains costing `spent` tokens, for `target` tokens?"""
+    if chains >= max_chains or target <= 0:
+        return False
+    if chains == 0:
+        return True
+    return spent + 0.5 * spent / chains < target
+
+
+def round_seed(seed: int, r: int) -> int:
+    """The rollout seed of round r of pool `seed` (the same scheme as the recipe pipeline's sampled chains)."""
+    return seed * 1009 + r
+
+
+def sample_matched_pool(questions: Sequence[Question], engine, out_path: str | Path, targets: Mapping[str, float],
+                        seed: int = 0, max_chains: int = 32, progress: bool = True) -> Path:
+    """Sample whole chains per question (engine.rollout, sampling on) until each question's generated tokens match
+    `targets[question id]`; label them with the outcome annotator; append to `out_path` (resumable)."""
+    from tqdm.auto import tqdm
+
+    from rag_dpo.annotate.annotators import OutcomeAnnotator
+    from rag_dpo.io import repair_jsonl
+    out_path = Path(out_path)
+    spent: dict[str, int] = {q.id: 0 for q in questions}
+    count: dict[str, int] = {q.id: 0 for q in questions}
+    if out_path.exists():
+        repair_jsonl(out_path)
+        for c in read_chains(out_path):
+            if c.question_id in spent:
+                spent[c.question_id] += chain_tokens(c)
+                count[c.question_id] += 1
+    total = float(sum(targets.get(q.id, 0.0) for q in questions))
+    bar = tqdm(total=round(total), initial=min(round(total), sum(spent.values())), unit="tok",
+               desc="i.i.d. chains (outcome pool)", disable=not progress)
+    annotator = OutcomeAnnotator()
+    old_seed, old_sample = engine.cfg.seed, engine.cfg.do_sample
+    engine.cfg.do_sample = True
+    try:
+        while True:
+            todo = [q for q in questions if wants_more(spent[q.id], count[q.id], targets.get(q.id, 0.0), max_chains)]
+            if not todo:
+                break
+            # questions that have the same number of chains sample their next one in one batched call
+            for r in sorted({count[q.id] for q in todo}):
+                group = [q for q in todo if count[q.id] == r]
+                engine.cfg.seed = round_seed(seed, r)
+                chains = engine.rollout(group)
+                for c in chains:
+                    c.method = "sampled"
+                    c.meta["pool"] = {"kind": "iid", "seed": seed, "round": r,
+                                      "target_tokens": float(targets.get(c.question_id, 0.0))}
+                annotator.annotate(chains)
+                append_chains(out_path, chains)
+                for c in chains:
+                    spent[c.question_id] += chain_tokens(c)
+                    count[c.question_id] += 1
+                    bar.update(chain_tokens(c))
+    finally:
+        engine.cfg.seed, engine.cfg.do_sample = old_seed, old_sample
+        bar.close()
+    if not out_path.exists():
+        from rag_dpo.records import write_chains
+        write_chains(out_path, [])
+    return out_path
+
+
+def tokens_by_question(chains: Sequence[Chain], annotator: str | None) -> dict[str, float]:
+    """Generated tokens per question: the policy's plus what `annotator`'s labels say it generated."""
+    out: dict[str, float] = {}
+    for c in chains:
+        t = float(chain_tokens(c))
+        if annotator:
+            t += sum(float(s.labels[annotator].cost.get("generated_tokens", 0.0)) for s in c.steps
+                     if annotator in s.labels)
+        out[c.question_id] = out.get(c.question_id, 0.0) + t
+    return out
