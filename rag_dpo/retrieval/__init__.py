@@ -17,6 +17,7 @@ from rag_dpo.retrieval.bm25 import BM25Retriever, BM25sRetriever, tokenize
 from rag_dpo.retrieval.dense import DenseRetriever
 from rag_dpo.retrieval.evaluation import evaluate_retrieval
 from rag_dpo.retrieval.hybrid import HybridRetriever
+from rag_dpo.retrieval.trained import RerankRetriever, parse_spec, retriever_manifest
 
 RETRIEVERS: dict[str, type[Retriever]] = {
     "bm25": BM25Retriever,
@@ -27,8 +28,12 @@ RETRIEVERS: dict[str, type[Retriever]] = {
 
 
 def build_retriever(name: str, corpus: Corpus, **opts) -> Retriever:
-    """The retriever `name` over `corpus`; opts are that retriever's keyword settings (see its class)."""
-    cls = RETRIEVERS.get(name)
+    """The retriever `name` over `corpus`; opts are that retriever's keyword settings (see its class).
+    `dense:PATH` and `rerank:PATH` load a trained model folder (rag_dpo.train.retriever writes them)."""
+    name, path = parse_spec(name)
+    if path is not None:
+        opts = {**opts, "model": path}
+    cls = RETRIEVERS.get(name, RerankRetriever if name == "rerank" else None)
     if cls is None:
         raise InputError(f"unknown retriever {name!r}; choose from {', '.join(RETRIEVERS)}", field="retriever")
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "corpus"}
@@ -40,4 +45,5 @@ def build_retriever(name: str, corpus: Corpus, **opts) -> Retriever:
 
 
 __all__ = ["Retriever", "Hits", "RETRIEVERS", "build_retriever", "evaluate_retrieval", "tokenize",
-           "BM25Retriever", "BM25sRetriever", "DenseRetriever", "HybridRetriever"]
+           "BM25Retriever", "BM25sRetriever", "DenseRetriever", "HybridRetriever", "RerankRetriever",
+           "parse_spec", "retriever_manifest"]

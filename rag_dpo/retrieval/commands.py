@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-RETRIEVER_NAMES = "bm25, bm25s, dense, hybrid"
+RETRIEVER_NAMES = "bm25, bm25s, dense, hybrid, dense:PATH, rerank:PATH"
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +36,7 @@ def retrieve(path: Path = typer.Argument(..., help="Question file in any format 
     from rag_dpo.errors import InputError
     from rag_dpo.retrieval import RETRIEVERS, build_retriever, evaluate_retrieval
 
-    if retriever not in RETRIEVERS:
+    if ":" not in retriever and retriever not in RETRIEVERS:
         raise InputError(f"unknown retriever {retriever!r}; choose from {RETRIEVER_NAMES}", field="retriever")
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}", field="k")
@@ -48,6 +48,9 @@ def retrieve(path: Path = typer.Argument(..., help="Question file in any format 
     questions = split_questions(dataset.questions, split, fractions)[:limit]
     if not questions:
         raise InputError(f"no questions in split '{split}'", file=str(path), field="split")
+    from rag_dpo.data import check_not_trained_on
+    from rag_dpo.retrieval import retriever_manifest
+    check_not_trained_on(retriever_manifest(retriever), [q.id for q in questions])   # dense:PATH / rerank:PATH
     opts = {"cache": not no_cache}
     if model is not None:
         if retriever not in ("dense", "hybrid"):

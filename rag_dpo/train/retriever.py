@@ -1,0 +1,487 @@
+"""Generator feedback trains the retriever (issue 15): a usefulness signal from the policy, and three retrievers
+trained on it -- a bi-encoder, a cross-encoder reranker, and an end-to-end soft top-k variant.
+
+Usefulness (LM-supervised retrieval, REPLUG / Atlas). For a query and each candidate passage the policy scores
+the gold answer: `ll_i = log p(answer | context + that passage)`, `ll_0` the same with an empty observation, and
+`u_i = ll_i - ll_0` (how much the passage helps). The target over the candidates is `softmax(u / T)`; the no-passage
+score cancels in the softmax but is kept in the cache (a passage with u < 0 hurts the answer). The context is the
+agent's own format (`agent.protocol.render_context`): the question, the chain so far, the search step, then the
+candidate as the only retrieved passage, then `<think>..</think><answer>`; only the answer's tokens are scored. Queries
+are the train questions and the search steps of real chains of the rollout pool (the query the agent actually sent,
+with the steps before it as context), so the retriever learns the agent's query style. Candidates are the union of
+the BM25 and the untuned dense top `candidates` (BM25's are the hard negatives). Scores are cached as JSONL, one
+record per query, appended per batch, so a killed run continues; `cost.json` records passages scored per second.
+
+Training (sentence-transformers' own trainers and losses):
+- `dense`: the MiniLM bi-encoder with `DistillKLDivLoss` (KL between the student's softmax over the candidates'
+  similarities / `student_temperature` and the target).
+- `rerank`: a `CrossEncoder` from the same MiniLM weights (new 1-logit head) with `ListNetLoss`, which is the cross
+  entropy between the target softmax and the reranker's softmax over the candidates (the same KL up to a constant).
+- `e2e`: the generator's answer loss flows into the retriever: the candidates' similarities go through a soft,
+  differentiable top-k (`soft_top_k`: sigmoid weights around a threshold that makes them sum to k) and the loss is the negative log of the
+  answer likelihood marginalised over the softly selected passages, `-log sum_i w_i/k p(answer | passage_i)`
+  (CLaRa's continuous bridge instead of a discrete pick). The generator is frozen, so `p(answer | passage_i)` for a
+  fixed candidate set is exactly the cached `ll_i`; the gradient reaches the retriever only through `w`. What
+  differs from `dense` is the objective: distillation matches the whole target distribution, e2e only asks that
+  the top-k mass sit on passages that make the answer likely.
+
+Every trained folder is a sentence-transformers folder (`dense:PATH` / `rerank:PATH` load it through
+`rag_dpo.retrieval.build_retriever`) with a `training_manifest.json`; training refuses questions outside the train
+split, so eval can refuse a retriever's training questions as it does a policy's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from rag_dpo.errors import InputError
+from rag_dpo.io import append_jsonl, atomic_write_json, iter_jsonl, repair_jsonl, stable_hash
+from rag_dpo.records import SEARCH, Chain, Corpus, Question, Step
+
+VARIANTS = ("dense", "rerank", "e2e")
+DONE = "train_done.json"
+
+
+@dataclass
+class RetrieverSettings:
+    """The `trainer` section of a `method: retriever` recipe."""
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))   # which retrievers to train
+    candidates: int = 8                 # m: candidate passages per query (union of the BM25 and dense top m)
+    questions: int | None = None        # train questions used as queries (None = all of the train split)
+    step_queries: bool = True           # also the search steps of the rollout pool's chains
+    pool: str | None = None             # chains file to take search steps from (None: the recipe rolls one out)
+    passage_tokens: int = 64            # scored passage cut to this many tokens (as observations are)
+    score_batch_size: int = 16          # (query, passage) rows per policy forward
+    target_temperature: float = 1.0     # T of the target softmax(u / T)
+    learning_rate: float = 3.0e-5       # bi-encoder and e2e
+    rerank_learning_rate: float = 5.0e-5
+    num_train_epochs: float = 2.0
+    per_device_train_batch_size: int = 8
+    student_temperature: float = 0.05   # cosine similarities / this = the bi-encoder's logits over candidates
+    max_seq_length: int = 128           # passage tokens the encoders see (also the untuned baseline's, for fairness)
+    e2e_k: int = 3                      # soft top-k of the end-to-end variant (the agent's k)
+    rerank_depth: int = 20              # BM25 passages the reranker reorders at search time
+    logging_steps: int = 5
+    save_steps: int = 50                # trainer checkpoints (resume)
+    seed: int = 0
+
+
+# ---- queries ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class ScoringQuery:
+    """One query to score candidates for: the retriever query, and the agent context it was sent from."""
+    key: str
+    question_id: str
+    question: str
+    query: str
+    answer: str
+    source: str                          # "question" | "step"
+    prefix: list[Step] = field(default_factory=list)   # steps before the search (with their observations)
+    step_text: str = ""                  # the search step's own text
+
+
+def check_train_split(question_ids: Iterable[str], fractions=None, split: str = "train") -> None:
+    """Training a retriever on questions outside the train split would leak them into eval: refuse."""
+    from rag_dpo.data import assign_split
+    bad = [q for q in question_ids if assign_split(q, fractions) != split]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise InputError(f"{len(bad)} question(s) are not in the {split} split (first: {shown}); a retriever trains "
+                         f"on {split} questions only", field="question_ids")
+
+
+def question_queries(questions: Sequence[Question]) -> list[ScoringQuery]:
+    """The question text itself as the query, with a search step that sends it."""
+    from rag_dpo.agent.protocol import format_step
+    out = []
+    for q in questions:
+        if not q.answers:
+            continue
+        out.append(ScoringQuery(key=stable_hash(["q", q.id]), question_id=q.id, question=q.question,
+                                query=q.question, answer=q.answers[0], source="question",
+                                step_text=format_step("I need to search for the question.", SEARCH, q.question)))
+    return out
+
+
+def step_queries(chains: Sequence[Chain], questions: dict[str, Question]) -> list[ScoringQuery]:
+    """Every search step on the selected path of each chain, with the steps before it (deduplicated per question)."""
+    out, seen = [], set()
+    for c in chains:
+        q = questions.get(c.question_id)
+        if q is None or not q.answers:
+            continue
+        path = c.path()
+        for i, s in enumerate(path):
+            if s.action != SEARCH or not s.query:
+                continue
+            dedup = (c.question_id, " ".join(s.query.lower().split()))
+            if dedup in seen:
+                continue
+            seen.add(dedup)
+            out.append(ScoringQuery(key=stable_hash(["s", c.question_id, s.query, i]), question_id=c.question_id,
+                                    question=c.question, query=s.query, answer=q.answers[0], source="step",
+                                    prefix=list(path[:i]), step_text=s.text))
+    return out
+
+
+def candidate_lists(queries: Sequence[str], retrievers: Sequence, m: int) -> list[list[str]]:
+    """Interleave the retrievers' top-m (BM25 first: its hits are the hard negatives), deduplicated, m per query."""
+    per = [r.search(list(queries), m) for r in retrievers]
+    out = []
+    for i in range(len(queries)):
+        ids: list[str] = []
+        for rank in range(m):
+            for hits in per:
+                row = hits[i]
+                if rank < len(row) and row[rank][0] not in ids:
+                    ids.append(row[rank][0])
+        out.append(ids[:m])
+    return out
+
+
+# ---- usefulness scores ------------------------------------------------------------------------------------------
+
+ANSWER_LEAD = "<think>The retrieved passages contain the answer.</think>\n<answer>"
+
+
+def _scoring_rows(tokenizer, q: ScoringQuery, passages: Sequence | None, passage_tokens: int):
+    """(context ids, answer ids) for one query and each passage (None = an empty observation)."""
+    from rag_dpo.agent.protocol import format_observation, render_context
+    answer_ids = tokenizer(q.answer, add_special_tokens=False)["input_ids"]
+    base = render_context(tokenizer, q.question, q.prefix) + q.step_text
+    lead = tokenizer(ANSWER_LEAD, add_special_tokens=False)["input_ids"]
+    base_ids = tokenizer(base, add_special_tokens=False)["input_ids"]
+    rows = []
+    for p in passages:
+        obs = format_observation([] if p is None else [p], tokenizer, passage_tokens)
+        ctx = base_ids + tokenizer(obs, add_special_tokens=False)["input_ids"] + lead
+        rows.append((ctx, answer_ids))
+    return rows
+
+
+def answer_loglik(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16
+                  ) -> list[float]:
+    """Sum of log p(answer tokens | context) for each (context ids, answer ids) row, batched (right padding,
+    rows sorted by length so a batch pads little)."""
+    import torch
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    out = [0.0] * len(rows)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            seqs = [rows[i][0] + rows[i][1] for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            att = torch.zeros((len(seqs), width), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                ids[j, :len(s)] = torch.tensor(s)
+                att[j, :len(s)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            for j, i in enumerate(idx):
+                ctx, ans = rows[i]
+                pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(ans), device=logp.device)
+                tgt = torch.tensor(ans, device=logp.device)
+                out[i] = float(logp[j, pos, tgt].sum())
+    return out
+
+
+def target_distribution(usefulness: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """softmax(u / T) over the candidates: the distribution the retriever is trained to match."""
+    if not usefulness:
+        return []
+    z = [u / temperature for u in usefulness]
+    top = max(z)
+    e = [math.exp(v - top) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def score_queries(queries: Sequence[ScoringQuery], candidates: Sequence[Sequence[str]], corpus: Corpus, model,
+                  tokenizer, out_path: str | Path, passage_tokens: int = 64, batch_size: int = 16,
+                  queries_per_batch: int = 4, progress: bool = True) -> Path:
+    """Score every query's candidates (and the empty observation) with the policy; append one JSONL record per query
+    to `out_path` (resumable: keys already there are skipped). Writes `<out>.cost.json` (passages scored per s)."""
+    from tqdm.auto import tqdm
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl(out_path)
+    done = {rec["key"] for _, rec in iter_jsonl(out_path)} if out_path.exists() else set()
+    cost_path = out_path.with_suffix(".cost.json")
+    cost = json.loads(cost_path.read_text()) if cost_path.exists() and done else {
+        "queries": 0, "passages_scored": 0, "forward_rows": 0, "tokens": 0, "seconds": 0.0}
+    todo = [(q, c) for q, c in zip(queries, candidates) if q.key not in done and c]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with tqdm(total=len(queries), initial=len(queries) - len(todo), desc="usefulness scores", unit="query",
+              disable=not progress) as bar:
+        for b in range(0, len(todo), queries_per_batch):
+            chunk = todo[b:b + queries_per_batch]
+            rows, spans = [], []
+            for q, cands in chunk:
+                r = _scoring_rows(tokenizer, q, [None] + [corpus[pid] for pid in cands], passage_tokens)
+                spans.append((len(rows), len(rows) + len(r)))
+                rows.extend(r)
+            t0 = time.perf_counter()
+            ll = answer_loglik(model, rows, pad, batch_size)
+            seconds = time.perf_counter() - t0
+            records = []
+            for (q, cands), (a, z) in zip(chunk, spans):
+                none, scores = ll[a], ll[a + 1:z]
+                records.append({"key": q.key, "question_id": q.question_id, "source": q.source, "query": q.query,
+                                "answer": q.answer, "candidates": list(cands), "ll": scores, "ll_none": none,
+                                "usefulness": [s - none for s in scores]})
+            append_jsonl(out_path, records)
+            cost["queries"] += len(chunk)
+            cost["passages_scored"] += len(rows) - len(chunk)
+            cost["forward_rows"] += len(rows)
+            cost["tokens"] += sum(len(c) + len(a) for c, a in rows)
+            cost["seconds"] += seconds
+            cost["passages_per_s"] = cost["passages_scored"] / cost["seconds"] if cost["seconds"] else 0.0
+            cost["rows_per_s"] = cost["forward_rows"] / cost["seconds"] if cost["seconds"] else 0.0
+            cost["tokens_per_s"] = cost["tokens"] / cost["seconds"] if cost["seconds"] else 0.0
+            cost["batch_size"] = batch_size
+            atomic_write_json(cost_path, cost)
+            bar.update(len(chunk))
+    return out_path
+
+
+def read_scores(path: str | Path) -> list[dict]:
+    """The cached usefulness records (errors name file and line)."""
+    out = []
+    for line, rec in iter_jsonl(path):
+        for key in ("key", "question_id", "query", "candidates", "ll", "usefulness"):
+            if key not in rec:
+                raise InputError("missing field", file=str(path), line=line, field=key)
+        if len(rec["candidates"]) != len(rec["usefulness"]):
+            raise InputError("candidates and usefulness differ in length", file=str(path), line=line,
+                             field="usefulness")
+        out.append(rec)
+    return out
+
+
+# ---- soft top-k and the end-to-end loss -------------------------------------------------------------------------
+
+def soft_top_k(scores, k: int, iterations: int = 40):
+    """Differentiable top-k weights w_i = sigmoid(s_i - t), the threshold t set so that sum_i w_i = k (bisection):
+    each w_i is in (0, 1), they sum to k, and w tends to the hard top-k indicator as the scores spread. t depends on
+    the scores; its gradient comes from the implicit function theorem (dt/ds_i = w_i(1-w_i) / sum_j w_j(1-w_j)),
+    so raising one passage's score takes weight from the others, as a top-k pick does."""
+    import torch
+    m = scores.shape[-1]
+    if k >= m:
+        return torch.ones_like(scores)
+    with torch.no_grad():
+        s = scores.detach()
+        lo = s.min(-1, keepdim=True).values - 30.0
+        hi = s.max(-1, keepdim=True).values + 30.0
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            over = torch.sigmoid(s - mid).sum(-1, keepdim=True) > k
+            lo = torch.where(over, mid, lo)
+            hi = torch.where(over, hi, mid)
+        t0 = (lo + hi) / 2
+        w0 = torch.sigmoid(s - t0)
+        d = w0 * (1 - w0)
+        c = d / d.sum(-1, keepdim=True).clamp_min(1e-12)
+    t = t0 + (c * (scores - scores.detach())).sum(-1, keepdim=True)
+    return torch.sigmoid(scores - t)
+
+
+def soft_top_k_answer_loss(scores, answer_ll, k: int):
+    """-log sum_i (w_i / k) p(answer | passage_i), w = soft_top_k(scores): the generator's answer loss as a function
+    of the retriever's scores (batch x candidates)."""
+    import torch
+    w = soft_top_k(scores, k)
+    log_mix = torch.logsumexp(answer_ll + torch.log(w / k + 1e-12), dim=-1)
+    return -log_mix.mean()
+
+
+def _loss_module(model, k: int, temperature: float):
+    import torch
+
+    class SoftTopKAnswerLoss(torch.nn.Module):
+        """sentence-transformers loss: (query, passage_1..m) columns, label = the generator's answer log-likelihood
+        per passage; scores = cosine similarity / temperature."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sentence_features, labels):
+            emb = [self.model(f)["sentence_embedding"] for f in sentence_features]
+            q = torch.nn.functional.normalize(emb[0], dim=-1)
+            docs = [torch.nn.functional.normalize(e, dim=-1) for e in emb[1:]]
+            scores = torch.stack([(q * d).sum(-1) for d in docs], dim=1) / temperature
+            return soft_top_k_answer_loss(scores, labels.float(), k)
+
+    return SoftTopKAnswerLoss()
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+def training_rows(records: Sequence[dict], corpus: Corpus, m: int, temperature: float, value: str = "target"
+                  ) -> dict[str, list]:
+    """Columns for sentence-transformers: query, passage_0..passage_{m-1}, label (per candidate: the target logits
+    u/T for distillation, or the raw answer log-likelihoods for e2e). Queries with fewer than m candidates are
+    left out (the losses need a fixed number of columns)."""
+    from rag_dpo.retrieval.base import index_text
+    cols: dict[str, list] = {"query": [], **{f"passage_{i}": [] for i in range(m)}, "label": []}
+    for r in records:
+        if len(r["candidates"]) < m:
+            continue
+        cols["query"].append(r["query"])
+        for i, pid in enumerate(r["candidates"][:m]):
+            cols[f"passage_{i}"].append(index_text(corpus[pid]))
+        if value == "target":
+            cols["label"].append([u / temperature for u in r["usefulness"][:m]])
+        else:
+            cols["label"].append([float(x) for x in r["ll"][:m]])
+    return cols
+
+
+def query_tuned_encoder(base: str, max_seq_length: int):
+    """A sentence-transformers Router: a trainable copy of the encoder for queries, the frozen original for
+    documents. Why only the query side (as REPLUG's LSR does): the corpus embeddings stay those of the untuned
+    model, so a trained retriever needs no re-indexing (a MiniLM encode of the 4,858-passage corpus costs minutes
+    on 2 CPU cores), and the training backward pass skips the m passages."""
+    import copy
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Router
+
+    from rag_dpo.retrieval.dense import load_encoder
+    enc = load_encoder(base, max_seq_length=max_seq_length, device="cpu" if not _cuda() else None)
+    document = list(enc)
+    for mod in document:
+        for p in mod.parameters():
+            p.requires_grad_(False)
+    query = [copy.deepcopy(mod) for mod in document]
+    for mod in query:
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    return SentenceTransformer(modules=[Router.for_query_document(query, document)],
+                               device=str(enc.device))
+
+
+def _st_args(cfg: RetrieverSettings, ckpt: Path, learning_rate: float, cross: bool = False, **extra):
+    import os
+    if cross:
+        from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments as Args
+    else:
+        from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    report = "none" if os.environ.get("WANDB_MODE") == "disabled" else "wandb"
+    return Args(output_dir=str(ckpt), num_train_epochs=cfg.num_train_epochs, learning_rate=learning_rate,
+                per_device_train_batch_size=cfg.per_device_train_batch_size, warmup_ratio=0.1,
+                logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1, save_strategy="steps",
+                seed=cfg.seed, report_to=report, logging_first_step=True, disable_tqdm=False,
+                dataloader_num_workers=0, use_cpu=not _cuda(), **extra)
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _last_checkpoint(ckpt: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+
+
+def _finish(model_dir: Path, trainer, variant: str, question_ids: Sequence[str], data_files, fractions,
+            rows: int, seconds: float) -> Path:
+    from rag_dpo.data import write_manifest
+    log = [e for e in trainer.state.log_history]
+    atomic_write_json(model_dir / "train_log.json", log)
+    write_manifest(model_dir, question_ids, data_files=data_files, fractions=fractions,
+                   info={"stage": "retriever", "variant": variant})
+    atomic_write_json(model_dir / DONE, {"variant": variant, "rows": rows, "seconds": round(seconds, 1),
+                                         "steps": trainer.state.global_step})
+    return model_dir
+
+
+def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: RetrieverSettings,
+                    out_dir: str | Path, base_model: str | None = None, fractions=None,
+                    data_files: Sequence[str | Path] = ()) -> Path:
+    """Train one retriever variant (dense | rerank | e2e) on cached usefulness records; save it as a
+    sentence-transformers folder in out_dir (+ training_manifest.json, train_log.json). Resumes from the last
+    trainer checkpoint; a finished folder is returned as is."""
+    import datasets
+
+    if variant not in VARIANTS:
+        raise InputError(f"unknown retriever variant {variant!r} (choose from {', '.join(VARIANTS)})",
+                         field="trainer.variants")
+    out_dir = Path(out_dir)
+    if (out_dir / DONE).exists():
+        return out_dir
+    question_ids = sorted({r["question_id"] for r in records})
+    check_train_split(question_ids, fractions)
+    m = cfg.candidates
+    cols = training_rows(records, corpus, m, cfg.target_temperature, "ll" if variant == "e2e" else "target")
+    if not cols["query"]:
+        raise InputError(f"no scored query has {m} candidates to train on", field="trainer.candidates")
+    ckpt = out_dir.with_name(out_dir.name + ".checkpoints")
+    t0 = time.perf_counter()
+    if variant == "rerank":
+        from sentence_transformers.cross_encoder import CrossEncoderTrainer
+        from sentence_transformers.cross_encoder.losses import ListNetLoss
+
+        from rag_dpo.retrieval.trained import load_cross_encoder
+        model = load_cross_encoder(base_model or _bundled(), max_length=2 * cfg.max_seq_length)
+        if getattr(model, "num_labels", 1) != 1:
+            raise InputError("the reranker needs a 1-logit cross-encoder", field="model")
+        ds = datasets.Dataset.from_dict({"query": cols["query"],
+                                         "docs": [[cols[f"passage_{i}"][j] for i in range(m)]
+                                                  for j in range(len(cols["query"]))],
+                                         "labels": cols["label"]})
+        loss = ListNetLoss(model)
+        trainer = CrossEncoderTrainer(model=model, args=_st_args(cfg, ckpt, cfg.rerank_learning_rate, cross=True),
+                                      train_dataset=ds, loss=loss)
+    else:
+        from sentence_transformers import SentenceTransformerTrainer
+        from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
+
+        model = query_tuned_encoder(base_model or "all-MiniLM-L6-v2", cfg.max_seq_length)
+        ds = datasets.Dataset.from_dict(cols)
+        if variant == "dense":
+            loss = DistillKLDivLoss(model, student_temperature=cfg.student_temperature, teacher_temperature=1.0)
+        else:
+            loss = _loss_module(model, cfg.e2e_k, cfg.student_temperature)
+        args = _st_args(cfg, ckpt, cfg.learning_rate,
+                        router_mapping={"query": "query", **{f"passage_{i}": "document" for i in range(m)}})
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=loss)
+    trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(str(out_dir)) if hasattr(model, "save") else model.save_pretrained(str(out_dir))
+    _finish(out_dir, trainer, variant, question_ids, data_files, fractions, len(ds), time.perf_counter() - t0)
+    import shutil
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return out_dir
+
+
+def _bundled() -> str:
+    """The bundled MiniLM folder (the reranker starts from its encoder weights with a new scoring head)."""
+    from rag_dpo.retrieval.dense import bundled_model_path
+    return str(bundled_model_path())
+
+
+def save_untuned(out_dir: str | Path, max_seq_length: int) -> Path:
+    """The bundled MiniLM saved as a folder with the same max_seq_length as the trained ones: the fair untuned
+    baseline, and a `dense:PATH`/hybrid model every later stage can name."""
+    from rag_dpo.retrieval.dense import load_encoder
+    out_dir = Path(out_dir)
+    if not (out_dir / "modules.json").exists():
+        enc = load_encoder("all-MiniLM-L6-v2", max_seq_length=max_seq_length)
+        enc.save(str(out_dir))
+    return out_dir
+
+
+def settings_dict(cfg: RetrieverSettings) -> dict:
+    return dataclasses.asdict(cfg)

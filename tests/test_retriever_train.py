@@ -1,0 +1,240 @@
+"""Generator feedback trains the retriever (rag_dpo.train.retriever, rag_dpo.retrieval.trained): the usefulness target,
+the three trainers, the end-to-end gradient, loading a trained retriever by path, and the split guard.
+
+Encoders are tiny randomly initialised BERTs with the bundled MiniLM's tokenizer, built in-process; one integration
+test scores real passages with the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rag_dpo.data import assign_split
+from rag_dpo.errors import InputError
+from rag_dpo.records import Corpus, Passage, Question
+from rag_dpo.train.retriever import (RetrieverSettings, answer_loglik, check_train_split, question_queries,
+                                     read_scores, score_queries, soft_top_k, soft_top_k_answer_loss,
+                                     target_distribution, train_retriever)
+
+PASSAGES = [
+    Passage("p0", "Paris", "Paris is the capital and largest city of France."),
+    Passage("p1", "Berlin", "Berlin is the capital of Germany and its largest city."),
+    Passage("p2", "Banana", "The banana is an elongated edible fruit produced by plants."),
+    Passage("p3", "Ocean", "The ocean covers about seventy percent of the surface of the Earth."),
+]
+CORPUS = Corpus(PASSAGES, name="hand-built")
+
+
+def _train_ids(n: int, split: str = "train") -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        if assign_split(f"q{i}") == split:
+            out.append(f"q{i}")
+        i += 1
+    return out
+
+
+def _records(ids: list[str], good: int = 0) -> list[dict]:
+    """Hand-built usefulness records: candidate `good` (p0) helps the answer, the others do not."""
+    queries = ["what is the capital of france", "capital city of france", "which city is france's capital",
+               "france capital"]
+    out = []
+    for i, qid in enumerate(ids):
+        ll = [-2.0 if j == good else -9.0 for j in range(4)]
+        out.append({"key": qid, "question_id": qid, "source": "question", "query": queries[i % len(queries)],
+                    "answer": "Paris", "candidates": ["p0", "p1", "p2", "p3"], "ll": ll, "ll_none": -8.0,
+                    "usefulness": [x + 8.0 for x in ll]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder_dirs(tmp_path_factory):
+    """(hf folder, sentence-transformers folder) of a tiny random BERT with MiniLM's tokenizer."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from rag_dpo.retrieval.dense import bundled_model_path
+    import torch
+    d = tmp_path_factory.mktemp("tiny_encoder")
+    tok = AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(d / "hf")
+    tok.save_pretrained(d / "hf")
+    st = SentenceTransformer(modules=[models.Transformer(str(d / "hf"), max_seq_length=64),
+                                      models.Pooling(32), models.Normalize()], device="cpu")
+    st.save(str(d / "st"))
+    return d / "hf", d / "st"
+
+
+def _cfg(**kw) -> RetrieverSettings:
+    base = dict(candidates=4, learning_rate=5e-3, rerank_learning_rate=5e-3, num_train_epochs=8,
+                per_device_train_batch_size=4, student_temperature=0.05, max_seq_length=64, save_steps=1000,
+                logging_steps=1, e2e_k=1)
+    base.update(kw)
+    return RetrieverSettings(**base)
+
+
+def _rank_of(model_dir: Path, queries: list[str], pid: str = "p2") -> float:
+    from rag_dpo.retrieval import build_retriever
+    r = build_retriever(f"dense:{model_dir}", CORPUS, cache=False, show_progress=False)
+    ranks = []
+    for hits in r.search(queries, 4):
+        ranks.append([h for h, _ in hits].index(pid))
+    return sum(ranks) / len(ranks)
+
+
+# ---- the target -------------------------------------------------------------------------------------------------
+
+def test_target_distribution_sums_to_one_and_favours_the_useful_passage():
+    rec = _records(["x"])[0]
+    t = target_distribution(rec["usefulness"], temperature=1.0)
+    assert abs(sum(t) - 1.0) < 1e-9
+    assert max(range(4), key=lambda i: t[i]) == 0 and t[0] > 0.99
+    flat = target_distribution(rec["usefulness"], temperature=100.0)
+    assert abs(sum(flat) - 1.0) < 1e-9 and flat[0] < t[0] and flat[0] == max(flat)
+
+
+def test_scores_are_the_policy_answer_loglik_and_resume_without_duplicates(tmp_path, tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    qs = [Question(id=i, question="What is the capital of France?", answers=["Paris"]) for i in _train_ids(3)]
+    queries = question_queries(qs)
+    cands = [["p0", "p1", "p2"]] * len(queries)
+    out = tmp_path / "scores.jsonl"
+    score_queries(queries[:2], cands[:2], CORPUS, model, tok, out, batch_size=3, progress=False)
+    score_queries(queries, cands, CORPUS, model, tok, out, batch_size=2, progress=False)   # resumes
+    recs = read_scores(out)
+    assert [r["question_id"] for r in recs] == [q.question_id for q in queries]
+    cost = json.loads(out.with_suffix(".cost.json").read_text())
+    assert cost["passages_scored"] == 9 and cost["queries"] == 3 and cost["passages_per_s"] > 0
+    # a single unbatched forward gives the same log-likelihood (padding does not leak in)
+    from rag_dpo.train.retriever import _scoring_rows
+    rows = _scoring_rows(tok, queries[0], [CORPUS["p1"]], 64)
+    alone = answer_loglik(model, rows, tok.pad_token_id, batch_size=1)[0]
+    assert abs(alone - recs[0]["ll"][1]) < 1e-3
+    assert recs[0]["usefulness"][1] == pytest.approx(recs[0]["ll"][1] - recs[0]["ll_none"])
+
+
+@pytest.mark.integration
+def test_real_policy_prefers_the_passage_holding_the_answer(tmp_path):
+    from rag_dpo.agent.policy import load_policy
+    model, tok = load_policy("smollm2")
+    q = Question(id=_train_ids(1)[0], question="What is the capital of France?", answers=["Paris"])
+    out = tmp_path / "scores.jsonl"
+    score_queries(question_queries([q]), [["p0", "p2", "p3"]], CORPUS, model, tok, out, progress=False)
+    rec = read_scores(out)[0]
+    t = target_distribution(rec["usefulness"])
+    assert abs(sum(t) - 1) < 1e-9 and t[0] == max(t)
+    assert rec["usefulness"][0] > 0          # the answer passage helps against no passage
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+def test_distillation_raises_the_useful_passage_rank(tmp_path, tiny_encoder_dirs):
+    _, st = tiny_encoder_dirs
+    # the useful passage (by the hand-built scores) is p2, which shares no word with the queries
+    records = _records(_train_ids(8), good=2)
+    queries = sorted({r["query"] for r in records})
+    before = _rank_of(st, queries)
+    out = train_retriever("dense", records, CORPUS, _cfg(), tmp_path / "dense", base_model=str(st))
+    after = _rank_of(out, queries)
+    assert before > 0 and after < before
+    assert (out / "training_manifest.json").exists() and (out / "train_done.json").exists()
+    # the document side is frozen: passage embeddings are the base model's (so the index can be shared)
+    from rag_dpo.retrieval.dense import load_encoder
+    import numpy as np
+    docs = [p.text for p in PASSAGES]
+    a = load_encoder(str(out)).encode_document(docs, convert_to_numpy=True)
+    b = load_encoder(str(st)).encode_document(docs, convert_to_numpy=True)
+    assert np.allclose(a, b, atol=1e-5)
+
+
+def test_end_to_end_gradient_reaches_the_retriever_with_the_right_sign(tiny_encoder_dirs):
+    import torch
+    # on the scores: raising the score of the passage that makes the answer likely lowers the loss
+    scores = torch.zeros(1, 4, requires_grad=True)
+    ll = torch.tensor([[-1.0, -9.0, -9.0, -9.0]])
+    loss = soft_top_k_answer_loss(scores, ll, k=2)
+    loss.backward()
+    assert scores.grad[0, 0] < 0 and (scores.grad[0, 1:] > 0).all()
+    w = soft_top_k(torch.tensor([[3.0, 1.0, 0.0, -1.0]]), 2)
+    assert abs(float(w.sum()) - 2) < 1e-5 and float(w.max()) <= 1.0
+
+    # through the encoder: the query side gets a non-zero gradient, the frozen document side none
+    from rag_dpo.train.retriever import _loss_module, query_tuned_encoder
+    _, st = tiny_encoder_dirs
+    model = query_tuned_encoder(str(st), 64)
+    loss_fn = _loss_module(model, k=2, temperature=0.05)
+    texts = ["capital of france"] + [p.text for p in PASSAGES]
+    feats = []
+    for i, t in enumerate(texts):
+        f = model.preprocess([t])
+        f["task"] = "query" if i == 0 else "document"
+        feats.append(f)
+    loss = loss_fn(feats, ll)
+    loss.backward()
+    q_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert q_grads and any(g is not None and float(g.abs().sum()) > 0 for g in q_grads)
+    # one small step against the gradient raises the useful passage's score
+    with torch.no_grad():
+        before = _e2e_scores(model, texts)
+        for p in model.parameters():
+            if p.requires_grad and p.grad is not None:
+                p -= 1e-2 * p.grad
+        after = _e2e_scores(model, texts)
+    assert (after[0] - after[1:].max()) > (before[0] - before[1:].max())
+
+
+def _e2e_scores(model, texts):
+    import torch
+    q = torch.tensor(model.encode_query([texts[0]]))[0]
+    d = torch.tensor(model.encode_document(texts[1:]))
+    return d @ q
+
+
+def test_e2e_and_reranker_train_and_load_by_path(tmp_path, tiny_encoder_dirs):
+    hf, st = tiny_encoder_dirs
+    records = _records(_train_ids(8), good=2)
+    queries = sorted({r["query"] for r in records})
+    e2e = train_retriever("e2e", records, CORPUS, _cfg(), tmp_path / "e2e", base_model=str(st))
+    assert _rank_of(e2e, queries) < _rank_of(st, queries)
+
+    from rag_dpo.retrieval import build_retriever
+    from sentence_transformers import CrossEncoder
+    ce = tmp_path / "ce_base"
+    CrossEncoder(str(hf), num_labels=1, device="cpu").save(str(ce))
+    rerank = train_retriever("rerank", records, CORPUS, _cfg(), tmp_path / "rerank", base_model=str(ce))
+    r = build_retriever(f"rerank:{rerank}", CORPUS, depth=4, cache=False, show_progress=False)
+    # BM25 proposes the 4 passages sharing a word with the query; the trained cross-encoder puts p2 first
+    hits = r.search(["the capital of the fruit", "capital city or plants"], 2)
+    assert len(hits) == 2 and all(len(h) <= 2 for h in hits)
+    assert [h[0][0] for h in hits] == ["p2", "p2"]
+    with pytest.raises(InputError):
+        build_retriever(f"dense:{tmp_path / 'missing'}", CORPUS)
+    with pytest.raises(InputError):
+        build_retriever("bm25:x", CORPUS)
+
+
+def test_training_refuses_questions_outside_the_train_split(tmp_path, tiny_encoder_dirs):
+    _, st = tiny_encoder_dirs
+    records = _records(_train_ids(3) + _train_ids(1, "test"))
+    with pytest.raises(InputError) as e:
+        train_retriever("dense", records, CORPUS, _cfg(), tmp_path / "dense", base_model=str(st))
+    assert "train split" in str(e.value)
+    assert not (tmp_path / "dense").exists()
+    check_train_split(_train_ids(3))
+
+
+def test_eval_refuses_a_retrievers_training_questions(tmp_path):
+    from rag_dpo.data import check_not_trained_on, write_manifest
+    from rag_dpo.retrieval import retriever_manifest
+    d = tmp_path / "ret"
+    d.mkdir()
+    write_manifest(d, ["a", "b"])
+    with pytest.raises(InputError):
+        check_not_trained_on(retriever_manifest(f"dense:{d}"), ["b", "c"])
+    check_not_trained_on(retriever_manifest(f"dense:{d}"), ["c"])
+    assert retriever_manifest("bm25") is None
