@@ -150,3 +150,136 @@ def test_dpo_loss_decreases_and_saves(tmp_path, tiny_policy_dir, tokenizer, outc
     assert log[-1]["rewards/margins"] > 0
     model, _ = load_policy(str(out))
     assert type(model).__name__.startswith("PeftModel")
+
+
+def test_dpo_collator_batches_rows_of_different_length_with_padding_and_truncation(tokenizer):
+    """Two pairs of different lengths in one batch, max_length cutting the longer one inside its completion: each
+    of the four rows' completion_mask is its own policy mask (0 on prompt, retrieved text and padding), truncated
+    at max_length, and padding is never attended to."""
+    from datasets import Dataset
+
+    from rag_dpo.pairs import chain_text
+    from rag_dpo.train.dpo import _masked_collator_cls, tokenize_pairs
+    s0, s1 = _steps(tokenizer)
+    long_obs = format_observation([Passage(f"p{i}", f"T{i}", "A long passage about France and its cities. " * 3)
+                                   for i in range(3)], tokenizer, 48)
+    l0 = Step("0", None, s0.text, SEARCH, query="capital of France", observation=long_obs)
+    bad = Step("1", "0", format_step("Guess.", ANSWER, "Lyon"), ANSWER, answer="Lyon")
+    rows = []
+    for first in (s0, l0):
+        ctext, cspans = chain_text([first, s1])
+        rtext, rspans = chain_text([first, bad])
+        rows.append({"prompt": render_prompt(tokenizer, "What is the capital of France?"), "chosen": ctext,
+                     "rejected": rtext, "chosen_info_spans": cspans, "rejected_info_spans": rspans})
+    data = tokenize_pairs(Dataset.from_list(rows), tokenizer)
+    full = [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in data]
+    assert full[0] < full[1]
+    max_len = full[1] - 4                                   # cuts the long row's answer step, not the short row
+    assert max_len > full[0]
+    coll = _masked_collator_cls()(pad_token_id=tokenizer.pad_token_id, max_length=max_len,
+                                  truncation_mode="keep_start")
+    batch = coll([data[0], data[1]])
+    width = batch["input_ids"].shape[1]
+    assert width == max_len
+    expected = []
+    for kind in ("chosen", "rejected"):
+        for r in data:
+            ids = (r["prompt_ids"] + r[f"{kind}_ids"])[:max_len]
+            mask = ([0] * len(r["prompt_ids"]) + r[f"{kind}_mask"])[:max_len]
+            expected.append((ids, mask))
+    for i, (ids, mask) in enumerate(expected):
+        n = len(ids)
+        assert batch["input_ids"][i, :n].tolist() == ids
+        assert batch["completion_mask"][i].tolist() == mask + [0] * (width - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+    # the retrieved block of the long row is context (attended), never a target
+    info = [j for j, m in enumerate(expected[1][1]) if m == 0 and j >= len(data[1]["prompt_ids"])]
+    assert info and all(batch["attention_mask"][1, j] == 1 for j in info)
+
+
+def test_pair_stats_counts_actions_and_near_identical_pairs():
+    from datasets import Dataset
+
+    from rag_dpo.train.dpo import drop_similar, pair_stats
+    search = format_step("I need more.", SEARCH, "capital of France")
+    rows = [{"prompt": "p", "chosen": format_step("Sure.", ANSWER, "Paris"), "rejected": search},
+            {"prompt": "p", "chosen": format_step("Sure.", ANSWER, "Paris"), "rejected": search},
+            {"prompt": "p", "chosen": search, "rejected": format_step("Hm.", ANSWER, "Lyon")},
+            {"prompt": "p", "chosen": search, "rejected": search.replace("France", "Frence")}]
+    st = pair_stats(Dataset.from_list(rows))
+    assert st["rows"] == 4 and st["actions"] == {"answer>search": 2, "search>answer": 1, "search>search": 1}
+    assert st["answer_over_search"] == 2 and st["near_identical"] == 1
+    kept = drop_similar(Dataset.from_list(rows), 0.9)
+    assert len(kept) == 3 and search.replace("France", "Frence") not in kept["rejected"]
+    outcome = pair_stats(Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_steps": 2,
+                                             "rejected_steps": 3}]))
+    assert outcome["actions"] == {"fewer steps": 1} and outcome["answer_over_search"] == 1
+
+
+def test_health_flags_displacement_kl_spikes_and_entropy_collapse():
+    from rag_dpo.train.common import health
+    displaced = [{"rewards/chosen": -0.01 * i, "rewards/rejected": -0.03 * i, "logps/chosen": -10 - i,
+                  "logps/rejected": -12 - 2 * i, "entropy": 2.0 - 0.1 * i} for i in range(1, 9)]
+    h = health(displaced)
+    assert any(f.startswith("likelihood displacement") for f in h["flags"]) and len(h["flags"]) == 1
+    assert h["logps_chosen"] == [-11, -18]
+    healthy = [{"rewards/chosen": 0.01 * i, "rewards/rejected": -0.03 * i, "entropy": 2.0} for i in range(8)]
+    assert health(healthy)["flags"] == []
+    ppo = [{"kl": 0.01}, {"kl": 0.012}, {"kl": 0.011}, {"kl": 0.4}, {"kl": 0.02}]
+    flags = health(ppo)["flags"]
+    assert len(flags) == 1 and flags[0].startswith("KL spike: 0.400 at log 4")
+    collapsed = [{"entropy_proxy": 1.5}, {"entropy_proxy": 0.9}, {"entropy_proxy": 0.2}]
+    assert health(collapsed)["flags"] == ["entropy collapse: entropy_proxy 1.500 -> 0.200"]
+
+
+def test_divergence_guard_stops_sft_and_keeps_the_last_good_checkpoint(tmp_path, tiny_policy_dir, tokenizer):
+    """A NaN appears in the weights before step 3: the run stops with one TrainingDiverged naming step 3, the
+    NaN never reaches a checkpoint (checkpoint-2 is the newest, and finite), and the run is not marked done."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from rag_dpo.train import sft
+    from rag_dpo.train.common import TrainingDiverged
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    ds = Dataset.from_list(_sft_rows(tokenizer))
+    cfg = sft.SFTSettings(max_steps=5, learning_rate=1e-3, per_device_train_batch_size=2, logging_steps=1,
+                          save_steps=1, save_total_limit=5, precision="fp32", wandb=False)
+    out = tmp_path / "sft"
+    import unittest.mock as mock
+    with mock.patch("trl.SFTTrainer.__init__", _with_callback(Poison())):
+        with pytest.raises(TrainingDiverged, match="step 3: non-finite grad_norm"):
+            sft.train_sft(cfg, ds, out, model=str(tiny_policy_dir))
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-1", "checkpoint-2"] and not (out / "train_done.json").exists()
+    from safetensors.torch import load_file
+    weights = load_file(str(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def _with_callback(cb):
+    from trl import SFTTrainer
+    real_init = SFTTrainer.__init__
+
+    def init(self, *a, callbacks=None, **k):
+        real_init(self, *a, callbacks=list(callbacks or []) + [cb], **k)
+    return init
+
+
+def test_divergence_guard_reads_logged_losses():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from rag_dpo.train.common import TrainingDiverged, divergence_guard
+    g = divergence_guard()
+    state = TrainerState()
+    state.global_step = 7
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    g.on_log(args, state, TrainerControl(), logs={"loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-4})
+    with pytest.raises(TrainingDiverged, match="step 7: non-finite loss"):
+        g.on_log(args, state, TrainerControl(), logs={"loss": float("nan")})
