@@ -66,8 +66,39 @@ def test_results_table_states_trained_vs_warm_start():
              "trained": {"agent": {"em": 0.15, "f1": 0.35}}}
     md = results_markdown(r, table)
     assert "| trained | agent | 0.150 | 0.350 |" in md
-    assert "EM 0.150 vs 0.200 (-0.050, worse than the warm start)" in md
-    assert "F1 0.350 vs 0.300 (+0.050, better than the warm start)" in md
+    # without per-question scores there is no paired test, so no "better"/"worse"
+    assert "EM 0.150 vs 0.200 (-0.050)" in md and "better" not in md and "worse" not in md
+
+
+def test_paired_verdict_says_better_only_when_the_interval_excludes_zero(tmp_path):
+    """trained vs warm start on the same questions: 40 of 150 more right answers is "EM better" with an interval
+    above 0; one more right answer is "no difference detectable" with the detectable size, never "better"."""
+    from rag_dpo.pipeline.run import paired_comparison, results_markdown
+    from rag_dpo.records import Chain, Step, write_chains
+    r = load_recipe(RECIPES / "dpo_step.yaml")
+
+    def chains(right: int, n: int = 150):
+        out = []
+        for i in range(n):
+            ans = "Paris" if i < right else "Lyon"
+            c = Chain(f"q{i}", "Q?", ["Paris"], [], [Step("0", None, "t", "answer", answer=ans)], selected="0")
+            c.method = "agent"
+            out.append(c)
+        return out
+
+    for trained_right, expect in ((60, "better than the warm start on EM, F1 (95 % interval excludes 0)"), (21, "no difference detectable")):
+        d = tmp_path / str(trained_right)
+        write_chains(d / "eval" / "warm_start" / "chains.jsonl", chains(20))
+        write_chains(d / "eval" / "trained" / "chains.jsonl", chains(trained_right))
+        paired = paired_comparison(d, {"warm_start": "w", "trained": "t"}, ["agent"], n_boot=500)
+        em = paired["agent"]["em"]
+        assert paired["agent"]["questions"] == 150 and em["diff"] == pytest.approx((trained_right - 20) / 150)
+        md = results_markdown(r, {"warm_start": {"agent": {"em": 0.1}}, "trained": {"agent": {"em": 0.2}}}, paired)
+        assert expect in md and "95 %" in md
+        if trained_right == 21:
+            assert "better" not in md and em["lo"] <= 0 <= em["hi"] and em["mde"] > 0
+        else:
+            assert em["lo"] > 0
 
 
 def test_missing_recipe_is_one_line_error(tmp_path):
@@ -76,3 +107,53 @@ def test_missing_recipe_is_one_line_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "rag_dpo.cli", "train", str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "nope.yaml" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_warm_start_is_built_once_per_key_and_shared_between_recipes(tmp_path, tiny_policy_dir, monkeypatch):
+    """Two recipes with the same model, oracle chains and SFT settings (sft.yaml and dpo_step.yaml here) share one
+    cached warm start: the second run links the entry without training. Another SFT setting is another entry, and a
+    half-built entry (killed before the rename) is never taken for a finished one."""
+    import rag_dpo.train.sft as sft
+    from rag_dpo.paths import cache_dir
+    from rag_dpo.pipeline.run import warm_start
+    monkeypatch.setenv("RAG_DPO_CACHE", str(tmp_path / "cache"))
+    same = _overrides(tiny_policy_dir) + ["warm_start.questions=3", "data.fractions=0.6,0.1,0.3",
+                                          "warm_start.trainer.lora.r=8", "warm_start.trainer.lora.alpha=16",
+                                          "warm_start.trainer.learning_rate=1e-4", "warm_start.trainer.num_train_epochs=1",
+                                          "warm_start.trainer.full_finetune=false",
+                                          "warm_start.trainer.gradient_accumulation_steps=1",
+                                          "warm_start.trainer.per_device_train_batch_size=1"]
+    a = load_recipe(RECIPES / "sft.yaml", same)
+    b = load_recipe(RECIPES / "dpo_step.yaml", same)
+    calls = []
+    real = sft.train_sft
+
+    def counting(*args, **kw):
+        calls.append(args[2])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sft, "train_sft", counting)
+    wa = warm_start(a, tmp_path / "run_a")
+    assert len(calls) == 1 and wa.is_symlink() and (wa / "adapter_config.json").exists()
+    entry = wa.resolve()
+    assert entry.parent == cache_dir("warm_starts") and not (entry / "checkpoints").exists()
+    assert json.loads((entry / "warm_start.json").read_text())["questions"] == 3
+    wb = warm_start(b, tmp_path / "run_b")
+    assert len(calls) == 1 and wb.resolve() == entry                # shared, not retrained
+    # killed mid-build: a .building folder is not an entry; the next run builds (and finishes) it
+    c = load_recipe(RECIPES / "sft.yaml", same + ["warm_start.trainer.learning_rate=2e-4"])
+
+    class Killed(Exception):
+        pass
+
+    def die(*args, **kw):
+        Path(args[2]).mkdir(parents=True)
+        raise Killed
+
+    monkeypatch.setattr(sft, "train_sft", die)
+    with pytest.raises(Killed):
+        warm_start(c, tmp_path / "run_c")
+    assert [p.name.endswith(".building") for p in cache_dir("warm_starts").iterdir() if p.is_dir()].count(True) == 1
+    monkeypatch.setattr(sft, "train_sft", counting)
+    wc = warm_start(c, tmp_path / "run_c")
+    assert len(calls) == 2 and wc.resolve() != entry and not list(cache_dir("warm_starts").glob("*.building"))

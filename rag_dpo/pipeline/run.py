@@ -109,10 +109,32 @@ def _tokenizer(spec: str):
 
 # ---- steps ------------------------------------------------------------------------------------------------------
 
+WARM_START_FORMAT = 1   # bump when the warm-start training code changes what a cached entry holds
+
+
+def warm_start_key(recipe: Recipe, chains_path: Path) -> str:
+    """The cache key of a warm start: the model, the exact oracle chains it trains on (their sha256: question set,
+    retrieval settings and split are all in there), the resolved SFT settings and the seed."""
+    from rag_dpo.io import stable_hash
+    settings = dataclasses.asdict(dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed))
+    settings.pop("wandb", None)                     # reporting does not change the weights
+    return stable_hash({"format": WARM_START_FORMAT, "model": recipe.model, "chains": file_sha256(chains_path),
+                        "trainer": settings})
+
+
 def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
-    """SFT on oracle chains of the train split (`warm_start.questions` of them). Returns the adapter folder, or
-    None when the recipe disables the warm start. Skipped when run_dir/warm_start is finished."""
+    """SFT on oracle chains of the train split (`warm_start.questions` of them). Returns the adapter/model folder,
+    or None when the recipe disables the warm start.
+
+    Built once per `warm_start_key` in the cache (`rag_dpo.paths.cache_dir("warm_starts", key)`) and shared by every
+    recipe and compare that asks for the same one (`make train-dpo`, `make train-sft`, `make train-ppo`,
+    `make compare`): built in `<key>.building` (resumable from its checkpoints), checkpoints dropped, then renamed
+    into place, so a finished entry is always whole; a lock file keeps two processes from building one entry at
+    once. `run_dir/warm_start` is a symlink to the entry (an existing finished folder there is used as is)."""
+    import shutil
+
     from rag_dpo.data import write_manifest
+    from rag_dpo.paths import cache_dir
     from rag_dpo.train.common import is_done
     from rag_dpo.train.sft import train_sft
     if not recipe.warm_start.enabled:
@@ -120,7 +142,7 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     out = run_dir / "warm_start"
     if is_done(out):
-        log(f"warm start: done ({out})")
+        log(f"warm start: done ({out.resolve()})")
         return out
     w = world(recipe)
     qs = warm_start_questions(recipe)
@@ -134,17 +156,55 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
         chains = oracle_chains(qs, w.corpus, w.retriever, tokenizer=tok, k=recipe.retrieval.k,
                                max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
         write_chains(chains_path, chains)
-    sft_dir = data_dir / "sft"
-    if not (sft_dir / "budget.json").exists():
-        from rag_dpo.pairs import PairConfig, build_dataset
-        build_dataset(chains_path, "sft", sft_dir, tok, PairConfig(level="chain"))
-    settings = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed)
-    log(f"warm start: SFT on {_rows(sft_dir)} oracle chains")
-    train_sft(settings, sft_dir, out, model=recipe.model)
-    release_memory()
-    write_manifest(out, [q.id for q in qs], data_files=[w.data_path], info={"stage": "warm_start",
-                                                                             "recipe": recipe.name})
+    key = warm_start_key(recipe, chains_path)
+    root = cache_dir("warm_starts")
+    entry = root / key
+    with _file_lock(root / f"{key}.lock"):
+        if not is_done(entry):
+            sft_dir = data_dir / "sft"
+            if not (sft_dir / "budget.json").exists():
+                from rag_dpo.pairs import PairConfig, build_dataset
+                build_dataset(chains_path, "sft", sft_dir, tok, PairConfig(level="chain"))
+            building = root / f"{key}.building"
+            settings = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed)
+            log(f"warm start: SFT on {_rows(sft_dir)} oracle chains -> cache {entry}")
+            t0 = time.perf_counter()
+            train_sft(settings, sft_dir, building, model=recipe.model)
+            release_memory()
+            write_manifest(building, [q.id for q in qs], data_files=[w.data_path],
+                           info={"stage": "warm_start", "recipe": recipe.name, "key": key})
+            atomic_write_json(building / "warm_start.json",
+                              {"key": key, "model": recipe.model, "questions": len(qs), "recipe": recipe.name,
+                               "build_minutes": round((time.perf_counter() - t0) / 60, 1),
+                               "trainer": dataclasses.asdict(settings)})
+            shutil.rmtree(building / "checkpoints", ignore_errors=True)   # optimizer states: GBs, never reused
+            if entry.exists():
+                shutil.rmtree(entry)
+            building.rename(entry)
+        else:
+            log(f"warm start: cached ({entry})")
+    if out.is_symlink() or out.exists():
+        out.unlink() if out.is_symlink() else shutil.rmtree(out)
+    out.symlink_to(entry.resolve(), target_is_directory=True)
     return out
+
+
+class _file_lock:
+    """An exclusive flock on `path` for the with-block (released when the process dies, so never stale)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+        self.fh = open(self.path, "a")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
 
 
 def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_ids: list[str] | None = None,
@@ -323,8 +383,11 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
                            model_and_tokenizer=load_policy(str(spec), merge_adapter=True))
         table[name] = metrics_by_method(res)
         release_memory()
-    summary = results_markdown(recipe, table)
+    paired = paired_comparison(run_dir, policies, methods)
+    summary = results_markdown(recipe, table, paired)
     atomic_write_json(run_dir / "results.json", table)
+    if paired:
+        atomic_write_json(run_dir / "paired.json", paired)
     atomic_write_text(run_dir / "results.md", summary)
     _log_results(table)
     return table
@@ -344,8 +407,45 @@ def metrics_by_method(results: dict) -> dict[str, dict]:
     return out
 
 
-def results_markdown(recipe: Recipe, table: dict[str, dict]) -> str:
-    """The policy x metric table and how the trained policy compares with the warm start it came from."""
+PAIRED_METRICS = (("em", "EM"), ("f1", "F1"), ("support_recall", "recall"))
+
+
+def paired_comparison(run_dir: str | Path, policies: dict[str, str | None], methods: list[str],
+                      n_boot: int = 2000) -> dict:
+    """trained vs its reference (warm start, else base) on the same eval questions: per method and metric the
+    paired difference with its 95 % bootstrap interval and p (`eval.stats.paired_bootstrap`), and for EM the
+    minimum detectable difference at 80 % power. {} when either policy was not evaluated."""
+    from rag_dpo.eval.evaluate import chain_scores
+    from rag_dpo.eval.stats import min_detectable_effect, paired_bootstrap
+    from rag_dpo.records import read_chains
+    ref = "warm_start" if policies.get("warm_start") else "base"
+    if not policies.get("trained") or not policies.get(ref):
+        return {}
+    run_dir = Path(run_dir)
+    scores: dict[str, dict] = {}
+    for name in ("trained", ref):
+        path = run_dir / "eval" / name / "chains.jsonl"
+        if not path.exists():
+            return {}
+        scores[name] = {(c.method, c.question_id): chain_scores(c) for c in read_chains(path)}
+    out: dict = {"reference": ref}
+    for m in methods:
+        qids = sorted(q for (mm, q) in scores["trained"] if mm == m and (m, q) in scores[ref])
+        if not qids:
+            continue
+        res: dict = {"questions": len(qids)}
+        for key, _ in PAIRED_METRICS:
+            a = [scores["trained"][(m, q)][key] for q in qids]
+            b = [scores[ref][(m, q)][key] for q in qids]
+            res[key] = paired_bootstrap(a, b, n_boot=n_boot)
+            if key == "em":
+                res[key]["mde"] = min_detectable_effect(a, b)["mde"]
+        out[m] = res
+    return out
+
+
+def results_markdown(recipe: Recipe, table: dict[str, dict], paired: dict | None = None) -> str:
+    """The policy x metric table and how the trained policy compares with the policy it started from."""
     methods = sorted({m for t in table.values() for m in t})
     keys = [k for k in METRICS if any(k in t.get(m, {}) for t in table.values() for m in methods)]
     if not keys:
@@ -357,11 +457,39 @@ def results_markdown(recipe: Recipe, table: dict[str, dict]) -> str:
         for m in methods:
             if m in t:
                 lines.append(f"| {name} | {m} | " + " | ".join(_fmt(t[m].get(k)) for k in keys) + " |")
-    lines += ["", verdict(recipe, table)]
+    lines += ["", paired_verdict(recipe, paired) if paired else verdict(recipe, table)]
     return "\n".join(lines) + "\n"
 
 
+def paired_verdict(recipe: Recipe, paired: dict) -> str:
+    """One line per method: each paired difference with its 95 % interval; "better"/"worse" only when the interval
+    excludes 0, otherwise "no detectable difference" with the smallest EM change this test could have seen."""
+    ref = paired["reference"].replace("_", " ")
+    out = []
+    for m, res in paired.items():
+        if m == "reference":
+            continue
+        parts, better, worse = [], [], []
+        for key, label in PAIRED_METRICS:
+            r = res[key]
+            parts.append(f"Δ{label} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] (p {r['p_value']:.3f})")
+            if r["lo"] > 0:
+                better.append(label)
+            elif r["hi"] < 0:
+                worse.append(label)
+        words = ([f"better than the {ref} on {', '.join(better)}"] if better else []) + \
+            ([f"worse than the {ref} on {', '.join(worse)}"] if worse else [])
+        mde = res["em"].get("mde")
+        tail = ("; ".join(words) + " (95 % interval excludes 0)") if words else \
+            (f"no difference detectable at 95 % (this test could see ΔEM of about {mde:.3f} at 80 % power)"
+             if mde == mde and mde is not None else "no difference detectable at 95 %")
+        out.append(f"**{recipe.method.upper()}-trained policy vs the {ref}, {m}, paired over {res['questions']} "
+                   f"{recipe.data.eval_split} questions:** " + ", ".join(parts) + f". {tail}.")
+    return "\n\n".join(out)
+
+
 def verdict(recipe: Recipe, table: dict[str, dict]) -> str:
+    """Without per-question scores (no paired test possible) only the numbers, never a "better"/"worse"."""
     ref = "warm_start" if "warm_start" in table else "base"
     if "trained" not in table or ref not in table:
         return ""
@@ -370,11 +498,9 @@ def verdict(recipe: Recipe, table: dict[str, dict]) -> str:
         a, b = table["trained"][m], table[ref].get(m, {})
         for k in ("em", "f1"):
             if k in a and k in b:
-                d = a[k] - b[k]
-                word = "better than" if d > 0 else "worse than" if d < 0 else "the same as"
-                parts.append(f"{m} {k.upper()} {a[k]:.3f} vs {b[k]:.3f} ({d:+.3f}, {word} the {ref.replace('_', ' ')})")
-    return (f"**The {recipe.method.upper()}-trained policy vs the {ref.replace('_', ' ')} it started from:** "
-            + "; ".join(parts) + ".") if parts else ""
+                parts.append(f"{m} {k.upper()} {a[k]:.3f} vs {b[k]:.3f} ({a[k] - b[k]:+.3f})")
+    return (f"**The {recipe.method.upper()}-trained policy vs the {ref.replace('_', ' ')} it started from** (no "
+            "paired test, so no verdict): " + "; ".join(parts) + ".") if parts else ""
 
 
 def _fmt(x) -> str:
