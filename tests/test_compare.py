@@ -18,30 +18,55 @@ TEST_QIDS = [f"t{i}" for i in range(12)]
 
 
 class FakeBackend:
-    """Deterministic stand-in: each arm's per-question EM is a fixed draw shifted by a per-family offset, the
-    step-level arms get exactly the pool's budget, PPO records its own (slightly different) spend."""
+    """Deterministic stand-in: each arm's per-question EM is a fixed draw shifted by a per-family offset. Budgets are
+    computed, not copied: seed s's step pool spends a seeded number of tokens per question; step-DPO reads that
+    pool; the outcome arms sample i.i.d. chains of seeded random length per question with the real stopping rule
+    (`annotate.sampled_pool.wants_more`), scaled by `outcome_factor` (1.5 = a broken matcher); PPO spends
+    `ppo_tokens_factor` times the pool."""
 
     OFFSET = {"sft": 0.0, "outcome-dpo": 0.05, "step-dpo": 0.1, "outcome-ppo": -0.3, "process-ppo": 0.0}
 
-    def __init__(self, train_qids=20, ppo_tokens_factor=1.02):
+    def __init__(self, train_qids=20, ppo_tokens_factor=1.02, outcome_factor=1.0):
         self.qids = [f"q{i}" for i in range(train_qids)]
         self.trained: list[str] = []
         self.evaluated: list[str] = []
         self.ppo_tokens_factor = ppo_tokens_factor
+        self.outcome_factor = outcome_factor
 
     def prepare(self):
         return self.qids
 
-    def pool_budget(self, question_ids):
-        return {"questions": len(question_ids), "rollouts": 4 * len(question_ids),
-                "generated_tokens": 300 * len(question_ids)}
+    def step_tokens(self, seed, q):
+        return 200 + np.random.default_rng([seed, int(q[1:])]).integers(0, 150)
+
+    def pool_budget(self, seed, question_ids):
+        return {"questions": len(question_ids), "rollouts": len(question_ids),
+                "generated_tokens": float(sum(self.step_tokens(seed, q) for q in question_ids))}
+
+    def outcome_spend(self, seed, question_ids):
+        from rag_dpo.annotate.sampled_pool import wants_more
+        total, chains = 0.0, 0
+        for q in question_ids:
+            rng = np.random.default_rng([seed, int(q[1:]), 7])
+            spent, n = 0, 0
+            while wants_more(spent, n, self.step_tokens(seed, q), 32):
+                spent += int(rng.integers(40, 120))
+                n += 1
+            total += spent * self.outcome_factor
+            chains += n
+        return {"questions": len(question_ids), "rollouts": chains, "generated_tokens": total, "rows": chains // 3}
 
     def train(self, run, question_ids, budget, out_dir):
         self.trained.append(run.slug)
         out_dir.mkdir(parents=True, exist_ok=True)
-        spent = dict(budget)
-        if run.arm.family.endswith("ppo"):
-            spent["generated_tokens"] = int(budget["generated_tokens"] * self.ppo_tokens_factor)
+        fam = run.arm.family
+        if fam.endswith("ppo"):
+            spent = dict(budget, generated_tokens=int(budget["generated_tokens"] * self.ppo_tokens_factor), rows=40)
+        elif fam == "step-dpo":
+            spent = dict(self.pool_budget(run.seed, question_ids), rows=2 * len(question_ids),
+                         rows_by_action={"search>invalid": len(question_ids), "search>search": len(question_ids)})
+        else:
+            spent = self.outcome_spend(run.seed, question_ids)
         curve = [{"step": i, "loss": 1.0 / (i + 1) + 0.01 * run.seed} for i in range(5)]
         return TrainResult(policy=str(out_dir / "policy"), budget=spent, curve=curve)
 
@@ -104,7 +129,7 @@ def test_compare_writes_every_file_row_and_plot_and_resumes(tmp_path):
     # every method has a table row, every arm is compared with the warm start
     for name in ["base", "iter-retgen", "warm-start"] + [a.name for a in plan_arms(cfg)]:
         assert f"| {name} |" in report, name
-    assert "step-DPO vs outcome-DPO (NLL weight 0)" in report and "step-DPO vs outcome-DPO (NLL weight 1)" in report
+    assert "step-DPO vs outcome-DPO (NLL weight 0)" in report and "PRIMARY: step-dpo vs outcome-dpo" in report
     assert "step-dpo vs process-ppo" in report and "outcome-dpo vs outcome-ppo" in report
     assert "below warm start" in report              # outcome-PPO was made much worse in the fake
     assert "outcome-ppo" in report.split("Arms below the warm start")[1].split("\n")[0]
@@ -134,21 +159,62 @@ def test_compare_writes_every_file_row_and_plot_and_resumes(tmp_path):
         run_compare(cfg, FakeBackend(), progress=False)
 
 
-def test_step_and_outcome_budgets_match_and_mismatch_is_reported(tmp_path):
-    cfg = _cfg(tmp_path, arms=["outcome-dpo", "step-dpo", "process-ppo"], pairing_rules=["best-vs-worst"],
-               seeds=[0], budget_fractions=[1.0])
+def test_budgets_are_checked_against_each_seeds_step_pool_and_the_check_can_fail(tmp_path):
+    cfg = _cfg(tmp_path, arms=["sft", "outcome-dpo", "step-dpo", "process-ppo"], pairing_rules=["best-vs-worst"],
+               nll_weights=[1.0], seeds=[0, 1], budget_fractions=[0.5, 1.0])
     data = run_compare(cfg, FakeBackend(), progress=False)
-    by_family = {}
-    for r in data["runs"]:
-        by_family.setdefault(r["arm"]["family"], []).append(r["budget"])
-    assert by_family["step-dpo"][0] == by_family["outcome-dpo"][0] == data["runs"][0]["target_budget"]
+    report = (tmp_path / "results" / "t.md").read_text()
+    assert "Budgets match" in report and "Budgets were NOT matched" not in report
+    # each seed has its own pool, so its own target; the outcome arms' spend is sampled, not copied
+    targets = {(r["seed"], r["fraction"]): r["target_budget"]["generated_tokens"] for r in data["runs"]}
+    assert targets[(0, 1.0)] != targets[(1, 1.0)]
+    out = next(r for r in data["runs"] if r["name"] == "outcome-dpo+nll" and r["seed"] == 0)
+    assert out["budget"]["generated_tokens"] != out["target_budget"]["generated_tokens"]
+    assert abs(out["budget"]["generated_tokens"] / out["target_budget"]["generated_tokens"] - 1) < 0.1
+    # training rows are reported next to the budgets, with the step pairs' action mix
+    assert "search>invalid 20, search>search 20" in report
+    res = json.loads((tmp_path / "results" / "t.json").read_text())
+    assert res["budget_check"]["ok"] is True
+    step_row = next(r for r in res["training_rows"] if r["family"] == "step-dpo" and r["fraction"] == 1.0)
+    assert step_row["rows"] == 40 and step_row["rows_by_action"]["search>search"] == 20
 
-    cfg2 = _cfg(tmp_path, name="t2", arms=["step-dpo", "process-ppo"], pairing_rules=["best-vs-worst"],
-                seeds=[0], budget_fractions=[1.0])
-    run_compare(cfg2, FakeBackend(ppo_tokens_factor=1.5), progress=False)
+    # a matcher that overshoots (or PPO that overspends) fails the check, and the verdict says so
+    cfg2 = _cfg(tmp_path, name="t2", arms=["sft", "step-dpo", "process-ppo"], pairing_rules=["best-vs-worst"],
+                nll_weights=[1.0], seeds=[0], budget_fractions=[1.0])
+    run_compare(cfg2, FakeBackend(outcome_factor=1.5, ppo_tokens_factor=1.3), progress=False)
     report = (tmp_path / "results" / "t2.md").read_text()
-    assert "Budgets do not match" in report and "generated_tokens" in report
+    problems = report.split("**Budgets do not match**")[1].split("##")[0]
+    assert "sft s0" in problems and "process-ppo s0" in problems and "step-dpo" not in problems
     assert "Budgets were NOT matched" in report
+    assert json.loads((tmp_path / "results" / "t2.json").read_text())["budget_check"]["ok"] is False
+
+
+def test_primary_comparison_holm_and_mde_in_report_and_json(tmp_path):
+    cfg = _cfg(tmp_path, seeds=[0, 1, 2], budget_fractions=[1.0])
+    run_compare(cfg, FakeBackend(), progress=False)
+    report = (tmp_path / "results" / "t.md").read_text()
+    verdict = report.split("## Verdict")[1].split("## What was run")[0]
+    assert verdict.split("\n- ")[1].startswith("PRIMARY step-dpo vs outcome-dpo")
+    res = json.loads((tmp_path / "results" / "t.json").read_text())
+    tests = res["tests"]
+    prim = [t for t in tests if t["primary"]]
+    assert len(prim) == 1 and prim[0]["metric"] == "em" and prim[0]["p_holm"] is None
+    assert (prim[0]["a"], prim[0]["b"]) == ("step-dpo[best-vs-worst]+nll", "outcome-dpo+nll")
+    secondary = [t for t in tests if not t["primary"]]
+    from rag_dpo.eval.stats import holm
+    assert [t["p_holm"] for t in secondary] == pytest.approx(holm([t["p"] for t in secondary]))
+    assert any(t["kind"] == "vs-warm-start" for t in secondary) and any(t["metric"] == "f1" for t in secondary)
+    assert all(t["p_holm"] >= t["p"] for t in secondary)
+    for t in tests:   # the MDE next to every test is the stats function's on the same matrices
+        assert t["mde"] != t["mde"] or 0 < t["mde"] <= 1
+    assert f"| {prim[0]['label']} |" in report and "| primary |" in report
+    # per method: mean + interval + per-seed values of every metric; ΔEM vs warm start; test question count
+    assert res["test_questions"] == len(TEST_QIDS) and res["warm_start_shared_by_all_seeds"] is True
+    sd = res["methods"]["step-dpo[best-vs-worst]+nll"]
+    assert len(sd["metrics"]["em"]["per_seed"]) == 3 and sd["metrics"]["em"]["lo"] <= sd["metrics"]["em"]["mean"]
+    assert set(sd["metrics"]) == {"em", "f1", "recall", "steps", "parse_error"}
+    assert {"diff", "lo", "hi", "p", "p_holm", "mde"} <= set(sd["delta_em_vs_warm_start"])
+    assert "delta_em_vs_warm_start" not in res["methods"]["warm-start"]
 
 
 class NoPairsBackend(FakeBackend):
@@ -175,9 +241,10 @@ def test_arm_without_training_data_is_scored_as_warm_start_and_flagged(tmp_path)
     assert "no training data" in report.split("## Verdict")[1].split("##")[0] and \
         "sft" in report.split("gave no training data")[1].split("\n")[0]
     # a paired test against an arm that trained on nothing is not reported as a result
-    assert "step-DPO vs outcome-DPO (NLL weight 1): not a comparison — outcome-dpo+nll had no training data" in report
-    assert "did not demonstrably beat outcome-DPO" not in report
-    assert "| step-DPO vs outcome-DPO (NLL weight 1) (⚠ no training data: outcome-dpo+nll) |" in report
+    assert "PRIMARY comparison step-dpo vs outcome-dpo: not a comparison — outcome-dpo+nll had no training data" \
+        in report
+    assert "did not demonstrably beat" not in report
+    assert "| PRIMARY: step-dpo vs outcome-dpo (main variants) (⚠ no training data: outcome-dpo+nll) |" in report
     # the families `arms=` left out are named, and no PPO budget claim is made without PPO runs
     assert "**not in this compare** (`arms=` leaves them out): outcome-ppo, process-ppo" in report
     assert "PPO arms stayed within" not in report
@@ -277,17 +344,19 @@ def test_recipe_fields_of_every_arm_exist():
         load_compare_config(path, ["trainers.rl.x=1"])
 
 
-def _labelled_pool(recipe, tokenizer, path):
-    """A small labelled tree per pool question, as `collect_rollouts` would leave it (a random tiny model cannot
-    produce chains with any right answer, so no pair could be built from its own rollouts): a good and a bad
-    first search (evidence 1 / 0), then a right and a wrong answer after the good search."""
+def _labelled_pools(recipe, tokenizer, path):
+    """Seed 0's two pools, as `PipelineBackend` would leave them (a random tiny model cannot produce chains with any
+    right answer, so no pair could be built from its own rollouts). Step pool: per question a good and a bad first
+    search (evidence 1 / 0), then a right and a wrong answer after the good search (33 generated tokens).
+    Outcome pool: three i.i.d. whole chains per question, one right, one wrong, one failed (invalid), 31 tokens."""
     from rag_dpo.agent.protocol import format_observation, format_step
+    from rag_dpo.annotate.annotators import OutcomeAnnotator
     from rag_dpo.io import atomic_write_json
     from rag_dpo.pairs.builders import budget
     from rag_dpo.pipeline import run as steps
-    from rag_dpo.records import ANSWER, SEARCH, Chain, Label, Step, write_chains
+    from rag_dpo.records import ANSWER, INVALID, SEARCH, Chain, Label, Step, write_chains
     w = steps.world(recipe)
-    chains = []
+    chains, iid = [], []
     for q in steps.pool_questions(recipe):
         good = [w.corpus[p] for p in q.supporting_ids[:2]]
         other = [p for p in w.corpus if p.id not in q.supporting_ids][:2]
@@ -295,44 +364,58 @@ def _labelled_pool(recipe, tokenizer, path):
         def lab(v):
             return {"evidence": Label(v, v > 0.5, "evidence", {"rollouts": 0.0, "generated_tokens": 0.0})}
 
-        s = [Step("0", None, format_step("find the evidence", SEARCH, q.question), SEARCH, query=q.question,
-                  retrieved_ids=[p.id for p in good], observation=format_observation(good, tokenizer, 16),
-                  generated_tokens=12, labels=lab(1.0)),
-             Step("1", None, format_step("guess", SEARCH, "weather today"), SEARCH, query="weather today",
-                  retrieved_ids=[p.id for p in other], observation=format_observation(other, tokenizer, 16),
-                  generated_tokens=9, labels=lab(0.0)),
-             Step("2", "0", format_step("found it", ANSWER, q.answers[0]), ANSWER, answer=q.answers[0],
-                  generated_tokens=7, labels=lab(1.0)),
-             Step("3", "0", format_step("not sure", ANSWER, "nobody"), ANSWER, answer="nobody",
-                  generated_tokens=5, labels=lab(0.0))]
+        def search(sid, parent, passages, query, tokens, value=None):
+            return Step(sid, parent, format_step("look", SEARCH, query), SEARCH, query=query,
+                        retrieved_ids=[p.id for p in passages], observation=format_observation(passages, tokenizer, 16),
+                        generated_tokens=tokens, labels=lab(value) if value is not None else {})
+
+        def answer(sid, parent, ans, tokens, value=None):
+            return Step(sid, parent, format_step("so", ANSWER, ans), ANSWER, answer=ans, generated_tokens=tokens,
+                        labels=lab(value) if value is not None else {})
+
+        s = [search("0", None, good, q.question, 12, 1.0), search("1", None, other, "weather today", 9, 0.0),
+             answer("2", "0", q.answers[0], 7, 1.0), answer("3", "0", "nobody", 5, 0.0)]
         chains.append(Chain(q.id, q.question, gold_answers=list(q.answers), supporting_ids=list(q.supporting_ids),
-                            steps=s, selected="2", method="tree"))
-    write_chains(path / "labels.jsonl", chains)
-    atomic_write_json(path / "done.json", budget(chains, "evidence"))
+                            steps=s, selected="2", method="tree-search"))
+        for steps_ in ([search("0", None, good, q.question, 6), answer("1", "0", q.answers[0], 5)],
+                       [search("0", None, other, "weather", 6), answer("1", "0", "nobody", 5)],
+                       [search("0", None, other, "weather", 6),
+                        Step("1", "0", "<answer></answer>", INVALID, parse_error="empty <answer>", generated_tokens=3)]):
+            iid.append(Chain(q.id, q.question, gold_answers=list(q.answers), supporting_ids=list(q.supporting_ids),
+                             steps=steps_, selected="1", method="sampled"))
+    OutcomeAnnotator().annotate(iid)
+    write_chains(path / "step" / "labels.jsonl", chains)
+    atomic_write_json(path / "step" / "done.json", budget(chains, "evidence"))
+    write_chains(path / "outcome" / "labels.jsonl", iid)
+    atomic_write_json(path / "outcome" / "done.json", budget(iid, "outcome"))
     return chains
 
 
 def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, tokenizer):
-    """`run_compare` with `PipelineBackend` on the tiny random model: real warm start, pair datasets, SFT / DPO
-    training, evaluations of baselines and arms, report. The rollout pool is a labelled file placed where
-    `collect_rollouts` resumes from."""
+    """`run_compare` with `PipelineBackend` on the tiny random model: real warm start, pools, pair datasets, SFT /
+    DPO training, evaluations of baselines and arms, report. Seed 0's pools are labelled files placed where the
+    backend resumes from; seeds 1 and 2 sample their own pools with the tiny model (tree search, then i.i.d. chains
+    matched on its tokens)."""
+    from rag_dpo.annotate.sampled_pool import chain_tokens, tokens_by_question
     from rag_dpo.config import apply_overrides
     from rag_dpo.pipeline.compare import PipelineBackend, base_recipe
+    from rag_dpo.records import read_chains
     fast = ["precision=fp32", "max_length=384", "max_steps=1", "logging_steps=1", "per_device_train_batch_size=2",
             "gradient_accumulation_steps=1", "save_steps=1000", "wandb=false"]
     cfg = CompareConfig(
         name="e2e", recipe=str(REPO / "recipes" / "dpo_step.yaml"),
         recipe_overrides=[f"model={tiny_policy_dir}", "data.eval_split=test", "warm_start.questions=2",
-                          "rollout.questions=3", "rollout.max_steps=2", "rollout.max_new_tokens=6",
+                          "rollout.questions=3", "rollout.max_steps=2", "rollout.max_new_tokens=6", "rollout.k=2",
                           "retrieval.max_tokens_per_passage=16", "eval.limit=2", "eval.batch_size=4"]
         + [f"warm_start.trainer.{o}" for o in fast] + [f"trainer.{o}" for o in fast],
         trainers={"sft": apply_overrides({}, fast)},
         arms=["sft", "outcome-dpo", "step-dpo"], pairing_rules=["best-vs-worst"], nll_weights=[1.0],
-        seeds=[0], ablation_seeds=[0], curve_seeds=[0], budget_fractions=[1.0], baselines=["base", "iter-retgen"],
-        n_boot=100, run_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"))
+        seeds=[0, 1, 2], ablation_seeds=[0], curve_seeds=[0], budget_fractions=[1.0],
+        baselines=["base", "iter-retgen"], n_boot=100, run_dir=str(tmp_path / "runs"),
+        out_dir=str(tmp_path / "results"))
     cfg.validate()
     shared = tmp_path / "runs" / "e2e" / "shared"
-    pool = _labelled_pool(base_recipe(cfg), tokenizer, shared / "rollouts")
+    pool = _labelled_pools(base_recipe(cfg), tokenizer, shared / "pools" / "s0")
     data = run_compare(cfg, PipelineBackend(cfg), progress=False)
 
     assert (shared / "warm_start" / "training_manifest.json").exists()
@@ -342,14 +425,37 @@ def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, to
     for png in ("e2e_metrics.png", "e2e_training_curves.png", "e2e_budget_curve.png"):
         p = tmp_path / "results" / png
         assert p.read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report
-    runs = {r["name"]: r for r in data["runs"]}
-    assert set(runs) == {"sft", "outcome-dpo+nll", "step-dpo[best-vs-worst]+nll"}
-    for r in runs.values():
-        assert len(r["rows"]) == 2 and r["questions"] == len(pool)
+    runs = {(r["name"], r["seed"]): r for r in data["runs"]}
+    s0 = {name: r for (name, seed), r in runs.items() if seed == 0}
+    assert set(s0) == {"sft", "outcome-dpo+nll", "step-dpo[best-vs-worst]+nll"}
+    for r in s0.values():
+        assert len(r["rows"]) == 2 and r["questions"] == len(pool) and not r["no_data"]
         assert r["curve"] and "loss" in r["curve"][0]        # the trainer's log_history was read
         assert (Path(r["policy"]) / "adapter_config.json").exists()
-        for key in ("questions", "rollouts", "generated_tokens"):   # every arm paid exactly the pool's cost
-            assert r["budget"][key] == r["target_budget"][key], (r["name"], key)
-    assert runs["step-dpo[best-vs-worst]+nll"]["budget"]["generated_tokens"] == 33 * len(pool)
-    assert "Budgets match" in report
+        assert r["budget"]["questions"] == r["target_budget"]["questions"] == len(pool)
+        assert r["target_budget"]["generated_tokens"] == 33 * len(pool)   # the step pool's spend
+    # step-DPO read the step pool, the outcome arms the i.i.d. pool (their own files, their own costs)
+    assert s0["step-dpo[best-vs-worst]+nll"]["budget"]["generated_tokens"] == 33 * len(pool)
+    assert s0["step-dpo[best-vs-worst]+nll"]["budget"]["rows_by_action"] == {"answer>answer": 3, "search>search": 3}
+    for name in ("sft", "outcome-dpo+nll"):
+        assert s0[name]["budget"]["generated_tokens"] == 31 * len(pool)
+        assert s0[name]["budget"]["annotator"] == "outcome" and s0[name]["budget"]["annotation_generated_tokens"] == 0
+    assert s0["outcome-dpo+nll"]["budget"]["rows"] == 3              # right vs wrong per question (best-vs-worst)
+    assert "Budgets match" in report                                  # 31 vs 33 tokens: within 10 %
     assert {len(b["rows"]) for b in data["baselines"].values()} == {2}
+
+    # seeds 1 and 2 sampled their own pools from the (shared) warm start: different trees, different chains
+    trees = {s: read_chains(shared / "pools" / f"s{s}" / "step" / "labels.jsonl") for s in (1, 2)}
+    iid = {s: read_chains(shared / "pools" / f"s{s}" / "outcome" / "labels.jsonl") for s in (1, 2)}
+    assert [c.question_id for c in trees[1]] == [c.question_id for c in trees[2]]
+    assert [s.text for c in trees[1] for s in c.steps] != [s.text for c in trees[2] for s in c.steps]
+    for s in (1, 2):
+        assert all(c.sampling["seed"] == s for c in trees[s])
+        target = tokens_by_question(trees[s], "evidence")
+        got = tokens_by_question(iid[s], None)
+        assert set(got) == set(target)
+        for qid, t in target.items():   # i.i.d. chains matched per question, within one chain of the target
+            assert abs(got[qid] - t) <= max(chain_tokens(c) for c in iid[s] if c.question_id == qid)
+        assert all(set(st.labels) == {"outcome"} and len(c.leaves()) == 1 for c in iid[s] for st in c.steps)
+    # the tiny model answers nothing right: seeds 1-2 have no outcome data and are scored as the warm start
+    assert all(runs[("sft", s)]["no_data"] for s in (1, 2))

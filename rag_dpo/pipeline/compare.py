@@ -1,11 +1,21 @@
 """The step-level vs outcome-only comparison (`rag-dpo compare`, `make compare`).
 
-One warm-started policy and one pool of annotated rollouts on the train split are shared by every arm, so the
-arms differ only in how they turn that pool into a training signal: SFT on the good chains, DPO on outcome-level
-or step-level pairs (each with and without the NLL term on the chosen completion, step-DPO with each pairing
-rule), and PPO with outcome or process rewards (whose on-policy rollouts are capped at the pool's spend). Each arm
-is trained over several seeds and evaluated with the base model, ITER-RETGEN and the warm start on the held-out
-test split; a budget curve repeats the main step-DPO and outcome-DPO arms on nested 1/4 and 1/2 question subsets.
+One warm-started policy (built once, shared by every seed and arm) and, per seed, two pools on the same train
+questions (`pools: separate`, the default):
+- the *step pool*: tree search (K candidates per prefix, the recipe's step annotator picks the path); step-DPO
+  trains on its sibling pairs;
+- the *outcome pool*: whole chains sampled independently per question with no annotator
+  (`annotate.sampled_pool`), per question as many generated tokens as the step pool spent there, the step
+  annotator's own generation (Monte-Carlo continuations) included. SFT and outcome-DPO train on it, so the
+  outcome-only arms never see a path the process annotator chose.
+PPO arms roll out themselves, capped at the step pool's generated tokens. `pools: shared` is the named ablation
+of the earlier design: one tree pool per seed (losing steps finished to whole chains) feeds every arm.
+
+Seeds are independent runs: seed s samples its own pools (rollout seed s) and trains with data order s, so the
+intervals cover pool variance too. One comparison is primary (`primary`, step-DPO vs outcome-DPO at the main
+settings); every other test in the report is secondary and Holm-corrected (see `compare_report`).
+Each arm is evaluated with the base model, ITER-RETGEN and the warm start on the held-out test split; a budget
+curve can repeat the main step-DPO and outcome-DPO arms on nested question subsets.
 
 The orchestration (which runs, resume, budgets, report) is separate from the work: it talks to a `CompareBackend`
 (prepare the pool, train one arm, evaluate one policy), so it can be tested with fakes in a second. The real
@@ -29,6 +39,7 @@ from rag_dpo.errors import InputError
 from rag_dpo.io import atomic_write_json, stable_hash
 
 FAMILIES = ("sft", "outcome-dpo", "step-dpo", "outcome-ppo", "process-ppo")
+POOL_MODES = ("separate", "shared")
 PAIRING_RULES = ("best-vs-worst", "all-margin", "same-action")
 BASELINES = ("base", "iter-retgen")
 WARM_START = "warm-start"
@@ -57,6 +68,14 @@ class CompareConfig:
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # evaluated next to the warm start
     ppo_spend_budget: bool = True            # PPO keeps rolling out until it generated the pool's tokens (its
                                              # `iterations` are raised as needed); false: stop at `iterations`
+    pools: str = "separate"                  # separate: step pool (tree search) for step arms, i.i.d. chains matched
+                                             # on generated tokens for outcome arms; shared: one finished tree pool
+                                             # feeds every arm (the ablation: outcome arms see annotator-chosen paths)
+    outcome_max_chains: int = 32             # cap on i.i.d. chains per question in the outcome pool
+    primary: list[str] = field(default_factory=lambda: ["step-dpo", "outcome-dpo"])   # THE comparison (main
+                                             # variants; uncorrected); every other test is Holm-corrected
+    budget_tolerance: float = 0.10           # relative slack on generated tokens between an arm's data and the step
+                                             # pool's spend (i.i.d. chains and PPO cannot stop at an exact count)
     n_boot: int = 2000                       # bootstrap replicates for intervals and paired tests
     run_dir: str = "runs/compare"            # parent of the run folder
     out_dir: str = "results"                 # where the report and plots go
@@ -82,6 +101,14 @@ class CompareConfig:
                                  field="baselines")
         if not self.seeds:
             raise InputError("at least one seed is needed", file=file, field="seeds")
+        if self.pools not in POOL_MODES:
+            raise InputError(f"unknown pools mode '{self.pools}' (known: {', '.join(POOL_MODES)})", file=file,
+                             field="pools")
+        if len(self.primary) != 2 or len(set(self.primary)) != 2 or any(f not in FAMILIES for f in self.primary):
+            raise InputError(f"primary names two different families of {', '.join(FAMILIES)}", file=file,
+                             field="primary")
+        if self.outcome_max_chains < 1:
+            raise InputError("outcome_max_chains must be >= 1", file=file, field="outcome_max_chains")
         if 1.0 not in [float(f) for f in self.budget_fractions]:
             raise InputError("budget_fractions must include 1.0 (all questions)", file=file, field="budget_fractions")
         for method, section in self.trainers.items():
@@ -127,6 +154,11 @@ class Arm:
     def level(self) -> str:
         """What the training signal is computed from: `step` or `outcome` (PPO: its reward; SFT: outcome)."""
         return "step" if self.family in ("step-dpo", "process-ppo") else "outcome"
+
+    @property
+    def pool(self) -> str | None:
+        """Which pool an SFT/DPO arm trains on (`step` or `outcome`); None for PPO, which rolls out itself."""
+        return None if self.method == "ppo" else self.level
 
     @property
     def name(self) -> str:
@@ -198,13 +230,15 @@ class TrainResult:
 
 class CompareBackend(Protocol):
     def prepare(self) -> list[str]:
-        """Warm start + shared annotated rollout pool; returns the pool's train question ids."""
+        """The shared warm start; returns the pool's train question ids (every seed's pools use these)."""
 
-    def pool_budget(self, question_ids: list[str]) -> dict[str, float]:
-        """What the pool spent (questions, rollouts, generated_tokens) on these questions: PPO's budget cap."""
+    def pool_budget(self, seed: int, question_ids: list[str]) -> dict[str, float]:
+        """What seed `seed`'s step pool spent (questions, rollouts, generated_tokens incl. the annotator's) on these
+        questions: the budget every arm of that seed is matched to (the outcome pool, PPO's cap)."""
 
     def train(self, run: ArmRun, question_ids: list[str], budget: dict[str, float], out_dir: Path) -> TrainResult:
-        """Train one arm from the warm start on the pool restricted to `question_ids`."""
+        """Train one arm from the warm start on its seed's pool (step or outcome) restricted to `question_ids`;
+        `TrainResult.budget` is what its data cost plus `rows` (and `rows_by_action` for step pairs)."""
 
     def evaluate(self, name: str, policy: str | None, out_dir: Path) -> list[dict]:
         """Per-question rows {question_id, em, f1, recall, steps, parse_error} on the test split. `name` is a
@@ -242,6 +276,7 @@ def settings_hash(cfg: CompareConfig) -> str:
     parts = [recipe.read_text(encoding="utf-8") if recipe.exists() else cfg.recipe, list(cfg.recipe_overrides)]
     if cfg.trainers:
         parts.append(cfg.trainers)
+    parts.append({"pools": cfg.pools, "outcome_max_chains": cfg.outcome_max_chains})
     return stable_hash(parts)
 
 
@@ -323,7 +358,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
             wb = _open_run(cfg, run.slug, {"kind": "arm", **dataclasses.asdict(run.arm), "seed": run.seed,
                                            "fraction": run.fraction}, tracking)
             q = subsets[float(run.fraction)]
-            target = backend.pool_budget(q)
+            target = backend.pool_budget(run.seed, q)
             trained = backend.train(run, q, target, d)
             if trained.no_data:   # nothing to train on: the arm is its warm start (no need to evaluate it again)
                 print(f"[compare] {run.slug}: {trained.no_data}; scored as the warm start")
@@ -339,7 +374,8 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
             _log_eval(wb, rows, tracking)
             results.append(done)
             if len(results) < len(runs):   # a long compare's report is current after every run, marked partial
-                write_report(report_data(results, partial=len(runs)), Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot)
+                write_report(report_data(results, partial=len(runs)), Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot,
+                             plots=False)
         else:
             results.append(done)
         bar.update(1)
@@ -386,11 +422,12 @@ def machine_description() -> str:
 
 
 def arm_overrides(run: ArmRun) -> list[str]:
-    """Dotted overrides (`pipeline/recipe.py` field names) that turn the base recipe into one arm's recipe. Only the
-    trainer's seed changes with the seed: the warm start and the rollout pool are built once from the base recipe.
-    PPO's generated-token cap (`trainer.max_generated_tokens`) is added by the backend from the pool's spend."""
+    """Dotted overrides (`pipeline/recipe.py` field names) that turn the base recipe into one arm's recipe. The seed
+    sets the data order (`trainer.seed`) and PPO's rollout seed (`seed`); the seed's pools are built by the backend
+    (the warm start is shared by all seeds). PPO's generated-token cap (`trainer.max_generated_tokens`) is added by
+    the backend from the step pool's spend."""
     arm = run.arm
-    out = [f"method={arm.method}", f"trainer.seed={run.seed}"]
+    out = [f"method={arm.method}", f"seed={run.seed}", f"trainer.seed={run.seed}"]
     if arm.method == "dpo":
         out += [f"pairs.kind={arm.level}", f"trainer.nll_weight={arm.nll_weight}",
                 f"pairs.settings.rule={arm.pairing or 'best-vs-worst'}", "pairs.settings.dedup=true"]
@@ -419,8 +456,9 @@ def _merge(base: dict, top: dict) -> dict:
 def arm_recipe(cfg: CompareConfig, run: ArmRun, extra: list[str] | None = None):
     """The validated `Recipe` of one arm run: base recipe + recipe_overrides, the method's trainer section
     (`trainers.<method>`, over the recipe's own `trainer` when the method is the same), `arm_overrides`, `extra`.
-    Every SFT/DPO arm reads the pool's annotator labels, so each dataset's budget.json counts the annotation cost
-    the shared pool paid (as `pool_budget` does), whichever signal the arm uses."""
+    A step arm (and every arm with `pools: shared`) names the pool's step annotator, so its dataset's budget.json
+    counts what that annotator generated (as `pool_budget` does); an outcome arm on the i.i.d. pool names the
+    `outcome` labels, which cost nothing."""
     from rag_dpo.pipeline.recipe import Recipe, validate
     data = base_recipe_data(cfg)
     method = run.arm.method
@@ -429,6 +467,8 @@ def arm_recipe(cfg: CompareConfig, run: ArmRun, extra: list[str] | None = None):
     overrides = arm_overrides(run)
     if method != "ppo":
         annotator = (data.get("annotate") or {}).get("name", "evidence")
+        if cfg.pools == "separate" and run.arm.pool == "outcome":
+            annotator = "outcome"
         overrides.append(f"pairs.settings.annotator={annotator}")
     apply_overrides(data, overrides + list(extra or []))
     where = f"{cfg.recipe} (arm {run.arm.name})"
@@ -450,10 +490,11 @@ def check_recipes(cfg: CompareConfig, file: str | None = None) -> None:
 
 
 class PipelineBackend:
-    """The real backend: the pipeline steps of `pipeline/run.py`. The warm start and the annotated rollout pool are
-    built once from the base recipe in `<run>/shared` (`warm_start/`, `rollouts/labels.jsonl`); every arm run gets
-    its own folder with `pairs/<kind>/` (the pool restricted to its questions) and `trained/`, built from
-    `arm_recipe`; evaluations go to `<folder>/eval/<name>/` on the base recipe's eval split and settings."""
+    """The real backend: the pipeline steps of `pipeline/run.py`. The warm start is built once from the base recipe
+    in `<run>/shared/warm_start`; seed s's pools go to `<run>/shared/pools/s<s>/{step,outcome}/labels.jsonl`
+    (built when the seed's first arm needs them; `done.json` there marks a finished pool); every arm run gets its
+    own folder with `pairs/<kind>/` (its pool restricted to its questions) and `trained/`, built from `arm_recipe`;
+    evaluations go to `<folder>/eval/<name>/` on the base recipe's eval split and settings."""
 
     def __init__(self, cfg: CompareConfig):
         self.cfg = cfg
@@ -462,26 +503,88 @@ class PipelineBackend:
         self.root = Path(cfg.run_dir) / cfg.name
         self.shared = self.root / "shared"
         self.start: str | None = None
-        self.pool: Path | None = None
+        self._qids: list[str] = []
+        self._step_pools: dict[int, Path] = {}
 
-    def _chains(self):
-        from rag_dpo.records import read_chains
-        return read_chains(self.pool)
+    @property
+    def step_annotator(self) -> str:
+        return self.recipe.pairs.settings.annotator or self.recipe.annotate.name
 
     def prepare(self) -> list[str]:
         from rag_dpo.pipeline import run as steps
         self.shared.mkdir(parents=True, exist_ok=True)
         warm = steps.warm_start(self.recipe, self.shared)
         self.start = str(warm) if warm else self.recipe.model
-        self.pool = Path(steps.collect_rollouts(self.recipe, self.shared, self.start))
-        return sorted({c.question_id for c in self._chains()})
+        self._qids = sorted(q.id for q in steps.pool_questions(self.recipe))
+        return list(self._qids)
 
-    def pool_budget(self, question_ids: list[str]) -> dict[str, float]:
+    def pool_recipe(self, seed: int):
+        """The base recipe with rollout seed `seed`; `pools: shared` finishes losing steps (outcome data in the
+        tree), `separate` does not (the outcome arms have their own pool, and unfinished losers cost nothing)."""
+        from rag_dpo.pipeline.recipe import Recipe, validate
+        data = base_recipe_data(self.cfg)
+        apply_overrides(data, [f"seed={seed}", f"rollout.finish={'true' if self.cfg.pools == 'shared' else 'false'}"])
+        return validate(from_dict(Recipe, data, file=self.cfg.recipe), self.cfg.recipe)
+
+    def step_pool(self, seed: int) -> Path:
+        from rag_dpo.pipeline import run as steps
+        if seed not in self._step_pools:
+            out = self.shared / "pools" / f"s{seed}" / "step"
+            self._step_pools[seed] = Path(steps.collect_rollouts(self.pool_recipe(seed), self.shared, self.start,
+                                                                 out_dir=out))
+        return self._step_pools[seed]
+
+    def outcome_pool(self, seed: int) -> Path:
+        """i.i.d. whole chains per question, matched per question on the step pool's generated tokens (policy +
+        step annotator). With `pools: shared` the outcome arms read the step pool itself."""
+        from rag_dpo.annotate.sampled_pool import sample_matched_pool, tokens_by_question
+        from rag_dpo.pairs.builders import budget
+        from rag_dpo.pipeline import run as steps
+        from rag_dpo.records import read_chains
+        step = self.step_pool(seed)
+        if self.cfg.pools == "shared":
+            return step
+        out = self.shared / "pools" / f"s{seed}" / "outcome"
+        labels = out / "labels.jsonl"
+        if (out / "done.json").exists():
+            return labels
+        out.mkdir(parents=True, exist_ok=True)
+        recipe = self.pool_recipe(seed)
+        targets = tokens_by_question(read_chains(step), self.step_annotator)
+        w = steps.world(recipe)
+        qs = [q for q in w.train if q.id in targets]
+        steps.log(f"outcome pool s{seed}: i.i.d. chains for {len(qs)} questions, {sum(targets.values()):.0f} "
+                  f"generated tokens to match")
+        engine = self._engine(recipe, seed)
+        t0 = time.perf_counter()
+        sample_matched_pool(qs, engine, labels, targets, seed=seed, max_chains=self.cfg.outcome_max_chains)
+        spend = budget(read_chains(labels), "outcome")
+        spend["seconds"] = round(time.perf_counter() - t0, 1)
+        spend["target_generated_tokens"] = float(sum(targets.values()))
+        atomic_write_json(out / "done.json", spend)
+        del engine
+        steps.release_memory()
+        return labels
+
+    def _engine(self, recipe, seed: int):
+        from rag_dpo.agent.policy import load_policy
+        from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
+        from rag_dpo.pipeline import run as steps
+        ro, w = recipe.rollout, steps.world(recipe)
+        model, tok = load_policy(self.start, merge_adapter=True)
+        cfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
+                            temperature=ro.temperature, top_p=ro.top_p, do_sample=True, batch_size=ro.batch_size,
+                            seed=seed, max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+        return RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(self.start),
+                             retriever_name=recipe.retrieval.name)
+
+    def pool_budget(self, seed: int, question_ids: list[str]) -> dict[str, float]:
         from rag_dpo.pairs.builders import annotator_of, budget
+        from rag_dpo.records import read_chains
+        path = self.step_pool(seed)
         keep = set(question_ids)
-        chains = [c for c in self._chains() if c.question_id in keep]
-        name = annotator_of(chains, self.recipe.pairs.settings.annotator or self.recipe.annotate.name, str(self.pool))
-        return budget(chains, name)
+        chains = [c for c in read_chains(path) if c.question_id in keep]
+        return budget(chains, annotator_of(chains, self.step_annotator, str(path)))
 
     def train(self, run: ArmRun, question_ids: list[str], budget: dict[str, float], out_dir: Path) -> TrainResult:
         import json
@@ -502,14 +605,18 @@ class PipelineBackend:
             policy = steps.train_policy(recipe, out_dir, self.start, None, question_ids=list(question_ids))
             spent = json.loads((policy / "budget.json").read_text(encoding="utf-8"))
             spent.pop("question_ids", None)
+            spent.setdefault("rows", spent.get("rollouts", 0))   # PPO's training rows are the chains it sampled
         else:
             recipe = arm_recipe(self.cfg, run)
-            data = steps.build_pair_datasets(recipe, out_dir, self.pool, question_ids=list(question_ids),
+            pool = self.step_pool(run.seed) if run.arm.pool == "step" else self.outcome_pool(run.seed)
+            data = steps.build_pair_datasets(recipe, out_dir, pool, question_ids=list(question_ids),
                                              require_rows=False)
             spent = read_budget(data)
+            spent["pool"] = str(pool)
             if not spent.get("rows"):
-                return TrainResult(policy="", budget=spent, no_data=f"0 {recipe.pairs.kind} rows from the pool's "
-                                                                   f"{len(question_ids)} questions")
+                return TrainResult(policy="", budget=spent, no_data=f"0 {recipe.pairs.kind} rows from the "
+                                                                   f"{run.arm.pool} pool's {len(question_ids)} "
+                                                                   f"questions (seed {run.seed})")
             policy = steps.train_policy(recipe, out_dir, self.start, data)
         return TrainResult(policy=str(policy), budget=spent, curve=read_curve(policy))
 
@@ -531,14 +638,24 @@ class PipelineBackend:
 
     def describe(self) -> dict[str, Any]:
         r = self.recipe
-        return {"model": r.model, "data": f"{r.data.path} (train split {r.data.train_split}, eval split "
-                                          f"{r.data.eval_split}, {r.eval.limit or 'all'} eval questions)",
+        if self.cfg.pools == "separate":
+            pools = (f"per seed, on the same {r.rollout.questions or 'all'} train questions: a step pool (tree search, "
+                     f"k={r.rollout.k}, annotator {r.annotate.name}) for step-DPO, and an outcome pool of i.i.d. "
+                     f"whole chains (no annotator) matched per question on the step pool's generated tokens "
+                     f"(annotator's included) for SFT and outcome-DPO")
+        else:
+            pools = (f"ABLATION `pools: shared`: per seed one tree-search pool (k={r.rollout.k}, annotator "
+                     f"{r.annotate.name}, losing steps finished to whole chains) feeds every arm, so the outcome "
+                     f"arms learn from paths the step annotator chose")
+        return {"model": r.model, "data": f"{r.data.path} (fractions {r.data.fractions or 'default'}; train split "
+                                          f"{r.data.train_split}, eval split {r.data.eval_split}, "
+                                          f"{r.eval.limit or 'all'} eval questions)",
                 "retriever": f"{r.retrieval.name}, k={r.retrieval.k}",
-                "rollout pool": f"{r.rollout.search} search, k={r.rollout.k}, {r.rollout.questions or 'all'} "
-                                f"questions, max {r.rollout.max_steps} steps, temperature {r.rollout.temperature}, "
-                                f"annotator {r.annotate.name}"
-                                + (", losing steps finished to whole chains" if r.rollout.finish else ""),
-                "warm start": f"SFT on {r.warm_start.questions or 'all'} oracle chains" if r.warm_start.enabled
+                "pools": pools,
+                "rollouts": f"max {r.rollout.max_steps} steps, temperature {r.rollout.temperature}; seed s samples "
+                            f"its own pools (rollout seed s) and trains with data order s",
+                "warm start": (f"SFT on {r.warm_start.questions or 'all'} oracle chains, built once and shared by "
+                               "every seed (its variance is not in the intervals)") if r.warm_start.enabled
                 else "none (arms start from the base model)",
                 "base recipe": self.cfg.recipe, "recipe overrides": list(self.cfg.recipe_overrides)}
 

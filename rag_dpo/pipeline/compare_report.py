@@ -4,8 +4,14 @@ files (per-question scores, budgets, training curves), so a resumed or partial c
 What it shows, per method (baselines, warm start, every arm at the full budget): mean and 95 % bootstrap interval
 of EM, F1, supporting-passage recall, steps and parse-error rate over seeds and test questions (see
 `eval.stats` for how seeds are aggregated); each arm against the warm start it came from (paired, flagged when
-below); paired tests of step-DPO vs outcome-DPO and of DPO vs PPO; the budgets each arm consumed; and the budget
-curve. The verdict sentences are generated from the numbers, including when step-level supervision does not win.
+below); the paired tests; the training rows and budgets of every run and whether they match; the budget curve.
+The verdict sentences are generated from the numbers, including when step-level supervision does not win.
+
+Testing: one comparison is primary (config `primary`, step-DPO vs outcome-DPO main variants, EM) and is judged
+at 5 % uncorrected; every other test in the report (its F1, the ablations, DPO vs PPO, each arm vs the warm
+start, the budget curve) is secondary and judged on its Holm-corrected p. Each test prints the minimum
+detectable effect at 80 % power from its observed discordance, so "no difference" says what it could have seen.
+The same numbers go to `<out_dir>/<name>.json` (`results_json`).
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from rag_dpo.eval.stats import bootstrap_ci, budget_mismatches, paired_bootstrap, seed_means
-from rag_dpo.io import atomic_write_text
+from rag_dpo.eval.stats import (bootstrap_ci, budget_mismatches, holm, min_detectable_effect, paired_bootstrap,
+                                seed_means)
+from rag_dpo.io import atomic_write_json, atomic_write_text
 
 METRICS = ("em", "f1", "recall", "steps", "parse_error")
 LABELS = {"em": "EM", "f1": "F1", "recall": "Support recall", "steps": "Steps", "parse_error": "Parse-error rate"}
-PPO_BUDGET_SLACK = 0.10        # PPO samples whole chains, so it cannot stop at the pool's exact token count
+PPO_BUDGET_SLACK = 0.10        # default budget tolerance: i.i.d. chains and PPO cannot stop at an exact token count
 
 
 class Method:
@@ -102,10 +109,11 @@ def _main_rule(full: dict[str, Method]) -> str | None:
     return None
 
 
-def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
+def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots: bool = True
                  ) -> tuple[dict[str, Path], tuple[list[str], list[list[Any]]]]:
-    """Write `<out_dir>/<name>.md` and `<name>_{metrics,training_curves,budget_curve}.png`; returns the paths and
-    the main table (columns, rows) for wandb."""
+    """Write `<out_dir>/<name>.md`, `<name>.json` and `<name>_{metrics,training_curves,budget_curve}.png`; returns
+    the paths and the main table (columns, rows) for wandb. `plots=False` (the partial report rewritten after every
+    run) keeps the last PNGs: drawing them took most of a report's time."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = data["config"]
@@ -135,8 +143,11 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
     add("## What was run\n")
     for key, val in setup.items():
         add(f"- {key}: {val}")
-    add(f"- train questions in the shared rollout pool: {data.get('train_questions')}; "
-        f"test questions scored: {len(qids)}")
+    add(f"- train questions in each seed's pools: {data.get('train_questions')}; test questions scored: {len(qids)}")
+    add(f"- primary comparison: {' vs '.join(cfg.get('primary') or [])} (main variants); every other test is "
+        "secondary and Holm-corrected")
+    add("- the warm start is built once and shared by every seed: seeds resample the pools and the data order, "
+        "not the warm start, so its variance is not in the intervals")
     add(f"- arms: {n_arms} variants, {n_runs} training runs; main-arm seeds {cfg['seeds']}, "
         f"ablation seeds {cfg['ablation_seeds']}, budget-curve seeds {cfg['curve_seeds']}")
     from rag_dpo.pipeline.compare import FAMILIES
@@ -147,6 +158,59 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
         f"(this invocation {data.get('wall_s_this_invocation', 0) / 60:.1f} min)")
     add("- intervals: 95 % bootstrap over test questions and seeds (two-level; "
         f"{n_boot} replicates); paired tests resample per-question differences.\n")
+
+    # ---- every paired test: one primary, the rest secondary and Holm-corrected --------------------------------
+    tol = float(cfg.get("budget_tolerance", PPO_BUDGET_SLACK))
+    primary = list(cfg.get("primary") or ["step-dpo", "outcome-dpo"])
+    pa, pb = _main(full, primary[0]), _main(full, primary[1])
+    tests: list[dict] = []
+
+    def add_test(label: str, a: Method, b: Method, metric: str, kind: str, is_primary: bool = False) -> dict | None:
+        res = _paired(a, b, metric, qids, n_boot) if qids else None
+        if res is None:
+            return None
+        mde = _mde(a, b, metric, qids)
+        empty = [m.name for m in (a, b) if m.runs and all(r.get("no_data") for r in m.runs)]
+        t = {"label": label, "a": a.name, "b": b.name, "metric": metric, "kind": kind, "primary": is_primary,
+             **res, "p": res["p_value"], "mde": mde["mde"], "discordant_rate": mde["discordant_rate"],
+             "questions": len(qids), "no_data": empty}
+        tests.append(t)
+        return t
+
+    prim = None
+    if pa and pb:
+        prim = add_test(f"PRIMARY: {primary[0]} vs {primary[1]} (main variants)", pa, pb, "em", "pair", True)
+        add_test(f"{primary[0]} vs {primary[1]} (main variants)", pa, pb, "f1", "pair")
+    for w in cfg.get("nll_weights", []):
+        s_, o_ = _main(full, "step-dpo", w), _main(full, "outcome-dpo", w)
+        if s_ and o_ and not (s_ is pa and o_ is pb) and not (s_ is pb and o_ is pa):
+            for metric in ("em", "f1"):
+                add_test(f"step-DPO vs outcome-DPO (NLL weight {w:g})", s_, o_, metric, "pair")
+    for fa, fb in (("step-dpo", "process-ppo"), ("outcome-dpo", "outcome-ppo"), ("step-dpo", "outcome-ppo"),
+                   ("outcome-dpo", "process-ppo"), ("process-ppo", "outcome-ppo")):
+        ma, mb = _main(full, fa), _main(full, fb)
+        if ma and mb and {fa, fb} != set(primary):
+            for metric in ("em", "f1"):
+                add_test(f"{fa} vs {fb}", ma, mb, metric, "pair")
+    vs_warm: dict[str, dict] = {}
+    if warm is not None:
+        for m in full.values():
+            if m.kind == "arm":
+                t = add_test(f"{m.name} vs warm start", m, warm, "em", "vs-warm-start")
+                if t:
+                    vs_warm[m.name] = t
+    for frac in sorted(curve):
+        if frac == 1.0:
+            continue
+        cs = next((m for m in curve[frac].values() if m.family == "step-dpo"), None)
+        co = next((m for m in curve[frac].values() if m.family == "outcome-dpo"), None)
+        if cs and co:
+            add_test(f"budget curve {frac:g}: step-DPO vs outcome-DPO", cs, co, "em", "curve")
+    secondary = [t for t in tests if not t["primary"]]
+    for t, adj in zip(secondary, holm([t["p"] for t in secondary])):
+        t["p_holm"] = adj
+    if prim is not None:
+        prim["p_holm"] = None
 
     # ---- main table -----------------------------------------------------------------------------------------
     columns = ["method", "runs", *[LABELS[m] for m in METRICS], "ΔEM vs warm start", "note"]
@@ -161,13 +225,13 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
             cells.append(_fmt(*bootstrap_ci(m.matrix(metric, qids), n_boot=n_boot, seed=0), metric)
                          if qids else "n/a")
         note = ""
-        if warm is not None and m is not warm and m.kind == "arm" and qids:
-            res = _paired(m, warm, "em", qids, n_boot)
+        res = vs_warm.get(m.name) if m.kind == "arm" else None
+        if res is not None:
             cells.append(f"{res['diff']:+.3f} [{res['lo']:+.3f}, {res['hi']:+.3f}]")
             if res["diff"] < 0:
-                sig = "significantly " if res["hi"] < 0 else ""
-                note = f"⚠ {sig}below warm start (p={_fmt_p(res['p_value'])})"
-                below.append(f"{m.name} ({res['diff']:+.3f} EM{', significant' if res['hi'] < 0 else ''})")
+                sig = "significantly " if res["p_holm"] < 0.05 else ""
+                note = f"⚠ {sig}below warm start (p={_fmt_p(res['p'])}, Holm {_fmt_p(res['p_holm'])})"
+                below.append(f"{m.name} ({res['diff']:+.3f} EM{', significant after Holm' if sig else ''})")
         else:
             cells.append("—")
         empty = [r for r in m.runs if r.get("no_data")]
@@ -182,6 +246,16 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
         table.append(cells)
         add("| " + " | ".join(str(c) for c in cells) + " |")
     add("")
+    above = [t for t in vs_warm.values() if t["lo"] > 0]
+    if above:
+        verdict.append("Arms above the warm start (95 % interval of ΔEM excludes 0): " + ", ".join(
+            f"{t['a']} ({t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}], Holm p={_fmt_p(t['p_holm'])})"
+            for t in above) + ".")
+    elif vs_warm:
+        best = max(vs_warm.values(), key=lambda t: t["lo"])
+        verdict.append(f"No arm is above the warm start with a 95 % interval excluding 0; the closest, {best['a']}, "
+                       f"has ΔEM {best['diff']:+.3f} [{best['lo']:+.3f}, {best['hi']:+.3f}] (its lower bound "
+                       f"misses 0 by {-best['lo']:.3f}).")
     if below:
         verdict.append("Arms below the warm start they were trained from: " + ", ".join(below) + ".")
     elif warm is not None and n_arms:
@@ -191,82 +265,75 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
                        "warm start unchanged and say nothing about their method: " + ", ".join(no_data) + ".")
 
     # ---- paired tests ---------------------------------------------------------------------------------------
-    pairs: list[tuple[str, Method, Method]] = []
-    for w in cfg.get("nll_weights", []):
-        s, o = _main(full, "step-dpo", w), _main(full, "outcome-dpo", w)
-        if s and o:
-            pairs.append((f"step-DPO vs outcome-DPO (NLL weight {w:g})", s, o))
-    for a, b in (("step-dpo", "process-ppo"), ("outcome-dpo", "outcome-ppo"), ("step-dpo", "outcome-ppo"),
-                 ("outcome-dpo", "process-ppo")):
-        ma, mb = _main(full, a), _main(full, b)
-        if ma and mb:
-            pairs.append((f"{a} vs {b}", ma, mb))
-    s, o = _main(full, "process-ppo"), _main(full, "outcome-ppo")
-    if s and o:
-        pairs.append(("process-PPO vs outcome-PPO", s, o))
     add("## Paired tests (A − B on the same questions and seeds)\n")
-    if pairs and qids:
-        add("| comparison | A | B | ΔEM [95 % CI] | p | ΔF1 [95 % CI] | p |")
-        add("|---|---|---|---|---|---|---|")
-        for label, a, b in pairs:
-            em, f1 = _paired(a, b, "em", qids, n_boot), _paired(a, b, "f1", qids, n_boot)
-            if em is None:
-                add(f"| {label} | {a.name} | {b.name} | no common seeds | | | |")
-                continue
-            empty = [m.name for m in (a, b) if m.runs and all(r.get("no_data") for r in m.runs)]
-            shown = f"{label} (⚠ no training data: {', '.join(empty)})" if empty else label
-            add(f"| {shown} | {a.name} | {b.name} | {em['diff']:+.3f} [{em['lo']:+.3f}, {em['hi']:+.3f}] | "
-                f"{_fmt_p(em['p_value'])} | {f1['diff']:+.3f} [{f1['lo']:+.3f}, {f1['hi']:+.3f}] | "
-                f"{_fmt_p(f1['p_value'])} |")
-            if empty and (label.startswith("step-DPO vs outcome-DPO") or
-                          label in ("step-dpo vs process-ppo", "outcome-dpo vs outcome-ppo")):
-                verdict.append(f"{label}: not a comparison — {' and '.join(empty)} had no training data.")
-            elif label.startswith("step-DPO vs outcome-DPO"):
-                verdict.append(_sentence("Step-DPO", "outcome-DPO", label, em))
-            elif label in ("step-dpo vs process-ppo", "outcome-dpo vs outcome-ppo"):
-                verdict.append(_sentence(a.name, b.name, label, em))
+    add(f"The primary comparison is named in the compare config (`primary: {primary}`) and is tested at 5 % "
+        "uncorrected; every other test here and in the table above is secondary, with its p Holm-corrected over "
+        f"all {len(secondary)} secondary tests. MDE: the smallest true difference the test detects with 80 % "
+        "power at 5 % (two-sided), from the observed discordance (McNemar; `eval.stats.min_detectable_effect`).\n")
+    if tests:
+        add("| comparison | A | B | metric | Δ [95 % CI] | p | Holm p | MDE (80 %) | discordant |")
+        add("|---|---|---|---|---|---|---|---|---|")
+        for t in tests:
+            shown = t["label"] + (f" (⚠ no training data: {', '.join(t['no_data'])})" if t["no_data"] else "")
+            holm_p = "primary" if t["primary"] else _fmt_p(t["p_holm"])
+            mde = "n/a" if t["mde"] != t["mde"] else f"{t['mde']:.3f}"
+            add(f"| {shown} | {t['a']} | {t['b']} | {t['metric'].upper()} | {t['diff']:+.3f} [{t['lo']:+.3f}, "
+                f"{t['hi']:+.3f}] | {_fmt_p(t['p'])} | {holm_p} | {mde} | {t['discordant_rate']:.3f} |")
     else:
         add("Not enough arms finished for paired tests.")
     add("")
+    if prim is None:
+        verdict.insert(0, f"PRIMARY comparison {primary[0]} vs {primary[1]}: not run (both main arms are needed).")
+    elif prim["no_data"]:
+        verdict.insert(0, f"PRIMARY comparison {primary[0]} vs {primary[1]}: not a comparison — "
+                          f"{' and '.join(prim['no_data'])} had no training data.")
+    else:
+        verdict.insert(0, "PRIMARY " + _sentence(prim["a"], prim["b"], f"{primary[0]} vs {primary[1]}", prim))
+    for t in tests:
+        if t["kind"] == "pair" and t["metric"] == "em" and not t["primary"] and not t["no_data"]:
+            verdict.append("Secondary " + _sentence(t["a"], t["b"], t["label"], t, holm_p=t["p_holm"]))
 
-    # ---- budgets --------------------------------------------------------------------------------------------
-    add("## Budgets (what each arm's training data cost)\n")
-    add("| arm | seed | questions | fraction | rollouts | generated tokens | pool budget (target) |")
-    add("|---|---|---|---|---|---|---|")
-    checks: dict[float, dict[str, dict]] = {}
-    ppo_checks, ppo_rollouts = [], []
-    ppo_seen = any(run["arm"]["family"].endswith("ppo") for run in data["runs"])
+    # ---- budgets and training rows --------------------------------------------------------------------------
+    add("## Training data and budgets\n")
+    add("Every arm of a seed is matched to what that seed's step pool spent on the same questions (generated tokens, "
+        "the step annotator's own generation included); the outcome pool samples i.i.d. chains per question up to "
+        "that spend, PPO rolls out up to it. Rollout counts differ by design (a tree-search chain holds k candidates "
+        f"per step). The check allows {tol:.0%} on generated tokens and none on questions.\n")
+    add("| arm | seed | fraction | pool | training rows | rows by action (chosen>rejected) | questions | rollouts | "
+        "generated tokens | step-pool tokens (target) | Δ tokens |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|")
+    problems: list[str] = []
+    rows_out: list[dict] = []
     for run in data["runs"]:
         b, t = run.get("budget") or {}, run.get("target_budget") or {}
-        add(f"| {run['name']} | {run['seed']} | {b.get('questions', '?')} | {run['fraction']:g} | "
-            f"{b.get('rollouts', '?')} | {b.get('generated_tokens', '?')} | "
-            f"{t.get('questions', '?')} q / {t.get('rollouts', '?')} rollouts / {t.get('generated_tokens', '?')} tok |")
-        if run["arm"]["family"].endswith("ppo"):
-            ppo_checks.extend(f"{run['name']} s{run['seed']}: {p}" for p in budget_mismatches(
-                {"pool": t, run["name"]: b}, keys=("questions",), rel_tol=0.0))
-            ppo_checks.extend(f"{run['name']} s{run['seed']}: {p}" for p in budget_mismatches(
-                {"pool": t, run["name"]: b}, keys=("generated_tokens",), rel_tol=PPO_BUDGET_SLACK))
-            if b.get("rollouts") != t.get("rollouts"):
-                ppo_rollouts.append(f"{run['name']} s{run['seed']} {b.get('rollouts')} vs pool {t.get('rollouts')}")
-        else:
-            checks.setdefault(float(run["fraction"]), {})[f"{run['name']} s{run['seed']}"] = b
-    problems = [f"at {f:g} of the questions: {p}" for f, arms in sorted(checks.items())
-                for p in budget_mismatches(arms)] + ppo_checks
+        fam = run["arm"]["family"]
+        pool = "own rollouts" if fam.endswith("ppo") else ("step" if fam == "step-dpo" else "outcome")
+        if cfg.get("pools") == "shared" and not fam.endswith("ppo"):
+            pool = "shared tree"
+        gen, tgt = b.get("generated_tokens"), t.get("generated_tokens")
+        delta = (float(gen) - float(tgt)) / max(float(tgt), 1e-12) if gen is not None and tgt is not None else None
+        by_action = b.get("rows_by_action") or {}
+        add(f"| {run['name']} | {run['seed']} | {run['fraction']:g} | {pool} | {b.get('rows', '?')} | "
+            f"{', '.join(f'{k} {v}' for k, v in by_action.items()) or '—'} | {b.get('questions', '?')} | "
+            f"{b.get('rollouts', '?')} | {_num(gen)} | {_num(tgt)} | "
+            f"{'?' if delta is None else f'{delta:+.1%}'} |")
+        who = f"{run['name']} s{run['seed']} q{run['fraction']:g}"
+        problems += [f"{who}: {p}" for p in budget_mismatches({"step pool": t, run["name"]: b}, keys=("questions",))]
+        problems += [f"{who}: {p}" for p in budget_mismatches({"step pool": t, run["name"]: b},
+                                                              keys=("generated_tokens",), rel_tol=tol)]
+        rows_out.append({"arm": run["name"], "family": fam, "seed": run["seed"], "fraction": run["fraction"],
+                         "pool": pool, "rows": b.get("rows"), "rows_by_action": by_action,
+                         "questions": b.get("questions"), "rollouts": b.get("rollouts"), "generated_tokens": gen,
+                         "target_generated_tokens": tgt, "no_data": run.get("no_data", "")})
     add("")
     if problems:
         add("**Budgets do not match**:\n")
         add("\n".join(f"- {p}" for p in problems))
         verdict.append("Budgets were NOT matched (see the budgets section); treat comparisons with care.")
-    else:
-        add("Budgets match: every SFT/DPO arm at the same question fraction trained on data costing the same "
-            "questions, rollouts and generated tokens" +
-            (f"; PPO arms stayed within {PPO_BUDGET_SLACK:.0%} of the pool's generated tokens on the same questions."
-             if ppo_seen else "."))
-        verdict.append("Budgets matched across arms.")
-    if ppo_rollouts:
-        add("\nPPO's rollout counts differ from the pool's by design (a tree-search chain counts as one rollout but "
-            "holds k candidates per step; PPO samples group_size whole chains per question), so PPO is matched on "
-            "generated tokens: " + "; ".join(ppo_rollouts) + ".")
+    elif data["runs"]:
+        add(f"Budgets match: every arm's data cost the same questions and generated tokens within {tol:.0%} of its "
+            "seed's step pool.")
+        verdict.append(f"Budgets matched across arms (generated tokens within {tol:.0%}).")
     add("")
 
     # ---- budget curve ---------------------------------------------------------------------------------------
@@ -301,13 +368,17 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
     paths = {"report": out_dir / f"{name}.md", "metrics": out_dir / f"{name}_metrics.png",
              "training_curves": out_dir / f"{name}_training_curves.png",
              "budget_curve": out_dir / f"{name}_budget_curve.png"}
-    _plot_metrics(full, qids, n_boot, paths["metrics"])
-    _plot_training_curves(data["runs"], paths["training_curves"])
-    _plot_budget_curve(curve_rows, paths["budget_curve"])
+    if plots:
+        _plot_metrics(full, qids, n_boot, paths["metrics"])
+        _plot_training_curves(data["runs"], paths["training_curves"])
+        _plot_budget_curve(curve_rows, paths["budget_curve"])
     add("## Plots\n")
     add(f"![metrics by method]({paths['metrics'].name})\n")
     add(f"![training curves]({paths['training_curves'].name})\n")
     add(f"![budget curve]({paths['budget_curve'].name})\n")
+
+    paths["json"] = out_dir / f"{name}.json"
+    atomic_write_json(paths["json"], results_json(data, name, full, qids, tests, rows_out, problems, n_boot))
 
     head = lines[:lines.index("## What was run\n")]
     body = lines[len(head):]
@@ -317,13 +388,62 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000
     return paths, (columns, table)
 
 
-def _sentence(a: str, b: str, label: str, res: dict) -> str:
+def _sentence(a: str, b: str, label: str, res: dict, holm_p: float | None = None) -> str:
+    """One verdict sentence. A secondary test (`holm_p` given) is called significant only after Holm correction;
+    a null result says what the test could have detected (its MDE)."""
     span = f"ΔEM {res['diff']:+.3f} [{res['lo']:+.3f}, {res['hi']:+.3f}], p={_fmt_p(res['p_value'])}"
-    if res["lo"] > 0:
+    if holm_p is not None:
+        span += f", Holm p={_fmt_p(holm_p)}"
+    mde = res.get("mde")
+    could = (f"; it could have detected |ΔEM| ≥ {mde:.3f} with 80 % power" if mde is not None and mde == mde
+             else "; no discordant questions, so no power estimate")
+    significant = (holm_p < 0.05) if holm_p is not None else (res["lo"] > 0 or res["hi"] < 0)
+    if significant and res["diff"] > 0:
         return f"{label}: {a} beat {b} ({span})."
-    if res["hi"] < 0:
+    if significant and res["diff"] < 0:
         return f"{label}: {a} did NOT beat {b}; it was worse ({span})."
-    return f"{label}: no significant difference — {a} did not demonstrably beat {b} ({span})."
+    return f"{label}: no significant difference — {a} did not demonstrably beat {b} ({span}{could})."
+
+
+def _num(x) -> str:
+    return "?" if x is None else f"{float(x):g}"
+
+
+def _mde(a: "Method", b: "Method", metric: str, qids: list[str]) -> dict:
+    if a.kind == "baseline" or b.kind == "baseline":
+        return min_detectable_effect(a.matrix(metric, qids), b.matrix(metric, qids))
+    seeds = sorted(set(a.by_seed) & set(b.by_seed))
+    return min_detectable_effect(a.matrix(metric, qids, seeds), b.matrix(metric, qids, seeds))
+
+
+def results_json(data: dict, name: str, full: dict, qids: list[str], tests: list[dict], rows: list[dict],
+                 problems: list[str], n_boot: int) -> dict:
+    """`results/<name>.json`: the report's numbers for people who plot or compare runs."""
+    methods = {}
+    warm_em = {t["a"]: t for t in tests if t["kind"] == "vs-warm-start"}
+    for m in full.values():
+        entry: dict[str, Any] = {"kind": m.kind, "family": m.family, "main": m.main, "seeds": sorted(m.by_seed),
+                                 "metrics": {}}
+        for metric in METRICS:
+            if not qids:
+                continue
+            mat = m.matrix(metric, qids)
+            mean, lo, hi = bootstrap_ci(mat, n_boot=n_boot, seed=0)
+            entry["metrics"][metric] = {"mean": mean, "lo": lo, "hi": hi, "per_seed": seed_means(mat)}
+        t = warm_em.get(m.name)
+        if t:
+            entry["delta_em_vs_warm_start"] = {k: t[k] for k in ("diff", "lo", "hi", "p", "p_holm", "mde",
+                                                                 "discordant_rate")}
+        methods[m.name] = entry
+    cfg = data["config"]
+    return {"name": name, "quick": bool(cfg.get("quick")), "partial_of_planned_runs": data.get("planned_runs"),
+            "test_questions": len(qids), "seeds": cfg.get("seeds"), "pools": cfg.get("pools", "separate"),
+            "primary": cfg.get("primary"), "warm_start_shared_by_all_seeds": True,
+            "setup": data.get("setup") or {}, "machine": data.get("machine"), "methods": methods,
+            "tests": [{k: v for k, v in t.items() if k != "p_value"} for t in tests],
+            "training_rows": rows, "budget_check": {"ok": not problems, "problems": problems,
+                                                    "tolerance": cfg.get("budget_tolerance")},
+            "wall_s_total": data.get("wall_s_total")}
 
 
 def _plt():
