@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # glibc otherwise keeps one malloc arena per thread and the freed training memory never goes back to the OS.
 export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: venv test test-fast train-dpo train-sft train-ppo eval compare compare-quick bench clean
+.PHONY: venv test test-fast train-dpo train-sft train-ppo eval compare compare-quick compare-full bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,9 @@ compare: venv
 
 compare-quick: venv
 	$(VENV)/bin/rag-dpo compare recipes/compare.yaml --quick $(OVERRIDES)
+
+compare-full: venv
+	$(VENV)/bin/rag-dpo compare recipes/compare_full.yaml $(OVERRIDES)
 
 bench: venv
 	$(PY) bench/retrieval_bench.py

@@ -289,6 +289,12 @@ def test_question_scores_from_chains():
 def test_config_loading_quick_and_bad_input(tmp_path):
     cfg = load_compare_config(REPO / "recipes" / "compare.yaml")
     assert len(cfg.seeds) >= 3 and not cfg.quick
+    assert cfg.primary == ["step-dpo", "outcome-dpo"] and cfg.pools == "separate"
+    # the CPU default: the primary comparison's arms and SFT, main variants only; the rest is compare_full.yaml
+    assert cfg.arms == ["sft", "outcome-dpo", "step-dpo"] and len(plan_arms(cfg)) == 3
+    full = load_compare_config(REPO / "recipes" / "compare_full.yaml")
+    assert set(full.arms) == {"sft", "outcome-dpo", "step-dpo", "outcome-ppo", "process-ppo"}
+    assert len(plan_arms(full)) == 11 and len(full.budget_fractions) == 3
     quick = load_compare_config(REPO / "recipes" / "compare.yaml", quick=True)
     assert quick.quick and quick.name == cfg.name + "-quick" and quick.seeds == [0]
     assert quick.recipe_overrides == cfg.recipe_overrides + cfg.quick_recipe_overrides
@@ -301,6 +307,10 @@ def test_config_loading_quick_and_bad_input(tmp_path):
     bad.write_text("seedz: [1]\n")
     with pytest.raises(InputError, match="seedz"):
         load_compare_config(bad)
+    for text, key in (("pools: mixed\n", "pools"), ("primary: [step-dpo, step-dpo]\n", "primary")):
+        bad.write_text(text)
+        with pytest.raises(InputError, match=key):
+            load_compare_config(bad)
 
 
 def test_cli_registers_compare():
@@ -326,8 +336,8 @@ def test_recipe_fields_of_every_arm_exist():
     """compare.yaml (default and --quick) turns into a valid pipeline Recipe for every arm; the overrides land on
     the real recipe fields (a misspelt field would be an InputError at load time)."""
     from rag_dpo.pipeline.compare import Arm, ArmRun, arm_recipe
-    for quick in (False, True):
-        cfg = load_compare_config(REPO / "recipes" / "compare.yaml", quick=quick)
+    for path, quick in [(p, q) for p in ("compare.yaml", "compare_full.yaml") for q in (False, True)]:
+        cfg = load_compare_config(REPO / "recipes" / path, quick=quick)
         step = arm_recipe(cfg, ArmRun(Arm("step-dpo", "same-action", 0.0), seed=3))
         assert (step.method, step.pairs.kind, step.pairs.settings.rule) == ("dpo", "step", "same-action")
         assert step.trainer["nll_weight"] == 0.0 and step.trainer["seed"] == 3 and "beta" in step.trainer
@@ -337,6 +347,11 @@ def test_recipe_fields_of_every_arm_exist():
         assert "beta" not in ppo.trainer and "nll_weight" not in ppo.trainer
         sft = arm_recipe(cfg, ArmRun(Arm("sft"), seed=0))
         assert sft.method == "sft" and sft.pairs.kind == "sft" and sft.pairs.settings.level == "chain"
+        # outcome arms read the i.i.d. pool's outcome labels; with the shared-pool ablation, the step annotator's
+        assert sft.pairs.settings.annotator == "outcome" and ppo.seed == 1
+        cfg.pools = "shared"
+        assert arm_recipe(cfg, ArmRun(Arm("outcome-dpo", None, 0.5), seed=0)).pairs.settings.annotator == \
+            step.annotate.name
     path = REPO / "recipes" / "compare.yaml"
     with pytest.raises(InputError, match="nll_wieght"):
         load_compare_config(path, ["trainers.dpo.nll_wieght=1"])

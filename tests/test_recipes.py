@@ -26,10 +26,11 @@ def test_every_recipe_validates(path):
         cfg = yaml.safe_load(path.read_text())
         assert cfg["distributed_type"] == "DEEPSPEED" and cfg["deepspeed_config"]["zero_stage"] == 2
         return
-    if path.name == "compare.yaml":
+    if path.name.startswith("compare"):   # compare.yaml, compare_full.yaml, gpu/compare_full_*.yaml
         from rag_dpo.pipeline.compare import load_compare_config
-        cfg = load_compare_config(path)
-        assert load_recipe(RECIPES.parent / cfg.recipe, list(cfg.recipe_overrides))
+        for quick in (False, True):
+            cfg = load_compare_config(path, quick=quick)   # validates every arm's recipe too
+            assert load_recipe(RECIPES.parent / cfg.recipe, list(cfg.recipe_overrides))
         return
     r = load_recipe(path)
     assert isinstance(r, Recipe) and r.name == path.stem
