@@ -337,3 +337,37 @@ def test_iid_pool_matches_token_targets_resumes_and_reads_no_step_label(tmp_path
     other = read_chains(sample_matched_pool(qs, SamplingEngine(), tmp_path / "s4.jsonl", targets, seed=4,
                                             progress=False))
     assert [chain_tokens(c) for c in other] != [chain_tokens(c) for c in read_chains(tmp_path / "pool.jsonl")]
+
+
+def test_sample_pool_cli_matches_a_step_pool(tmp_path, tiny_policy_dir):
+    """`rag-dpo sample-pool` with the tiny model on two bundled questions: its i.i.d. chains match the hand-made
+    step pool's spend per question (policy tokens + annotator tokens), within one chain."""
+    from typer.testing import CliRunner
+
+    from rag_dpo.annotate.sampled_pool import chain_tokens, tokens_by_question
+    from rag_dpo.cli import app
+    from rag_dpo.data import load_dataset
+    from rag_dpo.records import Label
+    data = __import__("pathlib").Path(__file__).parent.parent / "data" / "hotpotqa" / \
+        "ircot_hotpotqa_dev_subsampled_500.jsonl"
+    qs = load_dataset(data).questions[:2]
+    trees = []
+    for q in qs:
+        c = Chain(q.id, q.question, gold_answers=list(q.answers), steps=[search("0", None, ["x"]),
+                                                                           search("1", None, ["y"])])
+        for s in c.steps:
+            s.labels["rollout"] = Label(0.0, False, "rollout", {"generated_tokens": 15.0})
+        trees.append(c)
+    write_chains(tmp_path / "step.jsonl", trees)
+    res = CliRunner().invoke(app, ["sample-pool", "--data", str(data), "--match", str(tmp_path / "step.jsonl"),
+                                   "--out", str(tmp_path / "iid.jsonl"), "--policy", str(tiny_policy_dir),
+                                   "--seed", "2", "--rollout-set", "max_steps=2", "--rollout-set",
+                                   "max_new_tokens=8"])
+    assert res.exit_code == 0, res.output
+    iid = read_chains(tmp_path / "iid.jsonl")
+    got = tokens_by_question(iid, None)
+    assert set(got) == {q.id for q in qs}
+    for q in qs:   # target 2 x (10 policy + 15 annotator) = 50 tokens per question
+        longest = max(chain_tokens(c) for c in iid if c.question_id == q.id)
+        assert abs(got[q.id] - 50) <= longest
+    assert all(c.sampling["seed"] == 2 * 1009 + c.meta["pool"]["round"] and c.sampling["do_sample"] for c in iid)

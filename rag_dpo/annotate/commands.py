@@ -1,4 +1,4 @@
-"""`rag-dpo annotate`, `rag-dpo annotate-report`, `rag-dpo tree-search` and `rag-dpo oracle`."""
+"""`rag-dpo annotate`, `rag-dpo annotate-report`, `rag-dpo tree-search`, `rag-dpo sample-pool` and `rag-dpo oracle`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def register(app: typer.Typer) -> None:
     app.command("annotate")(annotate)
     app.command("annotate-report")(annotate_report_cmd)
     app.command("tree-search")(tree_search_cmd)
+    app.command("sample-pool")(sample_pool_cmd)
     app.command("oracle")(oracle_cmd)
 
 
@@ -121,6 +122,36 @@ def tree_search_cmd(data: Path = typer.Option(..., "--data", help="Question file
     ann = build_annotator(annotator, _config(config, overrides), engine=engine)
     tree_search_to_file(questions, engine, ann, out, TreeSearchConfig(k=k, finish=finish))
     print(f"wrote {out}")
+
+
+def sample_pool_cmd(data: Path = typer.Option(..., "--data", help="Question file (with its corpus)."),
+                    match: Path = typer.Option(..., "--match", help="Labelled step pool (tree-search output) whose "
+                                               "generated tokens per question the i.i.d. chains match."),
+                    out: Path = typer.Option(..., "--out", help="i.i.d. chains JSONL (resumable)."),
+                    annotator: Optional[str] = typer.Option(None, "--annotator", "-a", help="Whose label costs "
+                                                            "count in the step pool's spend (default: its only one)."),
+                    policy: str = typer.Option("smollm2", "--policy"),
+                    corpus: Optional[Path] = typer.Option(None, "--corpus"),
+                    retriever: str = typer.Option("bm25", "--retriever"),
+                    seed: int = typer.Option(0, "--seed", help="Pool seed (round r samples with seed*1009+r)."),
+                    max_chains: int = typer.Option(32, "--max-chains", help="Cap on chains per question."),
+                    rollout_set: List[str] = typer.Option([], "--rollout-set", help="RolloutConfig key=value.")
+                    ) -> None:
+    """Outcome-only data: whole chains sampled independently per question (no annotator), per question as many
+    generated tokens as the step pool `--match` spent there (its annotator's generation included)."""
+    from rag_dpo.annotate.sampled_pool import sample_matched_pool, tokens_by_question
+    from rag_dpo.pairs.builders import annotator_of
+    from rag_dpo.records import read_chains
+    step = read_chains(match)
+    targets = tokens_by_question(step, annotator_of(step, annotator, str(match)))
+    questions, ds = _questions(data, corpus, "all", None)
+    questions = [q for q in questions if q.id in targets]
+    if ds.corpus is None:
+        from rag_dpo.errors import InputError
+        raise InputError("the data file has no corpus; give --corpus", file=str(data), field="corpus")
+    engine = _engine(policy, ds.corpus, retriever, rollout_set)
+    sample_matched_pool(questions, engine, out, targets, seed=seed, max_chains=max_chains)
+    print(f"wrote {out} ({sum(targets.values()):.0f} generated tokens matched over {len(questions)} questions)")
 
 
 def _questions(data: Path, corpus: Optional[Path], split: str, limit: Optional[int]):
