@@ -16,8 +16,9 @@ def register(app: typer.Typer) -> None:
                 report_only: bool = typer.Option(False, "--report-only",
                                                  help="rebuild the report from the finished runs; train nothing"),
                 ) -> None:
-        """Train SFT, outcome/step-DPO and outcome/process-PPO from one warm start and rollout pool at matched
-        budgets over seeds, evaluate them with the baselines, and write results/<name>.md with plots.
+        """Train the recipe's arms (SFT, outcome/step-DPO, outcome/process-PPO) from one shared warm start, each seed
+        on its own step pool (tree search) and token-matched i.i.d. outcome pool, evaluate them with the baselines,
+        and write results/<name>.md, results/<name>.json and plots (docs/comparison.md).
         Extra `key=value` arguments override the compare recipe (e.g. `seeds=[0]`). Rerun to resume."""
         from rag_dpo.pipeline.compare import PipelineBackend, load_compare_config, run_compare
         cfg = load_compare_config(recipe, list(ctx.args), quick=quick)
