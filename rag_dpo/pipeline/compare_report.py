@@ -253,9 +253,10 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
             for t in above) + ".")
     elif vs_warm:
         best = max(vs_warm.values(), key=lambda t: t["lo"])
+        miss = (f"its lower bound misses 0 by {-best['lo']:.3f}" if best["lo"] < 0 else
+                "its interval touches 0")
         verdict.append(f"No arm is above the warm start with a 95 % interval excluding 0; the closest, {best['a']}, "
-                       f"has ΔEM {best['diff']:+.3f} [{best['lo']:+.3f}, {best['hi']:+.3f}] (its lower bound "
-                       f"misses 0 by {-best['lo']:.3f}).")
+                       f"has ΔEM {best['diff']:+.3f} [{best['lo']:+.3f}, {best['hi']:+.3f}] ({miss}).")
     if below:
         verdict.append("Arms below the warm start they were trained from: " + ", ".join(below) + ".")
     elif warm is not None and n_arms:
