@@ -53,9 +53,14 @@ def test_baseline_end_to_end(engine, name):
         assert all(0 < s.generated_tokens <= 5 for s in c.path() if s.action != SEARCH)
 
 
-def test_iter_retgen_queries_use_previous_generation(engine):
+def test_iter_retgen_queries_use_previous_generation(engine, monkeypatch):
+    """Each round's query is the question plus the previous round's generation (tags stripped); the generations
+    are fixed here, so the check cannot pass on an empty reply."""
+    replies = iter(["<answer>Stratford  upon\nAvon</answer>", "Ben Jonson", "<answer>Shakespeare</answer>"])
+    monkeypatch.setattr(engine, "generate_texts",
+                        lambda contexts, seeds, do_sample, max_new_tokens: [(next(replies), 4) for _ in contexts])
     c = iter_retgen(engine, QUESTIONS[:1], rounds=3)[0]
     queries = [s.query for s in c.path() if s.action == SEARCH]
-    assert queries[0] == QUESTIONS[0].question and len(queries) == 3
-    gen0 = c.path()[1].text
-    assert queries[1].startswith(QUESTIONS[0].question) and len(queries[1]) > len(queries[0]) or not gen0.strip()
+    q = QUESTIONS[0].question
+    assert queries == [q, f"{q} Stratford upon Avon", f"{q} Ben Jonson"]
+    assert c.final_answer == "Shakespeare" and c.meta["rounds"] == 3

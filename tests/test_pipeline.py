@@ -30,16 +30,19 @@ def test_train_sft_recipe_end_to_end_and_resume(tmp_path, tiny_policy_dir, monke
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     ws = run_dir / "warm_start"
-    for f in ("recipe.yaml", "data_hashes.json", "summary.json", "warm_start/adapter_config.json",
+    for f in ("recipe.yaml", "data_hashes.json", "summary.json", "warm_start/config.json",   # a full fine-tune
               "warm_start/training_manifest.json", "warm_start_data/oracle.jsonl"):
         assert (run_dir / f).exists(), f
     manifest = json.loads((ws / "training_manifest.json").read_text())
     assert len(manifest["question_ids"]) == 4
+    health = json.loads((run_dir / "summary.json").read_text())["training"]["trained"]["health"]
+    assert health["flags"] == [] or all(isinstance(f, str) for f in health["flags"])
+    assert "entropy" in health                                   # TRL logs it; the collapse check reads it
     with pytest.raises(InputError):      # the split guard refuses the questions it was trained on
         check_not_trained_on(ws, manifest["question_ids"][:1])
     from rag_dpo.agent.policy import load_policy
     model, _ = load_policy(str(ws))
-    assert type(model).__name__.startswith("PeftModel")
+    assert not type(model).__name__.startswith("PeftModel") and not (ws / "adapter_config.json").exists()
     # rerun: every stage is found finished, nothing is retrained
     import rag_dpo.train.sft as sft
     monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("retrained a finished warm start"))
@@ -157,3 +160,14 @@ def test_warm_start_is_built_once_per_key_and_shared_between_recipes(tmp_path, t
     monkeypatch.setattr(sft, "train_sft", counting)
     wc = warm_start(c, tmp_path / "run_c")
     assert len(calls) == 2 and wc.resolve() != entry and not list(cache_dir("warm_starts").glob("*.building"))
+
+
+def test_baselines_run_the_method_with_the_warm_start_and_the_base_model_plainly():
+    from rag_dpo.pipeline.run import baseline_eval
+    r = load_recipe(RECIPES / "dpo_step.yaml")
+    assert baseline_eval(r, "iter-retgen", "/ws") == ("/ws", "iter-retgen")
+    assert baseline_eval(r, "rag", "/ws") == ("/ws", "rag")
+    assert baseline_eval(r, "base", "/ws") == ("smollm2", "rag")          # plain prompt, not the agent protocol
+    assert baseline_eval(r, "iter-retgen", None) == ("smollm2", "iter-retgen")
+    with pytest.raises(InputError):
+        baseline_eval(r, "agent", "/ws")

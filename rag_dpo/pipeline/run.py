@@ -344,6 +344,36 @@ def train_policy(recipe: Recipe, run_dir: str | Path, start_policy: str, data: s
     return out
 
 
+# name -> (which policy runs it, eval method). A baseline measures its method, not whether a model follows a
+# format: ITER-RETGEN and single-shot RAG run with the warm-start policy (the base model cannot follow the tag
+# protocol: the old compare's ITER-RETGEN row on the base model had parse-error rate 1.0 and EM 0), and the base
+# model gets the plain chat prompt of `agent.baselines` (answer accepted without tags) with its passages: `rag`.
+BASELINE_EVALS = {"base": ("model", "rag"), "iter-retgen": ("warm_start", "iter-retgen"),
+                  "rag": ("warm_start", "rag")}
+
+
+def baseline_eval(recipe: Recipe, name: str, warm_start: str | None) -> tuple[str, str]:
+    """(policy spec, eval method) of a baseline row: see BASELINE_EVALS. Without a warm start every baseline
+    runs on the recipe's model."""
+    if name not in BASELINE_EVALS:
+        raise InputError(f"unknown baseline {name!r} (known: {', '.join(BASELINE_EVALS)})", field="baselines")
+    who, method = BASELINE_EVALS[name]
+    return (str(warm_start) if who == "warm_start" and warm_start else recipe.model), method
+
+
+def training_summary(folders: dict[str, Path | str | None]) -> dict:
+    """name -> what its train_done.json says about the run's health (collapse flags and the numbers behind them)
+    and, for DPO, its pairs (`train.dpo.pair_stats`): what summary.json and reports show next to the scores."""
+    out = {}
+    for name, folder in folders.items():
+        done = Path(folder) / "train_done.json" if folder else None
+        if done is None or not done.exists():
+            continue
+        d = json.loads(done.read_text())
+        out[name] = {k: d[k] for k in ("health", "pairs", "global_step") if k in d}
+    return out
+
+
 def eval_rollout_config(recipe: Recipe, batch_size: int | None = None):
     """The agent's greedy eval settings from a recipe (its rollout budgets, retrieval k, eval batch size)."""
     from rag_dpo.agent.rollout import RolloutConfig
@@ -589,7 +619,11 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> di
         chosen = {k: v for k, v in policies.items() if v and k in recipe.eval.policies}
         results = evaluate_policies(recipe, run_dir, chosen) if chosen and recipe.eval.limit != 0 else {}
         minutes = (time.perf_counter() - t0) / 60
-        summary = {"run_dir": str(run_dir), "policies": policies, "results": results, "minutes": round(minutes, 1)}
+        summary = {"run_dir": str(run_dir), "policies": policies, "results": results, "minutes": round(minutes, 1),
+                   "training": training_summary({"warm_start": ws, "trained": trained})}
+        paired_file = run_dir / "paired.json"
+        if paired_file.exists():
+            summary["paired"] = json.loads(paired_file.read_text())
         atomic_write_json(run_dir / "summary.json", summary)
         if results:
             print("\n" + (run_dir / "results.md").read_text(), flush=True)

@@ -403,9 +403,9 @@ def health(history: list[dict], kl_key: str = "kl", entropy_keys: tuple[str, ...
         out["kl"] = [kl[0], max(kl), kl[-1]]
     for key in entropy_keys:
         ent = _series(history, key)
-        if len(ent) >= 2:
+        if ent:
             out["entropy"] = [ent[0], ent[-1]]
-            if ent[0] > 0 and ent[-1] < entropy_drop * ent[0]:
+            if len(ent) >= 2 and ent[0] > 0 and ent[-1] < entropy_drop * ent[0]:
                 out["flags"].append(f"entropy collapse: {key} {ent[0]:.3f} -> {ent[-1]:.3f}")
             break
     return out
