@@ -171,3 +171,31 @@ def test_baselines_run_the_method_with_the_warm_start_and_the_base_model_plainly
     assert baseline_eval(r, "iter-retgen", None) == ("smollm2", "iter-retgen")
     with pytest.raises(InputError):
         baseline_eval(r, "agent", "/ws")
+
+
+def test_a_cached_warm_start_is_evaluated_once_per_eval_setting(tmp_path, tiny_policy_dir, monkeypatch):
+    """Two run folders evaluating the same cached warm start with the same eval settings: the second links the
+    first's eval (no generation); another eval setting is a separate eval."""
+    import rag_dpo.eval.evaluate as ev
+    from rag_dpo.pipeline.run import evaluate_policies, warm_start
+    monkeypatch.setenv("RAG_DPO_CACHE", str(tmp_path / "cache"))
+    over = _overrides(tiny_policy_dir)[:-1] + ["warm_start.questions=2", "eval.limit=1", "rollout.max_steps=1",
+                                                "rollout.max_new_tokens=4"]
+    r = load_recipe(RECIPES / "dpo_step.yaml", over)
+    calls = []
+    real = ev.evaluate
+
+    def counting(*a, **k):
+        calls.append(k["out_dir"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate", counting)
+    for run in ("a", "b"):
+        ws = warm_start(r, tmp_path / run)
+        table = evaluate_policies(r, tmp_path / run, {"warm_start": str(ws)})
+        assert "em" in table["warm_start"]["agent"] and (tmp_path / run / "eval" / "warm_start").is_symlink()
+    assert len(calls) == 1
+    assert (tmp_path / "a" / "eval" / "warm_start").resolve() == (tmp_path / "b" / "eval" / "warm_start").resolve()
+    r2 = load_recipe(RECIPES / "dpo_step.yaml", over[:-1] + ["rollout.max_new_tokens=5"])
+    evaluate_policies(r2, tmp_path / "c", {"warm_start": str(warm_start(r2, tmp_path / "c"))})
+    assert len(calls) == 2

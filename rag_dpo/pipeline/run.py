@@ -361,6 +361,26 @@ def baseline_eval(recipe: Recipe, name: str, warm_start: str | None) -> tuple[st
     return (str(warm_start) if who == "warm_start" and warm_start else recipe.model), method
 
 
+def _cached_eval_dir(recipe: Recipe, spec: str | None, methods: list[str], split: str, rcfg) -> Path | None:
+    """Where the eval of a cached warm start lives (inside its cache entry, keyed by everything the eval depends
+    on), so `make train-dpo` reruns and other recipes with the same eval settings score it once. None for any
+    policy that is not a warm-start cache entry."""
+    from rag_dpo.io import stable_hash
+    from rag_dpo.paths import cache_dir
+    if not spec or not Path(spec).is_dir():
+        return None
+    entry = Path(spec).resolve()
+    if entry.parent != cache_dir("warm_starts").resolve():
+        return None
+    w = world(recipe)
+    key = stable_hash({"data": file_sha256(w.data_path), "corpus": recipe.data.corpus, "split": split,
+                       "fractions": recipe.data.fractions, "limit": recipe.eval.limit, "methods": sorted(methods),
+                       "retriever": recipe.retrieval.name, "rollout": dataclasses.asdict(rcfg)})
+    d = entry / "eval" / key
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def training_summary(folders: dict[str, Path | str | None]) -> dict:
     """name -> what its train_done.json says about the run's health (collapse flags and the numbers behind them)
     and, for DPO, its pairs (`train.dpo.pair_stats`): what summary.json and reports show next to the scores."""
@@ -397,20 +417,30 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
     split = split or recipe.data.eval_split
     policies = {k: v for k, v in policies.items() if v}
     table: dict[str, dict] = {}
+    from contextlib import nullcontext
     for name, spec in policies.items():
         out = run_dir / "eval" / name
         res_file = out / "results.json"
-        if res_file.exists():
-            log(f"eval {name}: done ({out})")
-            res = json.loads(res_file.read_text())
-        else:
-            log(f"eval {name}: {spec} on {e.limit or 'all'} {split} questions")
-            from rag_dpo.agent.policy import load_policy
-            rcfg = eval_rollout_config(recipe)
-            res = evaluate(str(w.data_path), recipe.data.corpus, policy=str(spec), methods=methods, split=split,
-                           limit=e.limit, out_dir=out, retriever=recipe.retrieval.name, rollout=rcfg,
-                           fractions=recipe.data.fractions, use_wandb=False,
-                           model_and_tokenizer=load_policy(str(spec), merge_adapter=True))
+        rcfg = eval_rollout_config(recipe)
+        cached = _cached_eval_dir(recipe, spec, methods, split, rcfg)
+        if cached is not None:
+            spec = str(Path(spec).resolve())          # one policy string, whichever run folder links the entry
+            if out.is_symlink() and out.resolve() != cached.resolve():
+                out.unlink()                              # a link to a deleted or older cache entry
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.symlink_to(cached, target_is_directory=True)
+        with (_file_lock(cached.with_name(cached.name + ".lock")) if cached is not None else nullcontext()):
+            if res_file.exists():
+                log(f"eval {name}: done ({out.resolve()})")
+                res = json.loads(res_file.read_text())
+            else:
+                log(f"eval {name}: {spec} on {e.limit or 'all'} {split} questions")
+                from rag_dpo.agent.policy import load_policy
+                res = evaluate(str(w.data_path), recipe.data.corpus, policy=str(spec), methods=methods,
+                               split=split, limit=e.limit, out_dir=out, retriever=recipe.retrieval.name,
+                               rollout=rcfg, fractions=recipe.data.fractions, use_wandb=False,
+                               model_and_tokenizer=load_policy(str(spec), merge_adapter=True))
         table[name] = metrics_by_method(res)
         release_memory()
     paired = paired_comparison(run_dir, policies, methods)
