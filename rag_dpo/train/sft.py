@@ -52,4 +52,4 @@ def train_sft(cfg: SFTSettings, dataset, out_dir: str | Path, model: str = "smol
                          callbacks=[divergence_guard()])
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
     return finish_training(trainer, tok, out_dir, model, ["loss", "mean_token_accuracy", "entropy", "learning_rate"],
-                           "SFT")
+                           "SFT", entropy_flag=False)
