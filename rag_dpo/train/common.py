@@ -161,7 +161,9 @@ def base_spec(spec: str) -> str:
     p = Path(spec)
     if (p / "adapter_config.json").exists():
         return json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return spec
+    # a model folder (e.g. a run's warm_start link to the cached full fine-tune): absolute, resolved, so the saved
+    # adapter loads from any working directory and does not depend on the run folder that linked it
+    return str(p.resolve()) if p.is_dir() else spec
 
 
 def save_policy(model, tokenizer, out_dir: str | Path, spec: str) -> Path:
