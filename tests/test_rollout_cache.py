@@ -1,0 +1,119 @@
+"""Key/value reuse (`cache: prefix`) against full re-encoding (`cache: none`): the same tokens, step after step."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import ToyRetriever
+
+from rag_dpo.agent.kv_cache import PrefixStore
+from rag_dpo.agent.rollout import (CachedHFBackend, HFBackend, RolloutConfig, RolloutEngine, _nucleus_pick,
+                                   seeded_sample)
+from rag_dpo.records import Corpus, Passage, Question
+
+
+def _contexts(tok, n, seed=0):
+    """Contexts sharing a system-prompt-like prefix, of different lengths (so batches are left-padded)."""
+    rng = random.Random(seed)
+    head = tok("You answer multi-hop questions by searching a corpus. Think inside tags.",
+               add_special_tokens=False)["input_ids"]
+    return [head + [rng.randrange(1000, 20000) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
+
+
+def _eos_that_ends_rows(model, tok, contexts, cfg, sample):
+    """A copy of the tokenizer whose eos is a token the random model emits mid-generation in some rows only, so rows
+    finish at different steps (a random model never writes </search> or the real eos)."""
+    outs = CachedHFBackend(model, tok).generate(contexts, list(range(len(contexts))), sample, cfg)
+    counts: dict[int, int] = {}
+    for text, _ in outs:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for t in set(ids[1:-1]):
+            counts[t] = counts.get(t, 0) + 1
+    token = max(counts, key=lambda t: (0 < counts[t] < len(contexts), counts[t]))
+    tok2 = copy.deepcopy(tok)
+    tok2.eos_token = tok.convert_ids_to_tokens(token)
+    return tok2
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_cached_steps_equal_full_reencoding(tiny_model_and_tokenizer, sample):
+    """Several steps, each context extended by its own output plus an 'observation'; rows finish at different
+    token counts; greedy and seeded sampling both identical to `generate` over the whole context."""
+    model, tok = tiny_model_and_tokenizer
+    cfg = RolloutConfig(max_new_tokens=10, temperature=1.0, top_p=0.9)
+    contexts = _contexts(tok, 6)
+    tok = _eos_that_ends_rows(model, tok, contexts, cfg, sample)
+    full, cached = HFBackend(model, tok), CachedHFBackend(model, tok)
+    rng = random.Random(1)
+    lengths = set()
+    for step in range(3):
+        seeds = [step * 100 + i for i in range(len(contexts))] if step else list(range(len(contexts)))
+        a = full.generate(contexts, seeds, sample, cfg)
+        b = cached.generate(contexts, seeds, sample, cfg)
+        assert a == b
+        lengths |= {n for _, n in b}
+        contexts = [c + tok(t, add_special_tokens=False)["input_ids"] + [rng.randrange(1000, 20000)
+                                                                         for _ in range(rng.randrange(5, 30))]
+                    for c, (t, _) in zip(contexts, a)]
+    assert len(lengths) > 1                                     # rows did finish at different steps
+    assert cached.timing["cached_tokens"] > cached.timing["prefill_tokens"] / 2   # and the prefixes were reused
+
+
+def test_siblings_from_one_prefix_equal_separate_generations(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    cfg = RolloutConfig(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    prefix = _contexts(tok, 1, seed=3)[0]
+    together = CachedHFBackend(model, tok)
+    siblings = together.generate([prefix] * 4, [11, 12, 13, 14], True, cfg)
+    assert together.timing["prefill_tokens"] == len(prefix)      # the shared prefix was prefilled once
+    apart = [HFBackend(model, tok).generate([prefix], [s], True, cfg)[0] for s in (11, 12, 13, 14)]
+    assert siblings == apart
+    assert len({t for t, _ in siblings}) > 1
+
+
+def test_engine_rollouts_equal_with_and_without_cache(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    corpus = Corpus([Passage(f"p{i}", f"Title {i}", f"Passage number {i} says something.") for i in range(6)])
+    qs = [Question(f"q{i}", f"What is thing {i}?", [f"thing {i}"], [f"p{i}"]) for i in range(4)]
+    runs = {}
+    for cache in ("none", "prefix"):
+        cfg = RolloutConfig(max_new_tokens=6, max_steps=3, batch_size=3, do_sample=True, progress=False, cache=cache)
+        eng = RolloutEngine(model, tok, ToyRetriever(corpus), corpus, cfg, model_name="tiny")
+        chains = eng.rollout(qs)
+        siblings = eng.sample_next_steps([(c, None) for c in chains], 3)
+        runs[cache] = ([c.to_dict() for c in chains], [[s.to_dict() for s in row] for row in siblings])
+        split = eng.time_split()
+        assert split["prefill"] > 0 and split["decode"] > 0 and split["prefill_tokens"] > 0
+    assert runs["none"] == runs["prefix"]
+
+
+def test_prefix_store_blocks_lookup_and_eviction():
+    store = PrefixStore(block=4, max_bytes=3 * 4 * 4)       # room for three blocks of 1x1x1x4x1 float32
+    kv = torch.arange(12, dtype=torch.float32).reshape(1, 1, 1, 12, 1)
+    tokens = list(range(12))
+    store.insert(tokens, kv, 0)
+    n, blocks = store.lookup(tokens)
+    assert n == 8 and torch.equal(torch.cat(blocks, 3), kv[:, :, :, :8])   # one token always left to prefill
+    assert store.lookup(tokens + [99])[0] == 12
+    assert store.lookup([0, 1, 2, 7] + tokens[4:])[0] == 0       # same later block after another prefix: no hit
+    store.insert([50 + t for t in tokens[:4]], kv[:, :, :, :4], 0)   # a fourth block evicts the oldest
+    assert len(store.blocks) == 3 and store.bytes <= store.max_bytes
+    assert store.lookup(tokens + [99])[0] == 0                   # the first block went, so nothing is reachable
+
+
+def test_shortlisted_nucleus_draw_equals_full_sort():
+    torch.manual_seed(0)
+    scores = torch.randn(6, 500) * torch.tensor([[8.0], [8.0], [0.5], [8.0], [0.1], [4.0]])   # peaked and flat rows
+    gens_a = [torch.Generator().manual_seed(s) for s in range(6)]
+    gens_b = [torch.Generator().manual_seed(s) for s in range(6)]
+    for _ in range(5):
+        a = seeded_sample(scores, gens_a, 0.7, 0.9)
+        b = seeded_sample(scores, gens_b, 0.7, 0.9, shortlist=16)
+        assert torch.equal(a, b)
+    probs = torch.softmax(scores / 0.7, -1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    picked = _nucleus_pick(sorted_p, order, torch.zeros(6), 0.9)
+    assert torch.equal(picked.squeeze(1), order[:, 0])           # u = 0 draws the most likely token
