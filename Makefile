@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # glibc otherwise keeps one malloc arena per thread and the freed training memory never goes back to the OS.
 export MALLOC_ARENA_MAX ?= 2
 
-.PHONY: venv test test-fast train-dpo train-sft train-ppo eval compare compare-quick compare-full bench clean
+.PHONY: venv test test-fast train-dpo train-sft train-ppo train-retriever eval compare compare-quick compare-full bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ train-sft: venv
 
 train-ppo: venv
 	$(VENV)/bin/rag-dpo train recipes/ppo_process.yaml $(OVERRIDES)
+
+train-retriever: venv
+	$(VENV)/bin/rag-dpo train recipes/retriever.yaml $(OVERRIDES)
 
 eval: venv
 	$(VENV)/bin/rag-dpo eval --data data/hotpotqa/ircot_hotpotqa_dev_subsampled_500.jsonl --split dev \

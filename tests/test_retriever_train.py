@@ -110,11 +110,17 @@ def test_scores_are_the_policy_answer_loglik_and_resume_without_duplicates(tmp_p
     assert [r["question_id"] for r in recs] == [q.question_id for q in queries]
     cost = json.loads(out.with_suffix(".cost.json").read_text())
     assert cost["passages_scored"] == 9 and cost["queries"] == 3 and cost["passages_per_s"] > 0
-    # a single unbatched forward gives the same log-likelihood (padding does not leak in)
-    from rag_dpo.train.retriever import _scoring_rows
-    rows = _scoring_rows(tok, queries[0], [CORPUS["p1"]], 64)
-    alone = answer_loglik(model, rows, tok.pad_token_id, batch_size=1)[0]
-    assert abs(alone - recs[0]["ll"][1]) < 1e-3
+    # the shared-prefix, padded batch gives what one plain forward over the whole sequence gives
+    import torch
+    from rag_dpo.train.retriever import scoring_parts
+    prefix, suffixes, answer = scoring_parts(tok, queries[0], [None, CORPUS["p0"], CORPUS["p1"]], 64)
+    full = prefix + suffixes[2] + answer
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+    start = len(prefix) + len(suffixes[2]) - 1
+    plain = float(sum(logp[start + i, t] for i, t in enumerate(answer)))
+    assert abs(plain - recs[0]["ll"][1]) < 1e-3
+    assert answer_loglik(model, prefix, suffixes[2:], answer, tok.pad_token_id)[0] == pytest.approx(plain, abs=1e-3)
     assert recs[0]["usefulness"][1] == pytest.approx(recs[0]["ll"][1] - recs[0]["ll_none"])
 
 

@@ -22,6 +22,10 @@ def register(app: typer.Typer) -> None:
         from rag_dpo.pipeline.recipe import load_recipe
         from rag_dpo.pipeline.run import run_recipe
         r = load_recipe(recipe, list(ctx.args))
+        if r.method == "retriever":   # generator feedback trains the retriever (pipeline/retriever_run.py)
+            from rag_dpo.pipeline.retriever_run import run_retriever_recipe
+            run_retriever_recipe(r, run_dir or Path("runs") / r.name, restart=restart)
+            return
         run_recipe(r, run_dir or Path("runs") / r.name, restart=restart)
 
     try:

@@ -23,9 +23,11 @@ from rag_dpo.pairs.builders import KINDS, PairConfig
 from rag_dpo.train.dpo import DPOSettings
 from rag_dpo.train.ppo import PPOSettings
 from rag_dpo.train.prm import PRMSettings
+from rag_dpo.train.retriever import RetrieverSettings
 from rag_dpo.train.sft import SFTSettings
 
-METHODS: dict[str, type] = {"sft": SFTSettings, "dpo": DPOSettings, "ppo": PPOSettings, "prm": PRMSettings}
+METHODS: dict[str, type] = {"sft": SFTSettings, "dpo": DPOSettings, "ppo": PPOSettings, "prm": PRMSettings,
+                            "retriever": RetrieverSettings}   # retriever: pipeline/retriever_run.py (issue 15)
 SEARCHES = ("tree", "sample")
 
 

@@ -33,6 +33,7 @@ split, so eval can refuse a retriever's training questions as it does a policy's
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import time
@@ -70,6 +71,17 @@ class RetrieverSettings:
     logging_steps: int = 5
     save_steps: int = 50                # trainer checkpoints (resume)
     seed: int = 0
+    transfer: str | None = "data/musique/hipporag_musique_train_100.json"   # recall on another data set too
+    transfer_corpus: str | None = "data/musique/hipporag_musique_train_100_corpus.json"
+    agent_eval: bool = True             # the agent with each retriever on eval.limit eval-split questions
+
+    def __post_init__(self):
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad:
+            raise InputError(f"unknown retriever variant {bad[0]!r} (choose from {', '.join(VARIANTS)})",
+                             field="trainer.variants")
+        if self.candidates < 2:
+            raise InputError("a distribution over candidates needs at least 2", field="trainer.candidates")
 
 
 # ---- queries ----------------------------------------------------------------------------------------------------
@@ -151,47 +163,62 @@ def candidate_lists(queries: Sequence[str], retrievers: Sequence, m: int) -> lis
 ANSWER_LEAD = "<think>The retrieved passages contain the answer.</think>\n<answer>"
 
 
-def _scoring_rows(tokenizer, q: ScoringQuery, passages: Sequence | None, passage_tokens: int):
-    """(context ids, answer ids) for one query and each passage (None = an empty observation)."""
+def scoring_parts(tokenizer, q: ScoringQuery, passages: Sequence, passage_tokens: int
+                  ) -> tuple[list[int], list[list[int]], list[int]]:
+    """(shared prefix ids, one suffix per passage, answer ids): prefix = the agent context up to and including the
+    search step; suffix = the observation holding that one passage (None = an empty observation) + the answer lead.
+    Segments are tokenised separately, as `agent.protocol.tokenize_path` does."""
     from rag_dpo.agent.protocol import format_observation, render_context
-    answer_ids = tokenizer(q.answer, add_special_tokens=False)["input_ids"]
-    base = render_context(tokenizer, q.question, q.prefix) + q.step_text
+    prefix = tokenizer(render_context(tokenizer, q.question, q.prefix) + q.step_text,
+                       add_special_tokens=False)["input_ids"]
     lead = tokenizer(ANSWER_LEAD, add_special_tokens=False)["input_ids"]
-    base_ids = tokenizer(base, add_special_tokens=False)["input_ids"]
-    rows = []
-    for p in passages:
-        obs = format_observation([] if p is None else [p], tokenizer, passage_tokens)
-        ctx = base_ids + tokenizer(obs, add_special_tokens=False)["input_ids"] + lead
-        rows.append((ctx, answer_ids))
-    return rows
+    suffixes = [tokenizer(format_observation([] if p is None else [p], tokenizer, passage_tokens),
+                          add_special_tokens=False)["input_ids"] + lead for p in passages]
+    return prefix, suffixes, tokenizer(q.answer, add_special_tokens=False)["input_ids"]
 
 
-def answer_loglik(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16
-                  ) -> list[float]:
-    """Sum of log p(answer tokens | context) for each (context ids, answer ids) row, batched (right padding,
-    rows sorted by length so a batch pads little)."""
+def answer_loglik(model, prefix: list[int], suffixes: Sequence[list[int]], answer: list[int], pad_id: int,
+                  batch_size: int = 16) -> list[float]:
+    """log p(answer | prefix + suffix) summed over the answer's tokens, for each suffix. The prefix is encoded once
+    and its KV cache shared by all suffixes (they are a query's candidates: same question, chain and search step),
+    and the LM head runs only at the answer positions (a full-vocabulary softmax at every position cost more than
+    the forward itself)."""
     import torch
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    out = [0.0] * len(rows)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = next(model.parameters()).device
+    out: list[float] = []
+    tgt = torch.tensor(answer, device=device)
+    # transformers >= 5.2x names the KV cache `cache` (argument and output); earlier ones `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            seqs = [rows[i][0] + rows[i][1] for i in idx]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            att = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, s in enumerate(seqs):
-                ids[j, :len(s)] = torch.tensor(s)
-                att[j, :len(s)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            for j, i in enumerate(idx):
-                ctx, ans = rows[i]
-                pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(ans), device=logp.device)
-                tgt = torch.tensor(ans, device=logp.device)
-                out[i] = float(logp[j, pos, tgt].sum())
+        pre = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+        pre_cache = getattr(pre, cache_arg)
+        for b in range(0, len(suffixes), batch_size):
+            chunk = [list(x) + list(answer) for x in suffixes[b:b + batch_size]]
+            n, width, plen = len(chunk), max(len(x) for x in chunk), len(prefix)
+            cache = _repeat_cache(pre_cache, n)
+            ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+            att = torch.zeros((n, plen + width), dtype=torch.long, device=device)
+            att[:, :plen] = 1
+            for j, x in enumerate(chunk):
+                ids[j, :len(x)] = torch.tensor(x, device=device)
+                att[j, plen:plen + len(x)] = 1
+            pos = (plen + torch.arange(width, device=device)).unsqueeze(0).expand(n, -1)
+            h = decoder(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True,
+                        **{cache_arg: cache}).last_hidden_state
+            for j, x in enumerate(chunk):
+                start = len(x) - len(answer) - 1
+                logp = torch.log_softmax(head(h[j, start:start + len(answer)]).float(), dim=-1)
+                out.append(float(logp[torch.arange(len(answer), device=device), tgt].sum()))
     return out
+
+
+def _repeat_cache(cache, n: int):
+    """A copy of a batch-1 KV cache repeated n times along the batch (the prefix cache is reused per chunk)."""
+    import copy
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(n)
+    return c
 
 
 def target_distribution(usefulness: Sequence[float], temperature: float = 1.0) -> list[float]:
@@ -224,25 +251,25 @@ def score_queries(queries: Sequence[ScoringQuery], candidates: Sequence[Sequence
               disable=not progress) as bar:
         for b in range(0, len(todo), queries_per_batch):
             chunk = todo[b:b + queries_per_batch]
-            rows, spans = [], []
-            for q, cands in chunk:
-                r = _scoring_rows(tokenizer, q, [None] + [corpus[pid] for pid in cands], passage_tokens)
-                spans.append((len(rows), len(rows) + len(r)))
-                rows.extend(r)
             t0 = time.perf_counter()
-            ll = answer_loglik(model, rows, pad, batch_size)
+            lls, tokens = [], 0
+            for q, cands in chunk:
+                prefix, suffixes, answer = scoring_parts(tokenizer, q, [None] + [corpus[pid] for pid in cands],
+                                                         passage_tokens)
+                lls.append(answer_loglik(model, prefix, suffixes, answer, pad, batch_size))
+                tokens += len(prefix) + sum(len(x) + len(answer) for x in suffixes)
             seconds = time.perf_counter() - t0
             records = []
-            for (q, cands), (a, z) in zip(chunk, spans):
-                none, scores = ll[a], ll[a + 1:z]
+            for (q, cands), ll in zip(chunk, lls):
+                none, scores = ll[0], ll[1:]
                 records.append({"key": q.key, "question_id": q.question_id, "source": q.source, "query": q.query,
                                 "answer": q.answer, "candidates": list(cands), "ll": scores, "ll_none": none,
-                                "usefulness": [s - none for s in scores]})
+                                "usefulness": [x - none for x in scores]})
             append_jsonl(out_path, records)
             cost["queries"] += len(chunk)
-            cost["passages_scored"] += len(rows) - len(chunk)
-            cost["forward_rows"] += len(rows)
-            cost["tokens"] += sum(len(c) + len(a) for c, a in rows)
+            cost["passages_scored"] += sum(len(c) for _, c in chunk)
+            cost["forward_rows"] += sum(len(c) + 1 for _, c in chunk)
+            cost["tokens"] += tokens
             cost["seconds"] += seconds
             cost["passages_per_s"] = cost["passages_scored"] / cost["seconds"] if cost["seconds"] else 0.0
             cost["rows_per_s"] = cost["forward_rows"] / cost["seconds"] if cost["seconds"] else 0.0
@@ -379,7 +406,7 @@ def _st_args(cfg: RetrieverSettings, ckpt: Path, learning_rate: float, cross: bo
         from sentence_transformers import SentenceTransformerTrainingArguments as Args
     report = "none" if os.environ.get("WANDB_MODE") == "disabled" else "wandb"
     return Args(output_dir=str(ckpt), num_train_epochs=cfg.num_train_epochs, learning_rate=learning_rate,
-                per_device_train_batch_size=cfg.per_device_train_batch_size, warmup_ratio=0.1,
+                per_device_train_batch_size=cfg.per_device_train_batch_size, warmup_steps=0.1,
                 logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=1, save_strategy="steps",
                 seed=cfg.seed, report_to=report, logging_first_step=True, disable_tqdm=False,
                 dataloader_num_workers=0, use_cpu=not _cuda(), **extra)
