@@ -156,6 +156,14 @@ def test_distillation_raises_the_useful_passage_rank(tmp_path, tiny_encoder_dirs
     a = load_encoder(str(out)).encode_document(docs, convert_to_numpy=True)
     b = load_encoder(str(st)).encode_document(docs, convert_to_numpy=True)
     assert np.allclose(a, b, atol=1e-5)
+    # ... and the trained retriever is handed the base model's corpus index instead of re-encoding the corpus
+    from rag_dpo.retrieval import build_retriever
+    from rag_dpo.retrieval.trained import share_document_index
+    assert not share_document_index(out, st, CORPUS)            # nothing to share before the base is indexed
+    base = build_retriever(f"dense:{st}", CORPUS, show_progress=False)
+    assert share_document_index(out, st, CORPUS)
+    trained = build_retriever(f"dense:{out}", CORPUS, show_progress=False)
+    assert trained.from_cache and np.array_equal(trained.embeddings, base.embeddings)
 
 
 def test_end_to_end_gradient_reaches_the_retriever_with_the_right_sign(tiny_encoder_dirs):
