@@ -283,3 +283,24 @@ def test_divergence_guard_reads_logged_losses():
     g.on_log(args, state, TrainerControl(), logs={"loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-4})
     with pytest.raises(TrainingDiverged, match="step 7: non-finite loss"):
         g.on_log(args, state, TrainerControl(), logs={"loss": float("nan")})
+
+
+def test_eos_follows_the_data_ends_turn_flag_not_the_text(tokenizer):
+    """A rejected invalid `<answer></answer>` step ends with the answer tag but the policy never ended its turn
+    there: with the pair builders' `rejected_ends_turn` False it gets no EOS; a chosen answer (True) gets one."""
+    from datasets import Dataset
+
+    from rag_dpo.train.dpo import tokenize_pairs
+    from rag_dpo.train.sft import tokenize_sft
+    eos = tokenizer.eos_token_id
+    invalid = "<think>hm</think>\n<answer></answer>"
+    row = {"prompt": render_prompt(tokenizer, "Q?"), "chosen": format_step("ok", ANSWER, "Paris"),
+           "rejected": invalid, "chosen_info_spans": [], "rejected_info_spans": [], "chosen_ends_turn": True,
+           "rejected_ends_turn": False}
+    out = tokenize_pairs(Dataset.from_list([row]), tokenizer)[0]
+    assert out["chosen_ids"][-1] == eos and out["rejected_ids"][-1] != eos
+    legacy = {k: v for k, v in row.items() if not k.endswith("ends_turn")}
+    assert tokenize_pairs(Dataset.from_list([legacy]), tokenizer)[0]["rejected_ids"][-1] == eos   # text rule
+    sft_row = {"prompt": row["prompt"], "completion": invalid, "completion_info_spans": [],
+               "completion_ends_turn": False}
+    assert eos not in tokenize_sft(Dataset.from_list([sft_row]), tokenizer)[0]["input_ids"][-1:]

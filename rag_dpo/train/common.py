@@ -244,12 +244,16 @@ class ChainTokenizer:
     def prompt(self, text: str) -> list[int]:
         return [i for _, piece in segments(text, self.header) for i in self._encode(piece)]
 
-    def completion(self, text: str, info_spans: list | None = None) -> tuple[list[int], list[int]]:
-        """ids and mask of a completion; EOS is appended only when it ends the turn (after </answer>).
-        `info_spans` ([start, end) character spans of retrieved text, as rag_dpo.pairs writes them) take
-        precedence over finding <information> blocks in the text."""
+    def completion(self, text: str, info_spans: list | None = None,
+                   ends_turn: bool | None = None) -> tuple[list[int], list[int]]:
+        """ids and mask of a completion; EOS is appended only when the policy's turn ended there: `ends_turn` as
+        the pair builders record it (`X_ends_turn`, from `protocol.ends_turn`: an answer step), else (rows without
+        that column) when the text ends with </answer>. A rejected invalid `<answer></answer>` step ends with the
+        tag, but the policy never emitted EOS there, so the data's flag wins. `info_spans` ([start, end) character
+        spans of retrieved text, as rag_dpo.pairs writes them) take precedence over finding <information> blocks."""
         pieces = segments(text) if info_spans is None else spans_to_segments(text, info_spans)
-        if text.rstrip().endswith("</answer>") and self.eos and not text.endswith(self.eos):
+        ends = text.rstrip().endswith("</answer>") if ends_turn is None else bool(ends_turn)
+        if ends and pieces and self.eos and not text.endswith(self.eos):
             pieces = pieces[:-1] + [(pieces[-1][0], pieces[-1][1] + self.eos)]
         ids, mask = [], []
         for kind, piece in pieces:

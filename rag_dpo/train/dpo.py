@@ -97,8 +97,8 @@ def tokenize_pairs(dataset, tokenizer, where: str = "pairs dataset"):
     ct = ChainTokenizer(tokenizer)
 
     def encode(row):
-        c, cm = ct.completion(row["chosen"], row.get("chosen_info_spans"))
-        r, rm = ct.completion(row["rejected"], row.get("rejected_info_spans"))
+        c, cm = ct.completion(row["chosen"], row.get("chosen_info_spans"), row.get("chosen_ends_turn"))
+        r, rm = ct.completion(row["rejected"], row.get("rejected_info_spans"), row.get("rejected_ends_turn"))
         return {"prompt_ids": ct.prompt(row["prompt"]), "chosen_ids": c, "rejected_ids": r,
                 "chosen_mask": cm, "rejected_mask": rm}
 

@@ -27,7 +27,7 @@ def tokenize_sft(dataset, tokenizer, where: str = "sft dataset"):
 
     def encode(row):
         p = ct.prompt(row["prompt"])
-        c, m = ct.completion(row["completion"], row.get("completion_info_spans"))
+        c, m = ct.completion(row["completion"], row.get("completion_info_spans"), row.get("completion_ends_turn"))
         return {"input_ids": p + c, "labels": [-100] * len(p) + [t if k else -100 for t, k in zip(c, m)]}
 
     return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising SFT rows")
