@@ -44,13 +44,13 @@ class FakeBackend:
                 "generated_tokens": float(sum(self.step_tokens(seed, q) for q in question_ids))}
 
     def outcome_spend(self, seed, question_ids):
-        from rag_dpo.annotate.sampled_pool import wants_more
+        from rag_dpo.annotate.sampled_pool import draw, wants_more
         total, chains = 0.0, 0
         for q in question_ids:
             rng = np.random.default_rng([seed, int(q[1:]), 7])
             spent, n = 0, 0
-            while wants_more(spent, n, self.step_tokens(seed, q), 32):
-                spent += int(rng.integers(40, 120))
+            while wants_more(spent, n, self.step_tokens(seed, q), 32, 50.0, draw(seed, q, n)):
+                spent += int(rng.integers(30, 71))
                 n += 1
             total += spent * self.outcome_factor
             chains += n

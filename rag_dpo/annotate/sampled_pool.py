@@ -9,10 +9,12 @@ Each chain is labelled by the `outcome` annotator (its final-answer F1; an inval
 which costs nothing and reads no step label.
 
 Matching: question q gets chains until its generated tokens reach the step pool's spend on q (policy tokens plus
-what the step annotator generated, e.g. Monte-Carlo continuations): sampling stops when the tokens so far plus half
-a chain of q's mean length reach the target, so the overshoot of the last chain is centred on zero and matched
-totals hold on any subset of questions (the budget curve), not only on all of them. `max_chains` caps a question
-whose chains are very short.
+what the step annotator generated, e.g. Monte-Carlo continuations). With r tokens left and m the pool's mean chain
+length so far, q samples another chain if r >= m, and with probability r / m if 0 < r < m (a seeded draw per
+question and chain), so its expected total is its target: totals match in expectation on any subset of questions
+(the budget curve), not only on all of them. (A deterministic rule such as "stop when the tokens plus half a
+chain reach the target" undershot by 11 % in the quick compare: with 1-3 chains per question the stopping chain is
+the long one.) `max_chains` caps a question whose chains are very short.
 
 Resumable: each round's chains are appended whole; a rerun counts what every question already has and goes on.
 """
@@ -29,13 +31,22 @@ def chain_tokens(chain: Chain) -> int:
     return sum(s.generated_tokens for s in chain.steps)
 
 
-def wants_more(spent: int, chains: int, target: float, max_chains: int) -> bool:
-    """Sample another chain for a question that has `chains` chains costing `spent` tokens, for `target` tokens?"""
-    if chains >= max_chains or target <= 0:
+def wants_more(spent: float, chains: int, target: float, max_chains: int, mean_len: float | None, u: float) -> bool:
+    """Sample another chain for a question that has `chains` chains costing `spent` tokens, for `target` tokens?
+    `mean_len`: the pool's mean chain length so far (None before any chain); `u`: a uniform draw in [0, 1)."""
+    left = target - spent
+    if chains >= max_chains or left <= 0:
         return False
-    if chains == 0:
+    if not mean_len or left >= mean_len:
         return True
-    return spent + 0.5 * spent / chains < target
+    return u < left / mean_len
+
+
+def draw(seed: int, question_id: str, chain: int) -> float:
+    """The seeded uniform draw that decides whether question `question_id` samples chain number `chain`."""
+    import hashlib
+    h = hashlib.sha256(f"pool-stop|{seed}|{question_id}|{chain}".encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2 ** 64
 
 
 def round_seed(seed: int, r: int) -> int:
@@ -68,12 +79,17 @@ def sample_matched_pool(questions: Sequence[Question], engine, out_path: str | P
     engine.cfg.do_sample = True
     try:
         while True:
-            todo = [q for q in questions if wants_more(spent[q.id], count[q.id], targets.get(q.id, 0.0), max_chains)]
+            n = sum(count.values())
+            mean_len = sum(spent.values()) / n if n else None
+            todo = [q for q in questions if wants_more(spent[q.id], count[q.id], targets.get(q.id, 0.0), max_chains,
+                                                       mean_len, draw(seed, q.id, count[q.id]))]
             if not todo:
                 break
             # questions that have the same number of chains sample their next one in one batched call
-            for r in sorted({count[q.id] for q in todo}):
-                group = [q for q in todo if count[q.id] == r]
+            groups = {}
+            for q in todo:
+                groups.setdefault(count[q.id], []).append(q)
+            for r, group in sorted(groups.items()):
                 engine.cfg.seed = round_seed(seed, r)
                 chains = engine.rollout(group)
                 for c in chains:

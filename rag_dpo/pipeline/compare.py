@@ -14,8 +14,9 @@ of the earlier design: one tree pool per seed (losing steps finished to whole ch
 Seeds are independent runs: seed s samples its own pools (rollout seed s) and trains with data order s, so the
 intervals cover pool variance too. One comparison is primary (`primary`, step-DPO vs outcome-DPO at the main
 settings); every other test in the report is secondary and Holm-corrected (see `compare_report`).
-Each arm is evaluated with the base model, ITER-RETGEN and the warm start on the held-out test split; a budget
-curve can repeat the main step-DPO and outcome-DPO arms on nested question subsets.
+Each arm is evaluated with the warm start and the baselines (the base model with a plain RAG prompt, ITER-RETGEN
+run by the warm-start policy: `pipeline.run.BASELINE_EVALS`) on the held-out test split; a budget curve can
+repeat the main step-DPO and outcome-DPO arms on nested question subsets.
 
 The orchestration (which runs, resume, budgets, report) is separate from the work: it talks to a `CompareBackend`
 (prepare the pool, train one arm, evaluate one policy), so it can be tested with fakes in a second. The real
@@ -41,7 +42,7 @@ from rag_dpo.io import atomic_write_json, stable_hash
 FAMILIES = ("sft", "outcome-dpo", "step-dpo", "outcome-ppo", "process-ppo")
 POOL_MODES = ("separate", "shared")
 PAIRING_RULES = ("best-vs-worst", "all-margin", "same-action")
-BASELINES = ("base", "iter-retgen")
+BASELINES = ("base", "iter-retgen", "rag")   # how each runs: pipeline.run.BASELINE_EVALS
 WARM_START = "warm-start"
 METRICS = ("em", "f1", "recall", "steps", "parse_error")
 
@@ -65,7 +66,9 @@ class CompareConfig:
     ablation_seeds: list[int] = field(default_factory=lambda: [0])  # seeds of the other DPO variants
     budget_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # budget curve points
     curve_seeds: list[int] = field(default_factory=lambda: [0])   # seeds of budget-curve points below 1.0
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # evaluated next to the warm start
+    baselines: list[str] = field(default_factory=lambda: ["base", "iter-retgen"])  # evaluated next to the warm
+                                             # start: base = the base model with a plain RAG prompt; iter-retgen /
+                                             # rag = those methods run by the warm-start policy
     ppo_spend_budget: bool = True            # PPO keeps rolling out until it generated the pool's tokens (its
                                              # `iterations` are raised as needed); false: stop at `iterations`
     pools: str = "separate"                  # separate: step pool (tree search) for step arms, i.i.d. chains matched
@@ -623,11 +626,11 @@ class PipelineBackend:
     def evaluate(self, name: str, policy: str | None, out_dir: Path) -> list[dict]:
         from rag_dpo.pipeline import run as steps
         from rag_dpo.records import read_chains
-        method = "iter-retgen" if name == "iter-retgen" else "agent"
+        method = "agent"
         if name == WARM_START:
             policy = self.start
-        elif name in BASELINES:
-            policy = self.recipe.model
+        elif name in BASELINES:   # a baseline measures its method, not whether a model follows the tag protocol
+            policy, method = steps.baseline_eval(self.recipe, name, self.start)
         if not policy:
             raise InputError(f"no policy to evaluate for {name!r}", field="policy")
         steps.evaluate_policies(self.recipe, out_dir, {name: str(policy)}, methods=[method])
@@ -657,7 +660,14 @@ class PipelineBackend:
                 "warm start": (f"SFT on {r.warm_start.questions or 'all'} oracle chains, built once and shared by "
                                "every seed (its variance is not in the intervals)") if r.warm_start.enabled
                 else "none (arms start from the base model)",
+                "baselines": "; ".join(f"{b} = {self._baseline_text(b)}" for b in self.cfg.baselines),
                 "base recipe": self.cfg.recipe, "recipe overrides": list(self.cfg.recipe_overrides)}
+
+    def _baseline_text(self, name: str) -> str:
+        from rag_dpo.pipeline.run import BASELINE_EVALS
+        who, method = BASELINE_EVALS.get(name, ("model", name))
+        return f"{'the warm start' if who == 'warm_start' and self.recipe.warm_start.enabled else 'the base model'} " \
+               f"running {method}"
 
 
 CURVE_KEYS = ("loss", "reward", "outcome", "rewards/accuracies", "rewards/margins", "kl", "pg_loss")

@@ -46,7 +46,7 @@ class Method:
 def collect_methods(data: dict) -> tuple[dict[str, Method], dict[float, dict[str, Method]]]:
     """Methods at the full budget (table rows, in plan order) and, per budget fraction, the curve's methods."""
     full: dict[str, Method] = {}
-    for name in ["base", "iter-retgen", "warm-start"]:
+    for name in ["base", "rag", "iter-retgen", "warm-start"]:
         b = data["baselines"].get(name)
         if b is not None:
             m = full[name] = Method(name, "baseline")
