@@ -5,6 +5,12 @@
 prints the share of the policy's weight changes (LoRA merged, vs the reference policy) that casting to bf16 erases,
 and the relative error of the change (`rag_dpo.eval.evaluate.bf16_erased_change`).
 
+    .venv/bin/python bench/precision_bench.py --policy ADAPTER_DIR --reference START --logprobs [--limit 24]
+
+compares the per-chain log-prob change policy - reference on held-out oracle chains (test split) in bfloat16
+against float32, with adapters unmerged (as bf16 rollouts run them) and merged
+(`rag_dpo.agent.precision.learned_change_kept`).
+
     .venv/bin/python bench/precision_bench.py --policy ADAPTER_DIR --speed [--limit 40] [--batch 16]
 
 also evaluates the policy (agent, greedy, bundled HotpotQA test split) with float32 and with bfloat16 weights,
@@ -54,11 +60,25 @@ def eval_once(policy: str, dtype: str, limit: int, batch: int) -> dict:
     return {"dtype": dtype, "seconds": round(seconds, 1), "em": a["em"], "f1": round(a["f1"], 4)}
 
 
+def logprob_check(policy: str, reference: str, limit: int) -> dict:
+    from rag_dpo.agent.policy import load_tokenizer
+    from rag_dpo.agent.precision import learned_change_kept
+    from rag_dpo.annotate.oracle import oracle_chains
+    from rag_dpo.data import load_dataset, split_questions
+    from rag_dpo.retrieval import build_retriever
+    ds = load_dataset("data/hotpotqa/ircot_hotpotqa_dev_subsampled_500.jsonl")
+    chains = oracle_chains(split_questions(ds.questions, "test")[:limit], ds.corpus,
+                           build_retriever("bm25", ds.corpus), load_tokenizer(reference), k=3,
+                           max_tokens_per_passage=48)
+    return learned_change_kept(policy, reference, chains, "bfloat16")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", required=True)
     ap.add_argument("--reference", default=None, help="the policy's starting point (adapter folder or smollm2)")
     ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--logprobs", action="store_true", help="log-prob change kept in bf16 (needs --reference)")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--_eval", default=None, help=argparse.SUPPRESS)
@@ -66,7 +86,9 @@ def main() -> None:
     if args._eval:
         print(json.dumps(eval_once(args.policy, args._eval, args.limit, args.batch)))
         return
-    if args.reference:
+    if args.logprobs:
+        print(json.dumps(logprob_check(args.policy, args.reference or "smollm2", args.limit)))
+    elif args.reference:
         r = erased(args.policy, args.reference)
         print(f"{args.policy} vs {args.reference}: {int(r['changed'])} weights changed, "
               f"{r['erased']:.1%} of them equal in bf16, relative error of the change in bf16 {r['rel_error']:.2f}")

@@ -7,15 +7,17 @@ Three workloads, each run once per mode in its own subprocess (so each peak memo
 - `continue_from`: N=4 Monte-Carlo continuations from each of 4 sampled first steps of `--cont-questions` train
   questions — the rollout annotator (the first steps are sampled untimed, as tree search would have).
 
-Modes: `baseline` = `cache: none` in float32 (transformers `generate` over the whole context at every step);
-`cached` = `cache: prefix` in `--dtype` (default float32). Reported per workload: generated tokens/s before and
-after and their ratio (`speedup`), the time split (prefill, decode, retrieval, rest), peak RSS during the
-workload, and the share of generated steps with identical text in both modes (cached attention can round
-differently, and a sampled chain that differs once differs from there on).
+Modes: `baseline` = `cache: none` in float32 with the LoRA merged (today's engine: transformers `generate` over
+the whole context at every step); `cached-float32`, `cached-bfloat16`, ... = `cache: prefix` in each of `--dtypes`
+(LoRA merged in float32, unmerged in bf16: `load_policy(merge_adapter="auto")`). Reported per workload and cached
+mode: generated tokens/s before and after and their ratio (`speedup`), the time split (prefill, decode, retrieval,
+rest), peak RSS during the workload and its ratio to the baseline's, and the share of generated steps with
+identical text (cached attention can round differently, bf16 more so, and a sampled chain that differs once
+differs from there on).
 
     .venv/bin/python bench/rollout_bench.py --policy runs/dpo_step/warm_start     # a warm-started policy
     .venv/bin/python bench/rollout_bench.py --policy P --tree-questions 8 --eval-questions 16 --cont-questions 2
-    .venv/bin/python bench/rollout_bench.py --policy P --device cuda
+    .venv/bin/python bench/rollout_bench.py --policy P --device cuda --dtypes bfloat16
 
 Use a warm-started policy: the zero-shot model's chains are one invalid step, which measures nothing of reuse.
 Results go to bench/results/rollout.json (with machine and commit).
@@ -66,8 +68,8 @@ def run_child(args) -> dict:
     ds = load_dataset(args.data)
     retriever = build_retriever("bm25", ds.corpus)
     device = resolve_device(args.device)
-    dtype = resolve_dtype("float32" if args.mode == "baseline" else args.dtype, device)
-    model, tok = load_policy(args.policy, device=device, dtype=dtype, merge_adapter=args.merge)
+    dtype = resolve_dtype("float32" if args.mode == "baseline" else args.mode.split("-", 1)[1], device)
+    model, tok = load_policy(args.policy, device=device, dtype=dtype, merge_adapter="auto")
     cfg = RolloutConfig(max_steps=args.max_steps, k=3, max_new_tokens=args.max_new_tokens, temperature=0.7,
                         top_p=0.95, do_sample=False, batch_size=args.batch_size, max_tokens_per_passage=48,
                         cache="none" if args.mode == "baseline" else "prefix", cache_mb=args.cache_mb,
@@ -149,10 +151,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache-mb", type=int, default=1024)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="dtype of the cached mode (the baseline is float32)")
-    p.add_argument("--no-merge", dest="merge", action="store_false", help="keep a LoRA adapter unmerged")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the cached modes (baseline: float32)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout.json"))
-    p.add_argument("--mode", choices=["baseline", "cached"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workload", choices=WORKLOADS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -165,26 +166,29 @@ def main() -> None:
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args), "workloads": {}}
     for w in args.workloads.split(","):
         runs = {}
-        for mode in ("baseline", "cached"):
+        for mode in ["baseline"] + [f"cached-{d}" for d in args.dtypes.split(",")]:
             cmd = [sys.executable, __file__, "--mode", mode, "--workload", w] + sys.argv[1:]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{w}/{mode} failed:\n{proc.stderr[-3000:]}")
             runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        base, new = runs["baseline"], runs["cached"]
-        entry = {"speedup": new["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None,
-                 "identical_steps": identical_share(base.pop("texts"), new.pop("texts")),
-                 "peak_rss_ratio": new["peak_rss_mib"] / base["peak_rss_mib"], "baseline": base, "cached": new}
-        report["workloads"][w] = entry
-        print(f"{w}: {base['generated_tokens']} / {new['generated_tokens']} tokens, "
-              f"{base['tokens_per_s']:.1f} -> {new['tokens_per_s']:.1f} tok/s = {entry['speedup'] or 0:.2f}x, "
-              f"identical steps {entry['identical_steps']:.1%}, peak RSS {base['peak_rss_mib']:.0f} -> "
-              f"{new['peak_rss_mib']:.0f} MiB", flush=True)
-        for r in (base, new):
+        base = runs.pop("baseline")
+        texts = base.pop("texts")
+        entry = report["workloads"][w] = {"baseline": base}
+        print(f"{w}: baseline {base['generated_tokens']} tokens, {base['tokens_per_s']:.1f} tok/s, peak RSS "
+              f"{base['peak_rss_mib']:.0f} MiB", flush=True)
+        for mode, new in runs.items():
+            entry[mode] = {"speedup": new["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None,
+                           "identical_steps": identical_share(texts, new.pop("texts")),
+                           "peak_rss_ratio": new["peak_rss_mib"] / base["peak_rss_mib"], **new}
+            print(f"  {mode}: {new['generated_tokens']} tokens, {new['tokens_per_s']:.1f} tok/s = "
+                  f"{entry[mode]['speedup'] or 0:.2f}x, identical steps {entry[mode]['identical_steps']:.1%}, "
+                  f"peak RSS {new['peak_rss_mib']:.0f} MiB ({entry[mode]['peak_rss_ratio']:.2f}x)", flush=True)
+        for mode, r in [("baseline", base), *runs.items()]:
             sp = r["split_seconds"]
-            print(f"  {r['mode']:8s} ({r['dtype']}) {r['seconds']:7.1f} s: prefill {sp['prefill']:.1f}, decode "
-                  f"{sp['decode']:.1f}, retrieval {sp['retrieval']:.1f}, rest {sp['rest']:.1f}; prefilled "
-                  f"{r['prefill_tokens']} tokens, {r['cached_tokens']} from cache", flush=True)
+            print(f"  {mode:16s} {r['seconds']:7.1f} s: prefill {sp['prefill']:.1f}, decode {sp['decode']:.1f}, "
+                  f"retrieval {sp['retrieval']:.1f}, rest {sp['rest']:.1f}; prefilled {r['prefill_tokens']} "
+                  f"tokens, {r['cached_tokens']} from cache", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -117,3 +117,62 @@ def test_shortlisted_nucleus_draw_equals_full_sort():
     sorted_p, order = probs.sort(-1, descending=True)
     picked = _nucleus_pick(sorted_p, order, torch.zeros(6), 0.9)
     assert torch.equal(picked.squeeze(1), order[:, 0])           # u = 0 draws the most likely token
+
+
+def test_clear_cache_after_a_weight_change(tiny_model_and_tokenizer):
+    """Stored keys/values belong to the weights that made them: after an update, `clear_cache` (which PPO calls
+    every round) makes the engine agree with a fresh one again."""
+    model, tok = tiny_model_and_tokenizer
+    model = copy.deepcopy(model)
+    cfg = RolloutConfig(max_new_tokens=6)
+    contexts = _contexts(tok, 3, seed=5)
+    backend = CachedHFBackend(model, tok)
+    backend.generate(contexts, [1, 2, 3], False, cfg)
+    with torch.no_grad():
+        for p in model.model.layers[0].parameters():
+            p.mul_(1.5)
+    fresh = HFBackend(model, tok).generate(contexts, [1, 2, 3], False, cfg)
+    backend.clear()
+    assert backend.generate(contexts, [1, 2, 3], False, cfg) == fresh
+
+
+def test_bf16_runs_the_adapter_unmerged_in_float32_and_keeps_its_change(tmp_path):
+    """`merge_adapter="auto"` merges a LoRA into float32 weights only; in bf16 the adapter stays float32 on the
+    bf16 base, and the logits move the way the float32 policy's do. (Merging into bf16 is not tested as worse: on
+    a tiny random model bf16's activation rounding, not the weights', dominates the error; measured in the docs.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from rag_dpo.agent.policy import load_policy, tiny_policy
+    from conftest import TOKENIZER_DIR
+    model, tok = tiny_policy(TOKENIZER_DIR, hidden=128, layers=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1e-3)
+    peft_model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([tok("Which city is the capital of France? The capital of France is Paris.")["input_ids"]])
+
+    def logits(spec, dtype, merge):
+        m, _ = load_policy(str(tmp_path / spec), dtype=dtype, merge_adapter=merge)
+        with torch.no_grad():
+            return m, m(input_ids=ids).logits.float()
+
+    _, base32 = logits("base", torch.float32, False)
+    _, tuned32 = logits("adapter", torch.float32, "auto")
+    _, base16 = logits("base", torch.bfloat16, False)
+    unmerged, unmerged16 = logits("adapter", torch.bfloat16, "auto")
+    assert hasattr(unmerged, "peft_config")                                 # auto: not merged in bf16 ...
+    assert all(p.dtype == torch.float32 for n, p in unmerged.named_parameters() if "lora_" in n)   # ... fp32 adapter
+    change32, change16 = (tuned32 - base32).flatten(), (unmerged16 - base16).flatten()
+    assert float(torch.corrcoef(torch.stack([change32, change16]))[0, 1]) > 0.5
+    merged32, _ = logits("adapter", torch.float32, "auto")
+    assert not hasattr(merged32, "peft_config")                            # float32: merged (faster)

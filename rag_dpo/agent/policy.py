@@ -89,10 +89,12 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 
 
 def load_policy(spec: str = "smollm2", device: str | None = None, dtype=None, trust_remote_code: bool = False,
-                merge_adapter: bool = False):
+                merge_adapter: bool | str = False):
     """Load (model, tokenizer) from 'smollm2' (bundled), an HF name/folder, or a PEFT adapter folder.
 
-    Weights are fp32 by default (bf16 autocast is the trainers' job: bf16 master weights went NaN in DPO)."""
+    Weights are fp32 by default (bf16 autocast is the trainers' job: bf16 master weights went NaN in DPO).
+    `merge_adapter="auto"` merges a LoRA only into float32 weights: merged into bf16 weights, a fine-tune's small
+    changes round away, while unmerged the adapter stays float32 on top of the bf16 base (peft keeps it so)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,6 +108,8 @@ def load_policy(spec: str = "smollm2", device: str | None = None, dtype=None, tr
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
+        if merge_adapter == "auto":
+            merge_adapter = model.get_base_model().dtype == torch.float32
         if merge_adapter:
             model = model.merge_and_unload()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -67,6 +67,9 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 16               # rows per generate call
+    dtype: str = "auto"                # pool rollouts: auto = bf16 where the hardware is fast at it (LoRA unmerged)
+    cache: str = "prefix"              # key/value reuse across steps and siblings; "none" = full re-encoding
+    backend: str = "auto"              # hf | vllm | auto (vllm when installed, on a GPU, for a plain model)
 
 
 @dataclass

@@ -213,7 +213,7 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
     recipe's annotator, or `k` sampled chains per question then annotated. Returns the labelled chains file
     (out_dir/labels.jsonl, default run_dir/rollouts); resumable per question; done.json holds the budget."""
     from rag_dpo.agent.policy import load_policy
-    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
+    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
     from rag_dpo.annotate import TreeSearchConfig, annotate_file, build_annotator, tree_search_to_file
     from rag_dpo.pairs import budget
     from rag_dpo.records import read_chains
@@ -230,10 +230,13 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
         wanted = set(question_ids)
         qs = [q for q in w.train if q.id in wanted]
     ro = recipe.rollout
-    model, tok = load_policy(policy, merge_adapter=True)   # a merged LoRA generates ~2x faster on CPU
+    # a merged LoRA generates ~2x faster on CPU; in bf16 the adapter stays unmerged (merging would round it away)
+    device = resolve_device("auto")
+    model, tok = load_policy(policy, device=device, dtype=resolve_dtype(ro.dtype, device), merge_adapter="auto")
     cfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
                         temperature=ro.temperature, top_p=ro.top_p, do_sample=True, batch_size=ro.batch_size,
-                        seed=recipe.seed, max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+                        seed=recipe.seed, max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage,
+                        cache=ro.cache, backend=ro.backend)
     engine = RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(policy),
                            retriever_name=recipe.retrieval.name)
     annotator = build_annotator(recipe.annotate.name, recipe.annotate.settings, engine=engine)

@@ -571,6 +571,7 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
                 # the whole group in one batch: on a CPU a wider batch generates more tokens/s
                 # (`bench/ppo_bench.py --group-batch`, numbers in the README)
                 engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009
+                engine.clear_cache()        # the weights changed since the last round: stored keys/values are stale
                 chains = engine.rollout(qs, samples=cfg.group_size)
             if cfg.reward == "process":
                 annotator.annotate(chains)
