@@ -176,3 +176,49 @@ def test_bf16_runs_the_adapter_unmerged_in_float32_and_keeps_its_change(tmp_path
     assert float(torch.corrcoef(torch.stack([change32, change16]))[0, 1]) > 0.5
     merged32, _ = logits("adapter", torch.float32, "auto")
     assert not hasattr(merged32, "peft_config")                            # float32: merged (faster)
+
+
+def test_vllm_requests_carry_row_seeds_stop_strings_and_budget(monkeypatch, tiny_model_and_tokenizer):
+    """vLLM is not installed here: a stand-in module records what the backend asks it for."""
+    import sys
+    import types
+
+    from rag_dpo.agent import protocol
+    from rag_dpo.agent.rollout import VLLMBackend
+
+    class Params:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm=False):
+            self.seen = (prompts, params)
+            out = types.SimpleNamespace(text="<think>x</think>\n<search>q</search> trailing", token_ids=[1, 2, 3])
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+    vllm = types.ModuleType("vllm")
+    vllm.SamplingParams = Params
+    vllm.inputs = types.ModuleType("vllm.inputs")
+    vllm.inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", vllm.inputs)
+    llm = FakeLLM()
+    backend = VLLMBackend("unused", tiny_model_and_tokenizer[1], llm=llm)
+    cfg = RolloutConfig(max_new_tokens=9, temperature=0.7, top_p=0.9)
+    out = backend.generate([[5, 6], [7]], [123, 456], True, cfg)
+    assert out == [("<think>x</think>\n<search>q</search>", 3)] * 2          # cut at the stop tag
+    prompts, params = llm.seen
+    assert prompts == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7]}]
+    assert [p.seed for p in params] == [123, 456]
+    assert all(p.stop == protocol.STOP_STRINGS and p.max_tokens == 9 and p.temperature == 0.7 and p.top_p == 0.9
+               for p in params)
+    _, greedy = VLLMBackend.requests([[5]], [1], False, cfg)
+    assert greedy[0].temperature == 0.0 and greedy[0].seed is None
+
+
+def test_auto_backend_is_hf_without_vllm(tiny_model_and_tokenizer):
+    from rag_dpo.agent.rollout import resolve_backend
+    from rag_dpo.errors import InputError
+    assert resolve_backend("auto", tiny_model_and_tokenizer[0]) == "hf"       # vllm is not installed here
+    with pytest.raises(InputError):
+        resolve_backend("tgi")

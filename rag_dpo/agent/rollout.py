@@ -377,22 +377,37 @@ class CachedHFBackend:
 
 
 class VLLMBackend:
-    """vLLM offline engine (GPU). Per-request seeds keep sampling independent of batch composition."""
+    """vLLM offline engine (GPU; unmeasured here: it cannot be installed on the project's GPU machine). The same
+    contract as the hf backends: one request per row with that row's seed (so sampling does not depend on batch
+    composition), the protocol's stop strings, the step's token budget; greedy rows ask for temperature 0."""
 
-    def __init__(self, model_path: str, tokenizer):
-        from vllm import LLM  # optional dependency, imported only when asked for
-        self.llm = LLM(model=model_path, tokenizer=model_path, seed=0)
-        self.tokenizer = tokenizer
+    def __init__(self, model_path: str, tokenizer, llm=None):
+        if llm is None:
+            from vllm import LLM  # optional dependency, imported only when asked for
+            llm = LLM(model=model_path, tokenizer=model_path, seed=0)
+        self.llm, self.tokenizer = llm, tokenizer
+        self.timing = new_timing()
 
-    def generate(self, contexts, seeds, sample, cfg):
+    @staticmethod
+    def requests(contexts, seeds, sample: bool, cfg: RolloutConfig):
+        """(prompts, sampling params) for `LLM.generate`, one per row."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if sample else 0.0,
                                  top_p=cfg.top_p if sample else 1.0, seed=int(s) if sample else None,
-                                 stop=protocol.STOP_STRINGS, include_stop_str_in_output=True)
+                                 stop=list(protocol.STOP_STRINGS), include_stop_str_in_output=True)
                   for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params, use_tqdm=False)
+        return [TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params
+
+    def generate(self, contexts, seeds, sample, cfg):
+        t0 = time.perf_counter()
+        prompts, params = self.requests(contexts, seeds, sample, cfg)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.timing["decode_seconds"] += time.perf_counter() - t0      # vLLM does not split prefill from decode
         return [(protocol.truncate_at_stop(o.outputs[0].text), len(o.outputs[0].token_ids)) for o in outs]
+
+    def clear(self) -> None:
+        """vLLM manages its own prefix cache."""
 
 
 class RolloutEngine:
@@ -407,7 +422,8 @@ class RolloutEngine:
         self.retriever_name = retriever_name or getattr(retriever, "name", type(retriever).__name__)
         backend = resolve_backend(self.cfg.backend, model)
         if backend == "vllm":
-            self.backend = VLLMBackend(self.model_name, tokenizer)
+            path = getattr(getattr(model, "config", None), "_name_or_path", None) or self.model_name
+            self.backend = VLLMBackend(path, tokenizer)
         elif self.cfg.cache == "none":
             self.backend = HFBackend(model, tokenizer)
         elif self.cfg.cache == "prefix":
