@@ -1,0 +1,167 @@
+"""Rank awareness for multi-process launches (`torchrun`, `accelerate launch`): which rank this is, a deterministic
+shard of a stage's questions, gathering results back into their original order, and barriers between stages.
+
+Design decisions:
+- torch.distributed does the work (process group, all_gather_object, barrier); accelerate and TRL join the same
+  group when training starts. No scheduler of our own: every rank takes `items[rank::world]`, so which rank does
+  what depends only on the list and the world size, and gathering interleaves the shards back into list order.
+- The group is initialised from the launcher's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...) when WORLD_SIZE > 1
+  and nobody has done it yet: gloo on CPU, nccl on CUDA (each rank then uses GPU LOCAL_RANK).
+- With one process every helper is a no-op (and torch.distributed is never touched), so the single-process path is
+  exactly what it was.
+- A collective that fails (a peer rank died, or stalled past the timeout) raises `DistributedError`: one line
+  naming the stage and this rank, instead of a gloo traceback. The timeout is RAG_DPO_DIST_TIMEOUT_S seconds
+  (default 1800: a rank may wait at a barrier while another finishes a long shard).
+- `run_sharded` is the shared loop of the resumable stages (rollouts, tree search, annotation): every rank reads what
+  is already in the file, runs its shard in rounds, and only rank 0 appends each round's gathered results, so the
+  file matches a one-process run line for line when results depend only on their own question.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: a peer rank died or did not arrive within the timeout."""
+
+
+def _timeout_s() -> float:
+    return float(os.environ.get("RAG_DPO_DIST_TIMEOUT_S", "1800"))
+
+
+def _env_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _dist():
+    """torch.distributed when a group is (or can be) initialised, else None (one process)."""
+    if _env_world() <= 1:
+        import sys
+        dist = sys.modules.get("torch.distributed")   # initialised by someone else without WORLD_SIZE: still honour it
+        return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+    init_from_env()
+    import torch.distributed as dist
+    return dist
+
+
+def init_from_env() -> bool:
+    """Initialise the default process group from the launcher's environment when WORLD_SIZE > 1 (no-op otherwise,
+    or when it is already initialised). Returns whether a multi-process group is active."""
+    if _env_world() <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise DistributedError(f"WORLD_SIZE={_env_world()} but this torch build has no torch.distributed")
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=_timeout_s()))
+    return dist.get_world_size() > 1
+
+
+def rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
+
+
+def world_size() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the only rank that writes files, bars, reports and wandb runs."""
+    return rank() == 0
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's deterministic slice: the items whose index modulo the world size is this rank."""
+    return list(items[rank()::world_size()])
+
+
+def _failed(stage: str, op: str, e: Exception) -> DistributedError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return DistributedError(f"{stage}: rank {rank()} of {world_size()}: {op} failed, a peer rank died or did not "
+                            f"arrive within {_timeout_s():.0f} s (see the other ranks' logs; a rerun resumes) "
+                            f"[{first}]")
+
+
+def gather_objects(local: Sequence[T], stage: str = "gather") -> list[T]:
+    """Every rank's `shard(...)` results (one per item of its shard) back in the original item order, on every
+    rank. With one process: `list(local)`."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return list(local)
+    parts: list = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(parts, list(local))
+    except Exception as e:   # gloo/nccl raise RuntimeError (DistBackendError) on a lost peer or a timeout
+        raise _failed(stage, "gathering results", e) from None
+    out = []
+    for i in range(max(len(p) for p in parts)):   # shard r holds items r, r + world, ...: interleave them back
+        out.extend(p[i] for p in parts if i < len(p))
+    return out
+
+
+def barrier(stage: str = "barrier") -> None:
+    """Wait for every rank (no-op with one process), e.g. so no rank reads a file rank 0 is still writing."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return
+    try:
+        dist.barrier()
+    except Exception as e:
+        raise _failed(stage, "the barrier", e) from None
+
+
+def run_sharded(todo: Sequence[T], chunks: Callable[[list[T]], Iterable[list]], write: Callable[[list], None],
+                stage: str) -> None:
+    """Run a resumable stage over `todo` on every rank and write its results from rank 0 only.
+
+    `chunks(items)` yields lists of results, one result per item, in item order (any chunk sizes); `write(results)`
+    appends them. With one process: `write` each chunk as it comes. With several, each rank runs `shard(todo)`;
+    every round gathers each rank's next chunk, and rank 0 writes the results that continue todo's order without
+    a gap, so the file always holds a prefix of todo (a killed run resumes cleanly). Rounds go on until every rank
+    is done; a barrier ends the stage so later readers see the whole file."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        for results in chunks(list(todo)):
+            write(results)
+        return
+    r, world = dist.get_rank(), dist.get_world_size()
+    mine = list(todo[r::world])
+    it: Iterator[list] = iter(chunks(mine)) if mine else iter(())
+    sent, finished, pending, next_index = 0, False, {}, 0
+    while True:
+        results = None if finished else next(it, None)
+        finished = results is None
+        indexed = [(r + (sent + i) * world, x) for i, x in enumerate(results or [])]
+        sent += len(indexed)
+        parts: list = [None] * world
+        try:
+            dist.all_gather_object(parts, (finished, indexed))
+        except Exception as e:   # gloo/nccl raise RuntimeError (DistBackendError) on a lost peer or a timeout
+            raise _failed(stage, "gathering results", e) from None
+        if r == 0:
+            for _, got in parts:
+                pending.update(got)
+            ready = []
+            while next_index in pending:
+                ready.append(pending.pop(next_index))
+                next_index += 1
+            if ready:
+                write(ready)
+        if all(done for done, _ in parts):
+            break
+    barrier(stage)
