@@ -50,9 +50,11 @@ for _module in STAGE_COMMANDS:
 
 
 def main() -> None:
+    from rag_dpo.distributed import DistributedError, init_from_env
     try:
+        init_from_env()   # under torchrun / accelerate launch: join the process group before any stage runs
         app(standalone_mode=False)
-    except InputError as e:
+    except (InputError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except SystemExit:

@@ -521,12 +521,20 @@ class RolloutEngine:
         return [c for chunk in self._iter_rollout(questions, samples=samples) for c in chunk]
 
     def rollout_to_file(self, questions: Sequence[Question], path: str | Path) -> Path:
-        """Resumable: skips questions already in `path`, appends each finished chunk of chains whole."""
+        """Resumable: skips questions already in `path`, appends each finished chunk of chains whole. Under a
+        multi-process launch every rank rolls out its shard and rank 0 alone appends, in question order
+        (rag_dpo.distributed.run_sharded); a chain is seeded per question, so when it does not depend on its batch
+        mates the file equals a one-process run's."""
+        from rag_dpo.distributed import is_main, run_sharded
         path = Path(path)
         done = done_question_ids(path)
         todo = [q for q in questions if q.id not in done]
-        for chunk in self._iter_rollout(todo, already=len(questions) - len(todo)):
-            append_chains(path, chunk)
+        progress, self.cfg.progress = self.cfg.progress, self.cfg.progress and is_main()
+        try:
+            run_sharded(todo, lambda qs: self._iter_rollout(qs, already=len(questions) - len(todo)),
+                        lambda chains: append_chains(path, chains), stage="rollout")
+        finally:
+            self.cfg.progress = progress
         return path
 
     def _iter_rollout(self, questions: Sequence[Question], already: int = 0, samples: int = 1):

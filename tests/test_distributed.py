@@ -1,0 +1,123 @@
+"""Multi-process rollouts on CPU: two gloo ranks (tests/distributed_worker.py) shard the questions, rank 0 alone
+appends, and the file equals a one-process run's line for line; a killed rank fails the run with one clear line and
+a rerun resumes. Also the one-process contract of rag_dpo.distributed (every helper a no-op)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rag_dpo import distributed
+
+TESTS = Path(__file__).parent
+WORKER = TESTS / "distributed_worker.py"
+
+
+def _gloo_available() -> bool:
+    try:
+        import torch.distributed as dist
+        return dist.is_available() and dist.is_gloo_available()
+    except ImportError:
+        return False
+
+
+needs_gloo = pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is unavailable")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", RAG_DPO_DIST_TIMEOUT_S="60", **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), str(out), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def _ranks(out: Path, *args: str) -> list[subprocess.CompletedProcess]:
+    """Two ranks as plain processes (no torchrun agent that would tear the survivor down first), so the test sees
+    what a rank reports when its peer dies."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), *args],
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return results
+
+
+def test_one_process_helpers_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.init_from_env() is False
+    assert distributed.shard(["a", "b", "c"]) == ["a", "b", "c"]
+    assert distributed.gather_objects(["x", "y"]) == ["x", "y"]
+    distributed.barrier("test")
+    written = []
+    distributed.run_sharded([1, 2, 3], lambda items: iter([[i * 10 for i in items[:2]], [i * 10 for i in items[2:]]]),
+                            written.append, stage="test")
+    assert written == [[10, 20], [30]]      # one write per chunk, as the stage produced them
+
+
+@needs_gloo
+def test_two_ranks_write_the_one_process_file_and_resume_after_a_killed_rank(tmp_path):
+    from distributed_worker import build
+    single = tmp_path / "single.jsonl"
+    questions, engine = build()          # the one-process reference, in this process
+    engine.rollout_to_file(questions, single)
+    assert len(single.read_text().splitlines()) == 6
+
+    pooled = tmp_path / "pooled.jsonl"
+    r = _torchrun(pooled)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert pooled.read_text() == single.read_text()           # same chains, same order, each question once
+    ranks = {k: json.loads((tmp_path / f"pooled.jsonl.rank{k}.json").read_text()) for k in (0, 1)}
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["appended"] == [f"q{i}" for i in range(6)] and ranks[1]["appended"] == []   # rank 0 writes
+
+    # rank 1 is SIGKILLed at its second generate call: rank 0 stops with one line naming the stage
+    partial = tmp_path / "partial.jsonl"
+    r0, r1 = _ranks(partial, "--die-after", "2")
+    assert r1.returncode != 0 and r0.returncode == 1
+    err = r0.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: rollout: rank 0 of 2:") and "peer rank died" in err, r0.stderr[-2000:]
+    lines = partial.read_text().splitlines() if partial.exists() else []
+    assert 0 < len(lines) < 6 and lines == single.read_text().splitlines()[:len(lines)]   # a prefix, whole lines
+
+    r = _torchrun(partial)            # the rerun skips what was written and completes the same file
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert partial.read_text() == single.read_text()
+    assert json.loads((tmp_path / "partial.jsonl.rank0.json").read_text())["appended"] == \
+        [f"q{i}" for i in range(len(lines), 6)]
+
+
+def test_sharding_interleaves_back_to_list_order(monkeypatch):
+    """The shard/gather arithmetic for 3 ranks, without processes: rank r holds items r, r+3, ...."""
+    items = list(range(8))
+    shards = [items[r::3] for r in range(3)]
+    out = []
+    for i in range(max(len(p) for p in shards)):
+        out.extend(p[i] for p in shards if i < len(p))
+    assert out == items
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    assert distributed.shard(items) == [1, 4, 7]
