@@ -185,6 +185,15 @@ def test_ends_turn_and_rows_by_action(tmp_path, tokenizer):
     ends = {(r["chosen_id"], r["rejected_id"]): (r["chosen_ends_turn"], r["rejected_ends_turn"]) for r in rows}
     assert ends[("E", "G")] == (True, False) and ends[("A", "D")] == (False, True)
     out = build_dataset(labels, "step", tmp_path / "step", tokenizer, PairConfig(rule="all-margin"))
+    # what the DPO trainer trains on: EOS after the chosen answer, none after the rejected invalid step
+    from datasets import load_from_disk
+
+    from rag_dpo.train.dpo import tokenize_pairs
+    ds = load_from_disk(str(out))
+    enc = tokenize_pairs(ds, tokenizer)
+    i = next(j for j, r in enumerate(ds) if (r["chosen_id"], r["rejected_id"]) == ("E", "G"))
+    assert enc[i]["chosen_ids"][-1] == tokenizer.eos_token_id and enc[i]["chosen_mask"][-1] == 1
+    assert tokenizer.eos_token_id not in enc[i]["rejected_ids"]
     budget = json.loads((out / "budget.json").read_text())
     assert budget["rows_by_action"] == {"answer>answer": 1, "answer>invalid": 1, "search>answer": 3,
                                         "search>search": 2}
