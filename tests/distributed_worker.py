@@ -1,12 +1,15 @@
-"""One rank of a multi-process rollout, started by tests/test_distributed.py (under torchrun, or as plain processes
-with RANK/WORLD_SIZE set): the tiny policy rolls out a few questions into a file through `rollout_to_file`.
+"""One rank of a multi-process run of the resumable stages, started by tests/test_distributed.py (under torchrun, or
+as plain processes with RANK/WORLD_SIZE set): the tiny policy rolls out a few questions (`rollout_to_file`), tree
+searches them (`tree_search_to_file`, evidence annotator) and the rollouts are annotated (`annotate_file`).
 
-Each rank records how many chains it appended (only rank 0 may write) in OUT.rank<R>.json. `--die-after N` makes
-rank 1 kill itself (SIGKILL) at its N-th generate call, as a crashed or OOM-killed rank would."""
+Each rank records which questions it appended to which file (only rank 0 may write) in OUT.rank<R>.json.
+`--die-after N` makes rank 1 kill itself (SIGKILL) at its N-th rollout generate call, as a crashed or OOM-killed
+rank would."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -17,9 +20,10 @@ import torch
 
 from conftest import TOKENIZER_DIR, ToyRetriever
 from rag_dpo import distributed
-from rag_dpo.agent import rollout as rollout_module
 from rag_dpo.agent.policy import tiny_policy
 from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
+from rag_dpo.annotate.annotators import EvidenceAnnotator, annotate_file
+from rag_dpo.annotate.tree_search import TreeSearchConfig, tree_search_to_file
 from rag_dpo.errors import InputError
 from rag_dpo.records import Corpus, Passage, Question
 
@@ -33,22 +37,33 @@ def build(n_questions: int = 6, cache: str = "none"):
     return questions, RolloutEngine(model, tok, ToyRetriever(corpus), corpus, cfg, model_name="tiny")
 
 
+def run_stages(questions, engine, out: Path) -> None:
+    """rollouts -> out, tree search -> out.tree.jsonl, rollouts annotated -> out.labels.jsonl."""
+    engine.rollout_to_file(questions, out)
+    tree_search_to_file(questions, engine, EvidenceAnnotator(), f"{out}.tree.jsonl",
+                        TreeSearchConfig(k=2, batch_questions=2, progress=False))
+    annotate_file(out, EvidenceAnnotator(), f"{out}.labels.jsonl", progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--questions", type=int, default=6)
     ap.add_argument("--die-after", type=int, default=0)
     ap.add_argument("--cache", default="none")
     args = ap.parse_args()
     torch.set_num_threads(1)
     distributed.init_from_env()
     rank = distributed.rank()
-    questions, engine = build(args.questions, args.cache)
+    questions, engine = build(cache=args.cache)
 
-    appended = []
-    real_append = rollout_module.append_chains
-    rollout_module.append_chains = lambda path, chains: (appended.extend(c.question_id for c in chains),
-                                                         real_append(path, chains))[1]
+    appended: dict[str, list[str]] = {}
+    for name in ("rag_dpo.agent.rollout", "rag_dpo.annotate.tree_search", "rag_dpo.annotate.annotators"):
+        module = importlib.import_module(name)   # (rag_dpo.annotate re-exports a function named tree_search)
+        def recording_append(path, chains, _real=module.append_chains):
+            chains = list(chains)
+            appended.setdefault(Path(path).name, []).extend(c.question_id for c in chains)
+            _real(path, chains)
+        module.append_chains = recording_append
     if args.die_after and rank == 1:
         real_gen, calls = engine.generate_steps, []
 
@@ -59,7 +74,7 @@ def main() -> None:
             return real_gen(reqs, sample)
         engine.generate_steps = generate_then_die
     try:
-        engine.rollout_to_file(questions, args.out)
+        run_stages(questions, engine, Path(args.out))
     except (distributed.DistributedError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,6 @@
-"""Multi-process rollouts on CPU: two gloo ranks (tests/distributed_worker.py) shard the questions, rank 0 alone
-appends, and the file equals a one-process run's line for line; a killed rank fails the run with one clear line and
-a rerun resumes. Also the one-process contract of rag_dpo.distributed (every helper a no-op)."""
+"""Multi-process stages on CPU: two gloo ranks (tests/distributed_worker.py) shard the questions of rollouts, tree
+search and annotation, rank 0 alone appends, and each file equals a one-process run's line for line; a killed rank
+fails the run with one clear line and a rerun resumes. Also the one-process contract of rag_dpo.distributed (every helper a no-op)."""
 
 from __future__ import annotations
 
@@ -79,35 +79,40 @@ def test_one_process_helpers_are_no_ops(monkeypatch):
 
 
 @needs_gloo
-def test_two_ranks_write_the_one_process_file_and_resume_after_a_killed_rank(tmp_path):
-    from distributed_worker import build
+def test_two_ranks_write_the_one_process_files_and_resume_after_a_killed_rank(tmp_path):
+    from distributed_worker import build, run_stages
     single = tmp_path / "single.jsonl"
-    questions, engine = build()          # the one-process reference, in this process
-    engine.rollout_to_file(questions, single)
-    assert len(single.read_text().splitlines()) == 6
+    run_stages(*build(), single)          # the one-process reference, in this process
+    outputs = ("", ".tree.jsonl", ".labels.jsonl")   # rollouts, tree search, annotated rollouts
+    reference = {suffix: Path(f"{single}{suffix}").read_text() for suffix in outputs}
+    assert all(len(text.splitlines()) == 6 for text in reference.values())
+    qids = [f"q{i}" for i in range(6)]
 
     pooled = tmp_path / "pooled.jsonl"
     r = _torchrun(pooled)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert pooled.read_text() == single.read_text()           # same chains, same order, each question once
+    for suffix in outputs:                # same chains, same order, each question once
+        assert Path(f"{pooled}{suffix}").read_text() == reference[suffix], suffix
     ranks = {k: json.loads((tmp_path / f"pooled.jsonl.rank{k}.json").read_text()) for k in (0, 1)}
     assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert ranks[0]["appended"] == [f"q{i}" for i in range(6)] and ranks[1]["appended"] == []   # rank 0 writes
+    assert ranks[0]["appended"] == {f"pooled.jsonl{suffix}": qids for suffix in outputs}   # rank 0 writes
+    assert ranks[1]["appended"] == {}
 
-    # rank 1 is SIGKILLed at its second generate call: rank 0 stops with one line naming the stage
+    # rank 1 is SIGKILLed at its second rollout generate call: rank 0 stops with one line naming the stage
     partial = tmp_path / "partial.jsonl"
     r0, r1 = _ranks(partial, "--die-after", "2")
     assert r1.returncode != 0 and r0.returncode == 1
     err = r0.stderr.strip().splitlines()[-1]
     assert err.startswith("error: rollout: rank 0 of 2:") and "peer rank died" in err, r0.stderr[-2000:]
     lines = partial.read_text().splitlines() if partial.exists() else []
-    assert 0 < len(lines) < 6 and lines == single.read_text().splitlines()[:len(lines)]   # a prefix, whole lines
+    assert 0 < len(lines) < 6 and lines == reference[""].splitlines()[:len(lines)]   # a prefix, whole lines
 
-    r = _torchrun(partial)            # the rerun skips what was written and completes the same file
+    r = _torchrun(partial)            # the rerun skips what was written and completes the same files
     assert r.returncode == 0, r.stderr[-3000:]
-    assert partial.read_text() == single.read_text()
-    assert json.loads((tmp_path / "partial.jsonl.rank0.json").read_text())["appended"] == \
-        [f"q{i}" for i in range(len(lines), 6)]
+    for suffix in outputs:
+        assert Path(f"{partial}{suffix}").read_text() == reference[suffix], suffix
+    assert json.loads((tmp_path / "partial.jsonl.rank0.json").read_text())["appended"]["partial.jsonl"] == \
+        qids[len(lines):]
 
 
 def test_sharding_interleaves_back_to_list_order(monkeypatch):

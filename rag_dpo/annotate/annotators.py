@@ -223,12 +223,14 @@ def annotate_file(chains_path: str | Path, annotator: Annotator, out_path: str |
     All chains of one question are appended together (one fsynced write), so a rerun skips finished questions.
     A question whose chains were only partly written when the process died is dropped from the output (atomic
     rewrite) and redone. `out_path.annotate.json` records the annotator and its config; resuming with different
-    ones is refused rather than mixing labels."""
+    ones is refused rather than mixing labels. Under a multi-process launch each rank labels its shard of the
+    questions and rank 0 alone writes."""
     import json
 
     from tqdm.auto import tqdm
 
     from rag_dpo.config import to_dict
+    from rag_dpo.distributed import barrier, is_main, run_sharded
     from rag_dpo.io import atomic_write_json, iter_jsonl, repair_jsonl
 
     chains_path, out_path = Path(chains_path), Path(out_path)
@@ -246,9 +248,9 @@ def annotate_file(chains_path: str | Path, annotator: Annotator, out_path: str |
         if (old.get("annotator"), old.get("config")) != (meta["annotator"], meta["config"]):
             raise InputError(f"{out_path} was started with annotator {old.get('annotator')!r} and other settings; "
                              "use another --out or delete it", file=str(meta_path), field="annotator")
-    atomic_write_json(meta_path, meta)
-
-    if out_path.exists():   # keep only questions written completely
+    if is_main():
+        atomic_write_json(meta_path, meta)
+    if out_path.exists() and is_main():   # keep only questions written completely
         repair_jsonl(out_path)
         lines = list(iter_jsonl(out_path))
         written: dict[str, int] = {}
@@ -258,22 +260,29 @@ def annotate_file(chains_path: str | Path, annotator: Annotator, out_path: str |
         if bad:
             atomic_write_text(out_path, "".join(json.dumps(obj, ensure_ascii=False) + "\n"
                                                 for _, obj in lines if obj.get("question_id") not in bad))
+    barrier("annotate")   # every rank reads the file rank 0 repaired
     done = done_question_ids(out_path)
     todo = [q for q in groups if q not in done]
     bar = tqdm(total=len(groups), initial=len(groups) - len(todo), unit="question", desc=f"annotate {annotator.name}",
-               disable=not progress)
-    try:
+               disable=not progress or not is_main())
+
+    def batches(qids):   # one list of chains per question
         batch: list[str] = []
-        for i, qid in enumerate(todo):
+        for i, qid in enumerate(qids):
             batch.append(qid)
-            if sum(len(groups[q]) for q in batch) >= annotator.cfg.batch_chains or i == len(todo) - 1:
-                chains = [c for q in batch for c in groups[q]]
-                annotator.annotate(chains)
-                append_chains(out_path, chains)
-                bar.update(len(batch))
+            if sum(len(groups[q]) for q in batch) >= annotator.cfg.batch_chains or i == len(qids) - 1:
+                annotator.annotate([c for q in batch for c in groups[q]])
+                yield [groups[q] for q in batch]
                 batch = []
+
+    def write(per_question):
+        append_chains(out_path, [c for chains in per_question for c in chains])
+        bar.update(len(per_question))
+    try:
+        run_sharded(todo, batches, write, stage="annotate")
     finally:
         bar.close()
-    if not out_path.exists():
+    if not out_path.exists() and is_main():
         write_chains(out_path, [])
+    barrier("annotate")
     return out_path

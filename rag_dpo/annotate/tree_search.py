@@ -87,19 +87,27 @@ def finish_losers(chains: Sequence[Chain], engine, annotator, max_steps: int) ->
 
 def tree_search_to_file(questions: Sequence[Question], engine, annotator, out_path: str | Path,
                         cfg: TreeSearchConfig | None = None) -> Path:
-    """Resumable tree search: each finished batch of questions is appended whole; done questions are skipped."""
+    """Resumable tree search: each finished batch of questions is appended whole; done questions are skipped.
+    Under a multi-process launch each rank searches its shard and rank 0 alone appends, in question order."""
     from tqdm.auto import tqdm
+
+    from rag_dpo.distributed import is_main, run_sharded
     cfg = cfg or TreeSearchConfig()
     out_path = Path(out_path)
     done = done_question_ids(out_path)
     todo = [q for q in questions if q.id not in done]
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="question", desc="tree search",
-               disable=not cfg.progress)
+               disable=not cfg.progress or not is_main())
+
+    def batches(items):
+        for b in range(0, len(items), max(1, cfg.batch_questions)):
+            yield tree_search(items[b:b + cfg.batch_questions], engine, annotator, cfg)
+
+    def write(chains):
+        append_chains(out_path, chains)
+        bar.update(len(chains))
     try:
-        for b in range(0, len(todo), max(1, cfg.batch_questions)):
-            batch = todo[b:b + cfg.batch_questions]
-            append_chains(out_path, tree_search(batch, engine, annotator, cfg))
-            bar.update(len(batch))
+        run_sharded(todo, batches, write, stage="tree search")
     finally:
         bar.close()
     return out_path
