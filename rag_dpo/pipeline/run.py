@@ -215,6 +215,7 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
     from rag_dpo.agent.policy import load_policy
     from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
     from rag_dpo.annotate import TreeSearchConfig, annotate_file, build_annotator, tree_search_to_file
+    from rag_dpo.distributed import barrier, is_main
     from rag_dpo.pairs import budget
     from rag_dpo.records import read_chains
 
@@ -255,12 +256,15 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
             part = out / f"chains.{g}.jsonl"
             engine.cfg.seed = recipe.seed * 1009 + g
             engine.rollout_to_file(qs, part)
-        if not raw.exists():
+        if not raw.exists() and is_main():
             atomic_write_text(raw, "".join((out / f"chains.{g}.jsonl").read_text() for g in range(ro.k)))
+        barrier("rollouts")
         annotate_file(raw, annotator, labels)
     spend = budget(read_chains(labels), recipe.annotate.name)
     spend["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_json(out / "done.json", spend)
+    if is_main():   # rank 0 alone writes; the stages above shard their questions across ranks
+        atomic_write_json(out / "done.json", spend)
+    barrier("rollouts")
     del engine, model
     release_memory()
     log(f"rollouts: {spend['chains']} chains, {spend['policy_steps']} steps, {spend['generated_tokens']:.0f} "
