@@ -6,7 +6,9 @@ Design decisions:
   group when training starts. No scheduler of our own: every rank takes `items[rank::world]`, so which rank does
   what depends only on the list and the world size, and gathering interleaves the shards back into list order.
 - The group is initialised from the launcher's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...) when WORLD_SIZE > 1
-  and nobody has done it yet: gloo on CPU, nccl on CUDA (each rank then uses GPU LOCAL_RANK).
+  and nobody has done it yet: gloo on CPU, nccl on CUDA (each rank then uses GPU LOCAL_RANK). Without a GPU it also
+  sets ACCELERATE_USE_CPU, else accelerate (and so TRL's trainers) would see DistributedType.NO and train each rank
+  alone instead of as DDP over gloo.
 - With one process every helper is a no-op (and torch.distributed is never touched), so the single-process path is
   exactly what it was.
 - A collective that fails (a peer rank died, or stalled past the timeout) raises `DistributedError`: one line
@@ -66,6 +68,8 @@ def init_from_env() -> bool:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:   # accelerate (so TRL / transformers' Trainer) treats a CPU launch as one process unless told it is MULTI_CPU
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=_timeout_s()))
     return dist.get_world_size() > 1
 
