@@ -126,3 +126,13 @@ def test_sharding_interleaves_back_to_list_order(monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     assert distributed.shard(items) == [1, 4, 7]
+
+
+def test_accelerate_launch_configs_load():
+    """Every config in recipes/accelerate is one accelerate itself accepts (unknown keys are an error there)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    folder = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+    configs = {p.stem: load_config_from_file(str(p)) for p in folder.glob("*.yaml")}
+    assert {"cpu_2proc", "zero2", "zero3"} <= set(configs)
+    assert configs["cpu_2proc"].num_processes == 2 and configs["cpu_2proc"].use_cpu is False   # torchrun path
+    assert configs["zero3"].deepspeed_config["zero_stage"] == 3
