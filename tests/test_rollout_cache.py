@@ -222,3 +222,18 @@ def test_auto_backend_is_hf_without_vllm(tiny_model_and_tokenizer):
     assert resolve_backend("auto", tiny_model_and_tokenizer[0]) == "hf"       # vllm is not installed here
     with pytest.raises(InputError):
         resolve_backend("tgi")
+
+
+@pytest.mark.gpu
+def test_cached_steps_equal_full_reencoding_on_cuda(tiny_model_and_tokenizer):
+    """The same reuse on CUDA (skipped without a GPU): greedy float32, two steps, identical to `generate`."""
+    model, tok = tiny_model_and_tokenizer
+    model = copy.deepcopy(model).to("cuda")
+    cfg = RolloutConfig(max_new_tokens=8)
+    contexts = _contexts(tok, 4, seed=7)
+    full, cached = HFBackend(model, tok), CachedHFBackend(model, tok)
+    for _ in range(2):
+        a = full.generate(contexts, [0, 1, 2, 3], False, cfg)
+        assert cached.generate(contexts, [0, 1, 2, 3], False, cfg) == a
+        contexts = [c + tok(t, add_special_tokens=False)["input_ids"] + [1000 + len(c)] * 5 for c, (t, _) in zip(contexts, a)]
+    assert cached.timing["cached_tokens"] > 0

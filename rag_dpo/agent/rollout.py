@@ -1,22 +1,24 @@
 """The batched multi-turn rollout engine: runs the search agent over many questions at once.
 
-One *step* is one generation call for every active row together (left-padded batch, KV cache inside
-`generate`), stopped per row at `</search>`, `</answer>` or eos; then one batched retrieval for every row that
-searched, and the observation is appended. The context of every row is built with `protocol.tokenize_path`, so
-a rollout sees exactly the tokens the trainers later see, and the recorded spans are the trainers' masks.
+One *step* is one generation call for every active row together, stopped per row at `</search>`, `</answer>` or
+eos; then one batched retrieval for every row that searched, and the observation is appended. The context of every
+row is built with `protocol.tokenize_path`, so a rollout sees exactly the tokens the trainers later see, and the
+recorded spans are the trainers' masks.
 
 Design decisions:
+- Keys/values are reused (`cache: prefix`, `CachedHFBackend` + `kv_cache`): a step prefills only the tokens no
+  earlier step, sibling or question has already encoded (its context grows by a step and an observation, tree
+  search samples K siblings of one prefix, every question shares the system prompt). Re-encoding everything was
+  about three quarters of rollout time on a CPU. `cache: none` (`HFBackend`, transformers `generate` over the whole
+  context) is kept as the reference the cached engine is tested and benchmarked against (docs/throughput.md).
 - Sampling is seeded per row, not per batch: each generated step gets its own `torch.Generator` seeded from
-  (seed, question id, step id), and a logits processor draws that row's tokens from it (generate itself runs
-  greedy on the processor's one-hot scores). So a chain does not depend on which other chains share its batch,
-  and a resumed `rollout_to_file` writes the same chains as an uninterrupted run.
+  (seed, question id, step id), and that row's tokens are drawn from it. So a chain does not depend on which other
+  chains share its batch, and a resumed `rollout_to_file` writes the same chains as an uninterrupted run.
 - A chain ends at an answer, at an invalid step (recorded with its parse error; we do not let the policy retry,
   so eval counts protocol failures instead of hiding them), or at `max_steps`.
 - `sample_next_steps` and `continue_from` always sample (K identical greedy siblings would be useless);
   `rollout` samples only with `do_sample`.
-- The context is re-encoded at every step (the KV cache lives within one step's generation); prefill is one
-  batched forward, cheap next to decoding.
-- A vLLM backend is used when `backend="vllm"` (imported lazily; never required).
+- A vLLM backend is used when `backend="vllm"` (imported lazily; never required; unmeasured here).
 """
 
 from __future__ import annotations
