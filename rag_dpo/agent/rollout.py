@@ -217,17 +217,20 @@ class HFBackend:
         self.timing["prefill_seconds"] += (timer.first or t1) - t0
         self.timing["decode_seconds"] += t1 - (timer.first or t1)
         self.timing["prefill_tokens"] += sum(len(c) for c in contexts)
-        new = out[:, width:].tolist()
-        results = []
-        stop_ids = {pad, tok.eos_token_id}
-        for row in new:
-            n = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-            text = protocol.truncate_at_stop(tok.decode(row[:n], skip_special_tokens=True))
-            results.append((text, n + (1 if n < len(row) and row[n] == tok.eos_token_id else 0)))
-        return results
+        return step_texts(tok, out[:, width:].tolist(), {pad, tok.eos_token_id})
 
     def clear(self) -> None:
         """Nothing is kept between calls."""
+
+
+def step_texts(tokenizer, rows: list[list[int]], stop_ids: set) -> list[tuple[str, int]]:
+    """(text cut after the first stop tag, generated token count incl. a final eos) per row of new token ids."""
+    results = []
+    for row in rows:
+        n = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+        text = protocol.truncate_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True))
+        results.append((text, n + (1 if n < len(row) and row[n] == tokenizer.eos_token_id else 0)))
+    return results
 
 
 def new_timing() -> dict:
@@ -285,12 +288,7 @@ class CachedHFBackend:
             tokens = self._decode(logits, cache, pos, contexts, seeds, sample, cfg)
         self.timing["prefill_seconds"] += t1 - t0
         self.timing["decode_seconds"] += time.perf_counter() - t1
-        results = []
-        for row in tokens:
-            n = next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))
-            text = protocol.truncate_at_stop(self.tokenizer.decode(row[:n], skip_special_tokens=True))
-            results.append((text, n + (1 if n < len(row) and row[n] == self.tokenizer.eos_token_id else 0)))
-        return results
+        return step_texts(self.tokenizer, tokens, self.stop_ids)
 
     def _forward(self, ids, positions, cache, q: int):
         """Logits of the last column after feeding q new columns to every row."""
