@@ -309,8 +309,13 @@ def plot_curves(log_history: list[dict], keys: list[str], path: str | Path, titl
 def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: list[str], title: str,
                     extra: dict | None = None, entropy_flag: bool = True) -> Path:
     """Save the policy, the log history (train_log.json) and a curve PNG; mark the folder done with a summary
-    (last log row, global_step, `health` = collapse signs from the log, plus `extra`)."""
+    (last log row, global_step, `health` = collapse signs from the log, plus `extra`). Under DDP rank 0 alone
+    writes the folder; the other ranks wait for it."""
+    from rag_dpo.distributed import barrier, is_main
     from rag_dpo.io import atomic_write_json
+    if not is_main():
+        barrier("saving the trained policy")
+        return out_dir
     save_policy(trainer.model, tokenizer, out_dir, spec)
     history = trainer.state.log_history
     atomic_write_json(out_dir / "train_log.json", history)
@@ -323,6 +328,7 @@ def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: li
         print(f"[rag-dpo] warning: {out_dir.name}: {flag}", flush=True)
     summary.update(extra or {})
     atomic_write_json(out_dir / "train_done.json", summary)
+    barrier("saving the trained policy")
     return out_dir
 
 
