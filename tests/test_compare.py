@@ -352,6 +352,13 @@ def test_recipe_fields_of_every_arm_exist():
         cfg.pools = "shared"
         assert arm_recipe(cfg, ArmRun(Arm("outcome-dpo", None, 0.5), seed=0)).pairs.settings.annotator == \
             step.annotate.name
+    # each seed's pools: rollout seed = the seed; losing steps finished only in the shared-pool ablation
+    from rag_dpo.pipeline.compare import PipelineBackend
+    for mode, finish in (("separate", False), ("shared", True)):
+        backend = PipelineBackend(load_compare_config(REPO / "recipes" / "compare.yaml", [f"pools={mode}"]))
+        pool = backend.pool_recipe(3)
+        assert pool.seed == 3 and pool.rollout.finish is finish and pool.rollout.questions == 150
+        assert backend.pool_recipe(4).seed == 4 and backend.recipe.seed == 0   # the warm start's recipe is seedless
     path = REPO / "recipes" / "compare.yaml"
     with pytest.raises(InputError, match="nll_wieght"):
         load_compare_config(path, ["trainers.dpo.nll_wieght=1"])
