@@ -13,7 +13,11 @@ DEFAULT_PROJECT = "rag_dpo"
 
 def init_run(name: str, config: dict | None = None, group: str | None = None, job_type: str | None = None,
              dir: str | Path | None = None, project: str | None = None, tags: list[str] | None = None):
-    """Start a wandb run (offline unless WANDB_MODE says otherwise); returns the run or None."""
+    """Start a wandb run (offline unless WANDB_MODE says otherwise); returns the run or None. Under a multi-process
+    launch only rank 0 starts one (the others get None, which every helper here ignores)."""
+    from rag_dpo.distributed import is_main
+    if not is_main():
+        return None
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     try:

@@ -136,3 +136,11 @@ def test_accelerate_launch_configs_load():
     assert {"cpu_2proc", "zero2", "zero3"} <= set(configs)
     assert configs["cpu_2proc"].num_processes == 2 and configs["cpu_2proc"].use_cpu is False   # torchrun path
     assert configs["zero3"].deepspeed_config["zero_stage"] == 3
+
+
+def test_only_rank_0_starts_a_wandb_run(monkeypatch, tmp_path):
+    from rag_dpo import tracking
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert tracking.init_run("probe", dir=tmp_path) is None
+    assert not any(tmp_path.iterdir())          # no wandb folder either
