@@ -62,6 +62,8 @@ class RetrieverSettings:
     target_temperature: float = 1.0     # T of the target softmax(u / T)
     learning_rate: float = 3.0e-5       # bi-encoder and e2e
     rerank_learning_rate: float = 5.0e-5
+    rerank_epochs: float = 1.0          # the cross-encoder reads every (query, passage) pair: ~4x a bi-encoder step
+    rerank_max_length: int = 128        # tokens of a (query, passage) pair for the cross-encoder
     num_train_epochs: float = 2.0
     per_device_train_batch_size: int = 8
     student_temperature: float = 0.05   # cosine similarities / this = the bi-encoder's logits over candidates
@@ -461,7 +463,7 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
         from sentence_transformers.cross_encoder.losses import ListNetLoss
 
         from rag_dpo.retrieval.trained import load_cross_encoder
-        model = load_cross_encoder(base_model or _bundled(), max_length=2 * cfg.max_seq_length)
+        model = load_cross_encoder(base_model or _bundled(), max_length=cfg.rerank_max_length)
         if getattr(model, "num_labels", 1) != 1:
             raise InputError("the reranker needs a 1-logit cross-encoder", field="model")
         ds = datasets.Dataset.from_dict({"query": cols["query"],
@@ -469,8 +471,9 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
                                                   for j in range(len(cols["query"]))],
                                          "labels": cols["label"]})
         loss = ListNetLoss(model)
-        trainer = CrossEncoderTrainer(model=model, args=_st_args(cfg, ckpt, cfg.rerank_learning_rate, cross=True),
-                                      train_dataset=ds, loss=loss)
+        args = _st_args(cfg, ckpt, cfg.rerank_learning_rate, cross=True)
+        args.num_train_epochs = cfg.rerank_epochs
+        trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=loss)
     else:
         from sentence_transformers import SentenceTransformerTrainer
         from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
