@@ -132,8 +132,10 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
     into place, so a finished entry is always whole; a lock file keeps two processes from building one entry at
     once. `run_dir/warm_start` is a symlink to the entry (an existing finished folder there is used as is)."""
     import shutil
+    from contextlib import nullcontext
 
     from rag_dpo.data import write_manifest
+    from rag_dpo.distributed import barrier, gather_objects, is_main
     from rag_dpo.paths import cache_dir
     from rag_dpo.train.common import is_done
     from rag_dpo.train.sft import train_sft
@@ -149,43 +151,51 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
     data_dir = run_dir / "warm_start_data"
     chains_path = data_dir / "oracle.jsonl"
     tok = _tokenizer(recipe.model)
-    if not chains_path.exists():
+    if not chains_path.exists() and is_main():
         from rag_dpo.annotate import oracle_chains
         from rag_dpo.records import write_chains
         log(f"warm start: oracle chains for {len(qs)} train questions")
         chains = oracle_chains(qs, w.corpus, w.retriever, tokenizer=tok, k=recipe.retrieval.k,
                                max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
         write_chains(chains_path, chains)
+    barrier("warm start")
     key = warm_start_key(recipe, chains_path)
     root = cache_dir("warm_starts")
     entry = root / key
-    with _file_lock(root / f"{key}.lock"):
-        if not is_done(entry):
+    # Under DDP every rank trains, but only rank 0 takes the lock (a rank waiting on it would hang rank 0's first
+    # collective), decides whether to build (its answer is shared), and writes the entry.
+    with _file_lock(root / f"{key}.lock") if is_main() else nullcontext():
+        if not gather_objects([is_done(entry)], "warm start")[0]:
             sft_dir = data_dir / "sft"
-            if not (sft_dir / "budget.json").exists():
+            if not (sft_dir / "budget.json").exists() and is_main():
                 from rag_dpo.pairs import PairConfig, build_dataset
                 build_dataset(chains_path, "sft", sft_dir, tok, PairConfig(level="chain"))
+            barrier("warm start")
             building = root / f"{key}.building"
             settings = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed)
             log(f"warm start: SFT on {_rows(sft_dir)} oracle chains -> cache {entry}")
             t0 = time.perf_counter()
             train_sft(settings, sft_dir, building, model=recipe.model)
             release_memory()
-            write_manifest(building, [q.id for q in qs], data_files=[w.data_path],
-                           info={"stage": "warm_start", "recipe": recipe.name, "key": key})
-            atomic_write_json(building / "warm_start.json",
-                              {"key": key, "model": recipe.model, "questions": len(qs), "recipe": recipe.name,
-                               "build_minutes": round((time.perf_counter() - t0) / 60, 1),
-                               "trainer": dataclasses.asdict(settings)})
-            shutil.rmtree(building / "checkpoints", ignore_errors=True)   # optimizer states: GBs, never reused
-            if entry.exists():
-                shutil.rmtree(entry)
-            building.rename(entry)
+            if is_main():
+                write_manifest(building, [q.id for q in qs], data_files=[w.data_path],
+                               info={"stage": "warm_start", "recipe": recipe.name, "key": key})
+                atomic_write_json(building / "warm_start.json",
+                                  {"key": key, "model": recipe.model, "questions": len(qs), "recipe": recipe.name,
+                                   "build_minutes": round((time.perf_counter() - t0) / 60, 1),
+                                   "trainer": dataclasses.asdict(settings)})
+                shutil.rmtree(building / "checkpoints", ignore_errors=True)   # optimizer states: GBs, never reused
+                if entry.exists():
+                    shutil.rmtree(entry)
+                building.rename(entry)
+            barrier("warm start")
         else:
             log(f"warm start: cached ({entry})")
-    if out.is_symlink() or out.exists():
-        out.unlink() if out.is_symlink() else shutil.rmtree(out)
-    out.symlink_to(entry.resolve(), target_is_directory=True)
+    if is_main():
+        if out.is_symlink() or out.exists():
+            out.unlink() if out.is_symlink() else shutil.rmtree(out)
+        out.symlink_to(entry.resolve(), target_is_directory=True)
+    barrier("warm start")
     return out
 
 
