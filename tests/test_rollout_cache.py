@@ -237,3 +237,20 @@ def test_cached_steps_equal_full_reencoding_on_cuda(tiny_model_and_tokenizer):
         assert cached.generate(contexts, [0, 1, 2, 3], False, cfg) == a
         contexts = [c + tok(t, add_special_tokens=False)["input_ids"] + [1000 + len(c)] * 5 for c, (t, _) in zip(contexts, a)]
     assert cached.timing["cached_tokens"] > 0
+
+
+def test_cached_batches_count_distinct_contexts(tiny_model_and_tokenizer):
+    """With the cached backend `batch_size` bounds distinct contexts (prefill memory), so siblings decode together."""
+    model, tok = tiny_model_and_tokenizer
+    corpus = Corpus([Passage("p0", "T", "text")])
+    sizes = {}
+    for cache in ("none", "prefix"):
+        eng = RolloutEngine(model, tok, ToyRetriever(corpus), corpus,
+                            RolloutConfig(max_new_tokens=3, batch_size=2, cache=cache, progress=False))
+        calls = []
+        inner = eng.backend.generate
+        eng.backend.generate = lambda c, s, sample, cfg: calls.append(len(c)) or inner(c, s, sample, cfg)
+        prefixes = _contexts(tok, 3, seed=9)
+        eng.generate_texts([p for p in prefixes for _ in range(4)], list(range(12)), True)
+        sizes[cache] = calls
+    assert sizes == {"none": [2] * 6, "prefix": [8, 4]}

@@ -472,14 +472,25 @@ class RolloutEngine:
 
     def generate_texts(self, contexts: list[list[int]], seeds: list[int], sample: bool,
                        max_new_tokens: int | None = None) -> list[tuple[str, int]]:
-        """(text, generated tokens) per token context, in `batch_size` batches of similar length (less padding;
-        the order depends on the contexts only). `max_new_tokens` overrides the config's budget."""
+        """(text, generated tokens) per token context, in batches of similar length (less padding; the order
+        depends on the contexts only). `max_new_tokens` overrides the config's budget.
+
+        A batch holds `batch_size` rows, or with the cached backend `batch_size` *distinct* contexts: siblings
+        share one prefill, so only distinct contexts cost prefill memory, and a wider decode batch is faster."""
         cfg = self.cfg if max_new_tokens is None else dataclasses.replace(self.cfg, max_new_tokens=max_new_tokens)
         order = sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), i))
-        outputs: list = [None] * len(contexts)
         bs = max(1, self.cfg.batch_size)
-        for b in range(0, len(order), bs):
-            rows = order[b:b + bs]
+        batches: list[list[int]] = []
+        distinct: set = set()
+        for i in order:
+            key = tuple(contexts[i]) if isinstance(self.backend, CachedHFBackend) else i
+            if not batches or (key not in distinct and len(distinct) == bs):
+                batches.append([])
+                distinct = set()
+            batches[-1].append(i)
+            distinct.add(key)
+        outputs: list = [None] * len(contexts)
+        for rows in batches:
             for i, res in zip(rows, self.backend.generate([contexts[i] for i in rows], [seeds[i] for i in rows],
                                                           sample, cfg)):
                 outputs[i] = res
