@@ -238,7 +238,7 @@ def plot_results(retrieval: dict, agent: dict, path: Path) -> Path:
                    label=f"recall@{k}")
         ax.set_xticks([i + width for i in range(len(names))], names, rotation=30, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_title(f"supporting-passage recall: {dname}")
+        ax.set_title(f"supporting-passage recall\n{dname}", fontsize=9)
         ax.legend(fontsize=8)
     if agent:
         ax = axes[0][-1]
