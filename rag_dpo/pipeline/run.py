@@ -30,7 +30,9 @@ from rag_dpo.pipeline.recipe import Recipe, resolved_dict, trainer_settings
 
 
 def log(msg: str) -> None:
-    print(f"[rag-dpo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    from rag_dpo.distributed import rank, world_size
+    where = f" rank {rank()}/{world_size()}" if world_size() > 1 else ""   # a multi-process launch says who and how many
+    print(f"[rag-dpo {time.strftime('%H:%M:%S')}{where}] {msg}", flush=True)
 
 
 # ---- the shared world: questions, splits, corpus, retriever (built once per process) ---------------------------
@@ -295,12 +297,15 @@ def build_pair_datasets(recipe: Recipe, run_dir: str | Path, labels_path: str | 
     if (out / "budget.json").exists():
         log(f"pairs: done ({out}, {_rows(out)} rows)")
         return out
+    from rag_dpo.distributed import barrier, is_main
     src = Path(labels_path)
-    if question_ids is not None:
-        wanted = set(question_ids)
-        src = out.with_name(out.name + ".labels.jsonl")
-        write_chains(src, [c for c in read_chains(labels_path) if c.question_id in wanted])
-    build_dataset(src, kind, out, _tokenizer(recipe.model), recipe.pairs.settings)
+    if is_main():   # rank 0 alone writes the dataset; the other ranks read it after the barrier
+        if question_ids is not None:
+            wanted = set(question_ids)
+            src = out.with_name(out.name + ".labels.jsonl")
+            write_chains(src, [c for c in read_chains(labels_path) if c.question_id in wanted])
+        build_dataset(src, kind, out, _tokenizer(recipe.model), recipe.pairs.settings)
+    barrier("pairs")
     n = _rows(out)
     log(f"pairs: {n} {kind} rows ({out})")
     if n == 0 and require_rows:
