@@ -15,8 +15,10 @@ Design decisions:
   naming the stage and this rank, instead of a gloo traceback. The timeout is RAG_DPO_DIST_TIMEOUT_S seconds
   (default 1800: a rank may wait at a barrier while another finishes a long shard).
 - `run_sharded` is the shared loop of the resumable stages (rollouts, tree search, annotation): every rank reads what
-  is already in the file, runs its shard in rounds, and only rank 0 appends each round's gathered results, so the
-  file matches a one-process run line for line when results depend only on their own question.
+  is already in the file, runs its shard in rounds, and only rank 0 appends each round's gathered results in list
+  order. It deals whole batches (the stage's batch size) rather than single items, so every batch holds the same
+  questions as in a one-process run: seeding per question alone is not enough, since batched float32 kernels round
+  differently with other batch mates (other padding), which can flip a sampled token (seen in a SmolLM2 tree search).
 """
 
 from __future__ import annotations
@@ -130,12 +132,13 @@ def barrier(stage: str = "barrier") -> None:
 
 
 def run_sharded(todo: Sequence[T], chunks: Callable[[list[T]], Iterable[list]], write: Callable[[list], None],
-                stage: str) -> None:
+                stage: str, unit: int = 1) -> None:
     """Run a resumable stage over `todo` on every rank and write its results from rank 0 only.
 
     `chunks(items)` yields lists of results, one result per item, in item order (any chunk sizes); `write(results)`
-    appends them. With one process: `write` each chunk as it comes. With several, each rank runs `shard(todo)`;
-    every round gathers each rank's next chunk, and rank 0 writes the results that continue todo's order without
+    appends them. With one process: `write` each chunk as it comes. With several, the consecutive batches of `unit`
+    items (the stage's own batch size) are dealt round the ranks (unit 1 = `shard(todo)`); every round gathers each
+    rank's next chunk, and rank 0 writes the results that continue todo's order without
     a gap, so the file always holds a prefix of todo (a killed run resumes cleanly). Rounds go on until every rank
     is done; a barrier ends the stage so later readers see the whole file."""
     dist = _dist()
@@ -144,13 +147,17 @@ def run_sharded(todo: Sequence[T], chunks: Callable[[list[T]], Iterable[list]], 
             write(results)
         return
     r, world = dist.get_rank(), dist.get_world_size()
-    mine = list(todo[r::world])
+    # whole batches of `unit` items go round the ranks, so each batch is the one a single process would run:
+    # batched float32 kernels round differently for other batch mates, which can flip a sampled token
+    unit = max(1, unit)
+    index = [i for b in range(r * unit, len(todo), world * unit) for i in range(b, min(b + unit, len(todo)))]
+    mine = [todo[i] for i in index]
     it: Iterator[list] = iter(chunks(mine)) if mine else iter(())
     sent, finished, pending, next_index = 0, False, {}, 0
     while True:
         results = None if finished else next(it, None)
         finished = results is None
-        indexed = [(r + (sent + i) * world, x) for i, x in enumerate(results or [])]
+        indexed = [(index[sent + i], x) for i, x in enumerate(results or [])]
         sent += len(indexed)
         parts: list = [None] * world
         try:

@@ -28,7 +28,7 @@ from rag_dpo.errors import InputError
 from rag_dpo.records import Corpus, Passage, Question
 
 
-def build(n_questions: int = 6, cache: str = "none"):
+def build(n_questions: int = 8, cache: str = "none"):
     """The questions and rollout engine every rank (and the one-process reference in the test) uses."""
     corpus = Corpus([Passage(f"p{i}", f"Title {i}", f"Passage number {i} says something.") for i in range(6)])
     questions = [Question(f"q{i}", f"What is thing {i}?", [f"thing {i}"], [f"p{i}"]) for i in range(n_questions)]

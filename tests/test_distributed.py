@@ -85,8 +85,8 @@ def test_two_ranks_write_the_one_process_files_and_resume_after_a_killed_rank(tm
     run_stages(*build(), single)          # the one-process reference, in this process
     outputs = ("", ".tree.jsonl", ".labels.jsonl")   # rollouts, tree search, annotated rollouts
     reference = {suffix: Path(f"{single}{suffix}").read_text() for suffix in outputs}
-    assert all(len(text.splitlines()) == 6 for text in reference.values())
-    qids = [f"q{i}" for i in range(6)]
+    assert all(len(text.splitlines()) == 8 for text in reference.values())
+    qids = [f"q{i}" for i in range(8)]
 
     pooled = tmp_path / "pooled.jsonl"
     r = _torchrun(pooled)
@@ -98,14 +98,15 @@ def test_two_ranks_write_the_one_process_files_and_resume_after_a_killed_rank(tm
     assert ranks[0]["appended"] == {f"pooled.jsonl{suffix}": qids for suffix in outputs}   # rank 0 writes
     assert ranks[1]["appended"] == {}
 
-    # rank 1 is SIGKILLed at its second rollout generate call: rank 0 stops with one line naming the stage
+    # batches of 2 go round the ranks; rank 1 is SIGKILLed at its second generate call (its second rollout batch,
+    # q6-q7): rank 0 has appended q0-q3 and stops with one line naming the stage
     partial = tmp_path / "partial.jsonl"
     r0, r1 = _ranks(partial, "--die-after", "2")
     assert r1.returncode != 0 and r0.returncode == 1
     err = r0.stderr.strip().splitlines()[-1]
     assert err.startswith("error: rollout: rank 0 of 2:") and "peer rank died" in err, r0.stderr[-2000:]
     lines = partial.read_text().splitlines() if partial.exists() else []
-    assert 0 < len(lines) < 6 and lines == reference[""].splitlines()[:len(lines)]   # a prefix, whole lines
+    assert 0 < len(lines) < 8 and lines == reference[""].splitlines()[:len(lines)]   # a prefix, whole lines
 
     r = _torchrun(partial)            # the rerun skips what was written and completes the same files
     assert r.returncode == 0, r.stderr[-3000:]

@@ -543,7 +543,7 @@ class RolloutEngine:
         progress, self.cfg.progress = self.cfg.progress, self.cfg.progress and is_main()
         try:
             run_sharded(todo, lambda qs: self._iter_rollout(qs, already=len(questions) - len(todo)),
-                        lambda chains: append_chains(path, chains), stage="rollout")
+                        lambda chains: append_chains(path, chains), stage="rollout", unit=self.cfg.batch_size)
         finally:
             self.cfg.progress = progress
         return path

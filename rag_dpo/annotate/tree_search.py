@@ -107,7 +107,7 @@ def tree_search_to_file(questions: Sequence[Question], engine, annotator, out_pa
         append_chains(out_path, chains)
         bar.update(len(chains))
     try:
-        run_sharded(todo, batches, write, stage="tree search")
+        run_sharded(todo, batches, write, stage="tree search", unit=max(1, cfg.batch_questions))
     finally:
         bar.close()
     return out_path
