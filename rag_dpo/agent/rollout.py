@@ -342,6 +342,8 @@ class CachedHFBackend:
             else:
                 picked = logits.argmax(-1).tolist()
             for r, t in zip(live, picked):
+                if done[r]:        # finished, waiting to leave the batch: its token is not part of its step
+                    continue
                 out[r].append(t)
                 done[r] = (t in self.stop_ids or len(out[r]) >= cfg.max_new_tokens
                            or (t in self.tag_ids and self._stopped(out[r])))
