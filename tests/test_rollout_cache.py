@@ -254,3 +254,26 @@ def test_cached_batches_count_distinct_contexts(tiny_model_and_tokenizer):
         eng.generate_texts([p for p in prefixes for _ in range(4)], list(range(12)), True)
         sizes[cache] = calls
     assert sizes == {"none": [2] * 6, "prefix": [8, 4]}
+
+
+def test_rows_stop_at_their_stop_string_while_others_go_on(tiny_model_and_tokenizer):
+    """Scripted logits: five rows write '<think>a</think> <search>who</search> then more', one starting later in
+    it; each row's step ends at its stop tag and counts exactly its own tokens, also while finished rows still sit
+    in the batch (a quarter of it must finish before they leave)."""
+    model, tok = tiny_model_and_tokenizer
+    script = tok("<think>a</think> <search>who</search> then more words", add_special_tokens=False)["input_ids"]
+    backend = CachedHFBackend(model, tok)
+
+    def scripted_forward(ids, positions, cache, q):
+        """The token after position p is script[p - 1]: a context of length 2 + s starts s tokens in."""
+        cache.length += q
+        logits = torch.zeros(ids.shape[0], model.config.vocab_size)
+        logits[torch.arange(ids.shape[0]), [script[min(int(p) - 1, len(script) - 1)] for p in positions[:, -1]]] = 1
+        return logits
+
+    backend._forward = scripted_forward
+    out = backend.generate([[5, 6], [7, 8], [9, 10], [11, 12], [13, 14, 15, 16, 17]], [0] * 5, False,
+                           RolloutConfig(max_new_tokens=30))
+    stop = next(i + 1 for i in range(len(script)) if tok.decode(script[:i + 1]).endswith("</search>"))
+    assert out[:4] == [(tok.decode(script[:stop]), stop)] * 4
+    assert out[4] == (tok.decode(script[3:stop]), stop - 3)
