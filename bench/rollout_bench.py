@@ -85,7 +85,7 @@ def run_child(args) -> dict:
         for c, steps in zip(setup, engine.sample_next_steps([(c, None) for c in setup], 4)):
             for s in steps:
                 c.add_step(s)
-    _reset_stats(engine)
+    engine.reset_stats()
     rss_before = _vm("VmRSS")
     try:  # reset the peak (VmHWM) so it measures the workload, not the model load
         Path("/proc/self/clear_refs").write_text("5")
@@ -113,13 +113,6 @@ def run_child(args) -> dict:
             "peak_rss_mib": _vm("VmHWM") / 1024, "rss_before_mib": rss_before / 1024,
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
             "threads": torch.get_num_threads(), "texts": texts}
-
-
-def _reset_stats(engine) -> None:
-    from rag_dpo.agent.rollout import new_timing
-    engine.stats = {k: 0 if k != "seconds" else 0.0 for k in engine.stats}
-    engine.stats["retrieval_seconds"] = 0.0
-    engine.backend.timing = new_timing()
 
 
 def _commit() -> str:

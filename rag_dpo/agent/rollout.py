@@ -434,17 +434,20 @@ class RolloutEngine:
             from rag_dpo.errors import InputError
             raise InputError(f"unknown cache {self.cfg.cache!r} (prefix or none)", field="cache")
         self.backend_name = backend
-        self.stats = {"steps": 0, "generated_tokens": 0, "seconds": 0.0, "retrieval_seconds": 0.0}
+        self.reset_stats()
 
     def clear_cache(self) -> None:
         """Drop stored keys/values: call after the model's weights change (PPO updates, merging an adapter)."""
-        clear = getattr(self.backend, "clear", None)
-        if clear:
-            clear()
+        self.backend.clear()
+
+    def reset_stats(self) -> None:
+        """Zero the counters and the time split (a benchmark's clean slate after a warm-up)."""
+        self.stats = {"steps": 0, "generated_tokens": 0, "seconds": 0.0, "retrieval_seconds": 0.0}
+        self.backend.timing = new_timing()
 
     def time_split(self) -> dict:
         """Seconds in prefill, decode, retrieval and the rest (tokenising, parsing, bookkeeping) so far."""
-        t = getattr(self.backend, "timing", new_timing())
+        t = self.backend.timing
         rest = self.stats["seconds"] - t["prefill_seconds"] - t["decode_seconds"] - self.stats["retrieval_seconds"]
         return {"prefill": t["prefill_seconds"], "decode": t["decode_seconds"],
                 "retrieval": self.stats["retrieval_seconds"], "rest": max(rest, 0.0),
