@@ -1,6 +1,7 @@
 """One rank of a multi-process run of the resumable stages, started by tests/test_distributed.py (under torchrun, or
 as plain processes with RANK/WORLD_SIZE set): the tiny policy rolls out a few questions (`rollout_to_file`), tree
 searches them (`tree_search_to_file`, evidence annotator) and the rollouts are annotated (`annotate_file`).
+`--eval DATA` runs the eval stage instead (`evaluate`, direct + agent, on DATA's questions, into folder OUT).
 
 Each rank records which questions it appended to which file (only rank 0 may write) in OUT.rank<R>.json.
 `--die-after N` makes rank 1 kill itself (SIGKILL) at its N-th rollout generate call, as a crashed or OOM-killed
@@ -45,11 +46,20 @@ def run_stages(questions, engine, out: Path) -> None:
     annotate_file(out, EvidenceAnnotator(), f"{out}.labels.jsonl", progress=False)
 
 
+def run_eval(data: Path, out: Path, model_and_tokenizer=None) -> dict:
+    """The eval stage on the tiny policy: 5 questions in batches of 2, so the ranks get 2 and 1 batches."""
+    from rag_dpo.eval.evaluate import evaluate
+    cfg = RolloutConfig(max_new_tokens=4, max_steps=2, batch_size=2, progress=False)
+    return evaluate(data, policy="tiny", methods="direct,agent", split="all", limit=5, out_dir=out, rollout=cfg,
+                    model_and_tokenizer=model_and_tokenizer or tiny_policy(TOKENIZER_DIR), use_wandb=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--die-after", type=int, default=0)
     ap.add_argument("--cache", default="none")
+    ap.add_argument("--eval", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     distributed.init_from_env()
@@ -57,7 +67,8 @@ def main() -> None:
     questions, engine = build(cache=args.cache)
 
     appended: dict[str, list[str]] = {}
-    for name in ("rag_dpo.agent.rollout", "rag_dpo.annotate.tree_search", "rag_dpo.annotate.annotators"):
+    for name in ("rag_dpo.agent.rollout", "rag_dpo.annotate.tree_search", "rag_dpo.annotate.annotators",
+                 "rag_dpo.eval.evaluate"):
         module = importlib.import_module(name)   # (rag_dpo.annotate re-exports a function named tree_search)
         def recording_append(path, chains, _real=module.append_chains):
             chains = list(chains)
@@ -73,13 +84,17 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_gen(reqs, sample)
         engine.generate_steps = generate_then_die
+    results = None
     try:
-        run_stages(questions, engine, Path(args.out))
+        if args.eval:
+            results = run_eval(Path(args.eval), Path(args.out))
+        else:
+            run_stages(questions, engine, Path(args.out))
     except (distributed.DistributedError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({"rank": rank, "world": distributed.world_size(),
-                                                               "appended": appended}))
+                                                               "appended": appended, "results": results}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Multi-process stages on CPU: two gloo ranks (tests/distributed_worker.py) shard the questions of rollouts, tree
-search and annotation, rank 0 alone appends, and each file equals a one-process run's line for line; a killed rank
+search, annotation and eval, rank 0 alone appends, and each file equals a one-process run's line for line; a killed rank
 fails the run with one clear line and a rerun resumes. Also the one-process contract of rag_dpo.distributed (every helper a no-op)."""
 
 from __future__ import annotations
@@ -114,6 +114,37 @@ def test_two_ranks_write_the_one_process_files_and_resume_after_a_killed_rank(tm
         assert Path(f"{partial}{suffix}").read_text() == reference[suffix], suffix
     assert json.loads((tmp_path / "partial.jsonl.rank0.json").read_text())["appended"]["partial.jsonl"] == \
         qids[len(lines):]
+
+
+def _without_timing(text: str) -> list[dict]:
+    """Chains of a jsonl file with each chain's wall time (meta.seconds) dropped: it differs run to run."""
+    rows = [json.loads(line) for line in text.splitlines()]
+    for row in rows:
+        row.get("meta", {}).pop("seconds", None)
+    return rows
+
+
+@needs_gloo
+def test_two_rank_eval_writes_the_one_process_eval(tmp_path):
+    from conftest import HOTPOT_DEV
+    from distributed_worker import run_eval
+    data = tmp_path / "hotpot5.jsonl"
+    data.write_text("".join(HOTPOT_DEV.read_text().splitlines(keepends=True)[:5]))
+    single = run_eval(data, tmp_path / "single")
+    reference = _without_timing((tmp_path / "single" / "chains.jsonl").read_text())
+    assert len(reference) == 10 and [r["method"] for r in reference] == ["direct"] * 5 + ["agent"] * 5
+
+    r = _torchrun(tmp_path / "pooled", "--eval", str(data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _without_timing((tmp_path / "pooled" / "chains.jsonl").read_text()) == reference   # each question once
+    ranks = {k: json.loads((tmp_path / f"pooled.rank{k}.json").read_text()) for k in (0, 1)}
+    qids = [row["question_id"] for row in reference[:5]]
+    assert ranks[0]["appended"] == {"chains.jsonl": qids * 2} and ranks[1]["appended"] == {}   # rank 0 writes
+    on_disk = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    for results in (on_disk, ranks[0]["results"], ranks[1]["results"]):   # every rank returns the same scores
+        for method in ("direct", "agent"):
+            assert {k: v for k, v in results[method].items() if k != "seconds"} == \
+                {k: v for k, v in single[method].items() if k != "seconds"}
 
 
 def test_sharding_interleaves_back_to_list_order(monkeypatch):

@@ -13,6 +13,12 @@ over the union of passages retrieved on the path, `steps` = path length, `parse_
 with a step that did not parse (baselines: a reply without the <answer> tag; its plain text still counts as the
 answer). Eval refuses questions the policy was trained on (its folder's `training_manifest.json`).
 
+Under a multi-process launch (`torchrun`, `accelerate launch`) the questions go round the ranks in whole batches
+(`rag_dpo.distributed.run_sharded`, the stage's batch size): every batch holds the questions a single process would
+batch, rank 0 alone appends the gathered chains in question order and writes the results files and the wandb run,
+so `chains.jsonl` equals a one-process eval's (apart from each chain's timing in `meta.seconds`). Every rank
+returns the results.
+
 `agent-prm-bon`: at each step the agent samples N candidate next steps, a PRM (`annotate.prm.PRMScorer`) scores
 them and the best is kept; all candidates stay in the chain tree with their score in `labels["prm"]`.
 """
@@ -187,10 +193,15 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     check_not_trained_on(manifest, ids)
     check_not_trained_on(_policy_manifest(str(policy)), ids)
 
+    from rag_dpo.distributed import barrier, is_main, run_sharded
+    from rag_dpo.io import repair_jsonl
     _check_config(out_dir, cfg_dict)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", cfg_dict)
     chains_path = out_dir / "chains.jsonl"
+    if is_main():   # rank 0 alone writes; the others read after the barrier
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "config.json", cfg_dict)
+        repair_jsonl(chains_path)
+    barrier("eval")
 
     if model_and_tokenizer is None:
         from rag_dpo.agent.policy import load_policy
@@ -209,22 +220,25 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
         "agent": _agent,
         "agent-prm-bon": lambda e, qs: prm_best_of_n(e, qs, scorer, n=bon_n),
     }
-    from rag_dpo.io import repair_jsonl
-    repair_jsonl(chains_path)
     done = {(c.method, c.question_id) for c in read_chains(chains_path)} if chains_path.exists() else set()
 
     from tqdm.auto import tqdm
     bs = max(1, rcfg.batch_size)
     total = len(methods) * len(questions)
     with tqdm(total=total, initial=sum(1 for m in methods for q in ids if (m, q) in done), unit="chain",
-              desc="eval") as bar:
+              desc="eval", disable=not is_main()) as bar:
         for method in methods:
             todo = [q for q in questions if (method, q.id) not in done]
-            for b in range(0, len(todo), bs):
-                chunk = todo[b:b + bs]
-                bar.set_postfix(method=method)
-                append_chains(chains_path, run[method](engine, chunk))
-                bar.update(len(chunk))
+            bar.set_postfix(method=method)
+
+            def batches(qs, method=method):
+                for b in range(0, len(qs), bs):
+                    yield run[method](engine, qs[b:b + bs])
+
+            def write(chains):
+                append_chains(chains_path, chains)
+                bar.update(len(chains))
+            run_sharded(todo, batches, write, stage=f"eval {method}", unit=bs)
 
     wanted = set(ids)
     by_method: dict[str, list[Chain]] = {m: [] for m in methods}
@@ -232,6 +246,8 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
         if c.method in by_method and c.question_id in wanted:
             by_method[c.method].append(c)
     results = {m: summarize(by_method[m]) for m in methods}
+    if not is_main():
+        return results
 
     from rag_dpo.eval.report import plot_results, results_table
     atomic_write_json(out_dir / "results.json", results)

@@ -361,8 +361,11 @@ def train_policy(recipe: Recipe, run_dir: str | Path, start_policy: str, data: s
         ids = json.loads(qfile.read_text()) if qfile.exists() else []
     release_memory()
     inherit = [start_policy] if Path(start_policy).is_dir() else []
-    write_manifest(out, ids, data_files=files, inherit_from=inherit,
-                   info={"method": method, "recipe": recipe.name, "start": str(start_policy)})
+    from rag_dpo.distributed import barrier, is_main
+    if is_main():
+        write_manifest(out, ids, data_files=files, inherit_from=inherit,
+                       info={"method": method, "recipe": recipe.name, "start": str(start_policy)})
+    barrier("training manifest")
     return out
 
 
@@ -431,6 +434,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
     (default the recipe's eval split) into run_dir/eval/<name>/ (results.json, chains.jsonl, ...); writes
     run_dir/results.{json,md} with the table and a plain statement of trained vs warm start. Returns
     name -> {method -> metrics}."""
+    from rag_dpo.distributed import gather_objects, is_main
     from rag_dpo.eval.evaluate import evaluate
     run_dir = Path(run_dir)
     w = world(recipe)
@@ -447,13 +451,16 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
         cached = _cached_eval_dir(recipe, spec, methods, split, rcfg)
         if cached is not None:
             spec = str(Path(spec).resolve())          # one policy string, whichever run folder links the entry
-            if out.is_symlink() and out.resolve() != cached.resolve():
+            if out.is_symlink() and out.resolve() != cached.resolve() and is_main():
                 out.unlink()                              # a link to a deleted or older cache entry
-            if not out.exists():
+            if not out.exists() and is_main():
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.symlink_to(cached, target_is_directory=True)
-        with (_file_lock(cached.with_name(cached.name + ".lock")) if cached is not None else nullcontext()):
-            if res_file.exists():
+        # Under a multi-process launch every rank evaluates its shard, but only rank 0 takes the lock (a rank
+        # waiting on it would hang rank 0's first collective) and decides whether the eval is done (shared).
+        lock = _file_lock(cached.with_name(cached.name + ".lock")) if cached is not None and is_main() else None
+        with lock or nullcontext():
+            if gather_objects([res_file.exists()] if is_main() else [], f"eval {name}")[0]:
                 log(f"eval {name}: done ({out.resolve()})")
                 res = json.loads(res_file.read_text())
             else:
@@ -465,6 +472,8 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
                                model_and_tokenizer=load_policy(str(spec), merge_adapter=True))
         table[name] = metrics_by_method(res)
         release_memory()
+    if not is_main():   # rank 0 alone writes the run's results files
+        return table
     paired = paired_comparison(run_dir, policies, methods)
     summary = results_markdown(recipe, table, paired)
     atomic_write_json(run_dir / "results.json", table)
@@ -633,10 +642,13 @@ def prepare_run_dir(recipe: Recipe, run_dir: str | Path, restart: bool = False) 
         if not restart:
             raise InputError("this run folder was started with a different recipe; pass --restart to start over "
                              "or --run-dir for a new folder", file=str(old))
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", text)
+    from rag_dpo.distributed import barrier, is_main
+    if is_main():   # under a multi-process launch rank 0 alone clears and writes the folder
+        if restart and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.yaml", text)
+    barrier("run folder")
     return run_dir
 
 
@@ -644,6 +656,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> di
     """Warm start -> rollouts -> pairs -> train -> eval for one recipe; returns {"policies", "results"}.
     A method `sft` recipe with pairs.kind `oracle` stops after the warm start (that *is* its trained policy)."""
     from rag_dpo import tracking
+    from rag_dpo.distributed import is_main
     t0 = time.perf_counter()
     run_dir = prepare_run_dir(recipe, run_dir, restart)
     run = tracking.init_run(run_dir.name, resolved_dict(recipe), group=recipe.group or recipe.name,
@@ -663,7 +676,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> di
             labels = collect_rollouts(recipe, run_dir, start)
             data = build_pair_datasets(recipe, run_dir, labels)
             trained = train_policy(recipe, run_dir, start, data)
-        atomic_write_json(run_dir / "data_hashes.json", _data_hashes(recipe, run_dir))
+        if is_main():
+            atomic_write_json(run_dir / "data_hashes.json", _data_hashes(recipe, run_dir))
         policies = {"base": recipe.model, "warm_start": str(ws) if ws else None,
                     "trained": str(trained) if trained is not None else None}
         if recipe.method == "prm":
@@ -676,6 +690,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> di
         paired_file = run_dir / "paired.json"
         if paired_file.exists():
             summary["paired"] = json.loads(paired_file.read_text())
+        if not is_main():   # rank 0 alone writes the summary and prints the table
+            return summary
         atomic_write_json(run_dir / "summary.json", summary)
         if results:
             print("\n" + (run_dir / "results.md").read_text(), flush=True)
