@@ -120,6 +120,19 @@ def gather_objects(local: Sequence[T], stage: str = "gather") -> list[T]:
     return out
 
 
+def all_reduce_sum(tensor, stage: str = "all-reduce"):
+    """Sum `tensor` over the ranks in place (every rank gets the total) and return it; no-op with one process.
+    Rows computed by one rank and left 0 on the others add up to the whole tensor, bit for bit."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return tensor
+    try:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    except Exception as e:
+        raise _failed(stage, "summing over the ranks", e) from None
+    return tensor
+
+
 def barrier(stage: str = "barrier") -> None:
     """Wait for every rank (no-op with one process), e.g. so no rank reads a file rank 0 is still writing."""
     dist = _dist()
@@ -129,6 +142,30 @@ def barrier(stage: str = "barrier") -> None:
         dist.barrier()
     except Exception as e:
         raise _failed(stage, "the barrier", e) from None
+
+
+def _dealt(n: int, r: int, world: int, unit: int) -> list[int]:
+    """Indices rank r takes of n items when whole batches of `unit` go round the ranks, so each batch is the one a
+    single process would run (batched float32 kernels round differently for other batch mates, which can flip a
+    sampled token)."""
+    unit = max(1, unit)
+    return [i for b in range(r * unit, n, world * unit) for i in range(b, min(b + unit, n))]
+
+
+def map_sharded(items: Sequence[T], fn: Callable[[list[T]], Iterable], stage: str, unit: int = 1) -> list:
+    """`fn(items)` (one result per item, in order) computed across the ranks: whole batches of `unit` items go round
+    them, and every rank gets every result back in item order. With one process: `list(fn(items))`. For stages
+    whose loop needs all results on every rank (e.g. sampling rounds that depend on what was sampled)."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return list(fn(list(items)))
+    index = _dealt(len(items), dist.get_rank(), dist.get_world_size(), unit)
+    local = list(fn([items[i] for i in index])) if index else []
+    out: list = [None] * len(items)
+    for part in gather_objects([list(zip(index, local))], stage):
+        for i, x in part:
+            out[i] = x
+    return out
 
 
 def run_sharded(todo: Sequence[T], chunks: Callable[[list[T]], Iterable[list]], write: Callable[[list], None],
@@ -147,10 +184,7 @@ def run_sharded(todo: Sequence[T], chunks: Callable[[list[T]], Iterable[list]], 
             write(results)
         return
     r, world = dist.get_rank(), dist.get_world_size()
-    # whole batches of `unit` items go round the ranks, so each batch is the one a single process would run:
-    # batched float32 kernels round differently for other batch mates, which can flip a sampled token
-    unit = max(1, unit)
-    index = [i for b in range(r * unit, len(todo), world * unit) for i in range(b, min(b + unit, len(todo)))]
+    index = _dealt(len(todo), r, world, unit)
     mine = [todo[i] for i in index]
     it: Iterator[list] = iter(chunks(mine)) if mine else iter(())
     sent, finished, pending, next_index = 0, False, {}, 0

@@ -2,6 +2,8 @@
 as plain processes with RANK/WORLD_SIZE set): the tiny policy rolls out a few questions (`rollout_to_file`), tree
 searches them (`tree_search_to_file`, evidence annotator) and the rollouts are annotated (`annotate_file`).
 `--eval DATA` runs the eval stage instead (`evaluate`, direct + agent, on DATA's questions, into folder OUT).
+`--ppo POLICY` runs one PPO round (`train_ppo`) from the saved tiny policy into folder OUT and saves what each rank
+ends with (the round's token ids, the trained LoRA and value-head weights) as OUT.rank<R>.safetensors.
 
 Each rank records which questions it appended to which file (only rank 0 may write) in OUT.rank<R>.json.
 `--die-after N` makes rank 1 kill itself (SIGKILL) at its N-th rollout generate call, as a crashed or OOM-killed
@@ -54,12 +56,51 @@ def run_eval(data: Path, out: Path, model_and_tokenizer=None) -> dict:
                     model_and_tokenizer=model_and_tokenizer or tiny_policy(TOKENIZER_DIR), use_wandb=False)
 
 
+class StepLengthValues:
+    """Process rewards that vary on the tiny random model (whose steps never parse, so every real annotator gives
+    0 and PPO would not move): each step's value is its text length mod 5, scaled to [0, 1]."""
+    name = "evidence"
+
+    def annotate(self, chains):
+        from rag_dpo.records import Label
+        for c in chains:
+            for s in c.steps:
+                v = (len(s.text) % 5) / 4
+                s.labels["evidence"] = Label(v, v >= 0.5, "evidence")
+        return chains
+
+
+def run_ppo(policy: Path, out: Path) -> dict:
+    """One PPO round (critic, process rewards) on 4 of 6 questions x 2 samples, 2 minibatches of 4 chains: returns
+    the round's padded token ids and the trainable weights after the update (LoRA + value head)."""
+    from rag_dpo.train.ppo import PPOInputs, PPOSettings, PPOTrainer, train_ppo
+    questions, engine = build(n_questions=6)
+    inputs = PPOInputs(questions, engine.corpus, engine.retriever,
+                       {"max_new_tokens": 6, "max_steps": 3, "batch_size": 4, "cache": "none"}, StepLengthValues())
+    cfg = PPOSettings(algorithm="ppo", reward="process", iterations=1, questions_per_iteration=4, group_size=2,
+                      ppo_epochs=1, minibatch_size=4, learning_rate=1e-3, precision="fp32", wandb=False)
+    tr = PPOTrainer(cfg, str(policy))
+    seen = {}
+    real_update = tr.update
+
+    def recording_update(ro):
+        seen["input_ids"] = ro.input_ids.clone()
+        return real_update(ro)
+    tr.update = recording_update
+    train_ppo(cfg, inputs, out, str(policy), trainer=tr)
+    trained = {f"policy.{n}": p.detach().clone() for n, p in tr.unwrapped().named_parameters() if p.requires_grad}
+    head = tr.accelerator.unwrap_model(tr.value_head)
+    trained.update({f"value_head.{n}": p.detach().clone() for n, p in head.named_parameters()})
+    return {"input_ids": seen["input_ids"], **trained}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--die-after", type=int, default=0)
     ap.add_argument("--cache", default="none")
     ap.add_argument("--eval", default=None)
+    ap.add_argument("--ppo", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     distributed.init_from_env()
@@ -86,7 +127,11 @@ def main() -> None:
         engine.generate_steps = generate_then_die
     results = None
     try:
-        if args.eval:
+        if args.ppo:
+            from safetensors.torch import save_file
+            tensors = run_ppo(Path(args.ppo), Path(args.out))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, f"{args.out}.rank{rank}.safetensors")
+        elif args.eval:
             results = run_eval(Path(args.eval), Path(args.out))
         else:
             run_stages(questions, engine, Path(args.out))

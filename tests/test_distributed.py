@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rag_dpo import distributed
 
@@ -145,6 +146,32 @@ def test_two_rank_eval_writes_the_one_process_eval(tmp_path):
         for method in ("direct", "agent"):
             assert {k: v for k, v in results[method].items() if k != "seconds"} == \
                 {k: v for k, v in single[method].items() if k != "seconds"}
+
+
+@needs_gloo
+def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy_dir):
+    """Rollouts sharded and gathered into the one-process round, gradients all-reduced by DDP (each rank's loss
+    weighted by its share of the minibatch's policy tokens): both ranks end with the same weights, and those match
+    a one-process round on the same global batch; rank 0 alone writes the log and the trained folder."""
+    from safetensors.torch import load_file
+
+    from distributed_worker import run_ppo
+    single = run_ppo(tiny_policy_dir, tmp_path / "single")
+    r = _torchrun(tmp_path / "pooled", "--ppo", str(tiny_policy_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"pooled.rank{k}.safetensors")) for k in (0, 1)]
+    assert set(ranks[0]) == set(ranks[1]) == set(single)
+    assert torch.equal(ranks[0]["input_ids"], single["input_ids"])     # the gathered round is the one-process one
+    assert torch.equal(ranks[1]["input_ids"], single["input_ids"])
+    lora_b = [k for k in single if "lora_B" in k]
+    assert lora_b and all(single[k].abs().max() > 0 for k in lora_b)   # the round moved the (zero-initialised) B
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name         # DDP kept the ranks in step
+        assert torch.allclose(ranks[0][name].float(), single[name].float(), rtol=1e-3, atol=1e-6), name
+    log = (tmp_path / "pooled" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 1 and json.loads(log[0])["generated_tokens"] == json.loads(
+        (tmp_path / "single" / "train_log.jsonl").read_text())["generated_tokens"]   # both ranks' tokens, once
+    assert (tmp_path / "pooled" / "train_done.json").exists() and (tmp_path / "pooled" / "adapter_config.json").exists()
 
 
 def test_sharding_interleaves_back_to_list_order(monkeypatch):

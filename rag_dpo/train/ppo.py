@@ -25,6 +25,15 @@ Retrieved tokens are environment transitions, not actions: GAE runs over the com
 mask, so retrieved tokens get zero gradient. The reference is the starting policy: with a fresh LoRA adapter the
 adapter is disabled; when continuing an adapter (e.g. the warm start) a frozen copy "ref" is kept (as TRL's
 DPOTrainer does). Rewards are placed on the same step spans the rollout engine recorded.
+
+Under a multi-process launch (`torchrun`, `accelerate launch`; rag_dpo.distributed) accelerate wraps the policy in
+DDP, and a round is split so that it computes what one process would: each rank rolls out its share of the round's
+questions (`questions[rank::world]`, every sample of a question on the same rank), the chains are gathered on every
+rank in the one-process order; the no-grad passes (old, reference log-probs, values) are dealt round the ranks by
+minibatch and summed back (`all_reduce_sum`), so advantages are computed on the whole round identically everywhere;
+each optimiser minibatch is split between the ranks and each rank's masked mean is rescaled to its share of the
+minibatch's policy tokens, so DDP's gradient average equals the one-process gradient. Rank 0 alone writes the log,
+checkpoints' bookkeeping, budget and the saved policy. Logged losses are rank 0's share; the gradient norm is global.
 """
 
 from __future__ import annotations
@@ -222,7 +231,8 @@ def forward_logps(model, value_head, input_ids, attention_mask, with_values: boo
     values = None
     if with_values and value_head is not None:
         # detached: the value loss trains the head, never the policy's weights (its gradient is clipped apart)
-        values = value_head(h.detach().to(value_head.weight.dtype)).squeeze(-1).float()
+        dtype = next(value_head.parameters()).dtype   # (a DDP-wrapped head has no .weight of its own)
+        values = value_head(h.detach().to(dtype)).squeeze(-1).float()
     return logp, values
 
 
@@ -351,6 +361,11 @@ class PPOTrainer:
         return self.accelerator.unwrap_model(self.policy)
 
     @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        from rag_dpo.distributed import rank, world_size
+        return rank(), world_size()
+
+    @staticmethod
     def _width(att, rows) -> int:
         """Columns the given rows need: their longest sequence (rows are right-padded)."""
         return max(2, int(att[rows].sum(-1).max()))
@@ -381,17 +396,26 @@ class PPOTrainer:
         by_len = torch.argsort(att.sum(-1))
         old_logp, ref_logp = torch.zeros_like(mask), torch.zeros_like(mask)
         old_v = torch.zeros_like(mask) if use_critic else None
-        for b in range(0, n, step):
+        # several ranks: minibatches dealt round them (no gradients, so the unwrapped modules: no DDP collective),
+        # each rank's rows summed into the others' zeros
+        rank, world = self._rank_world()
+        policy = self.unwrapped() if world > 1 else self.policy
+        head = self.accelerator.unwrap_model(self.value_head) if use_critic else None
+        for b in range(step * rank, n, step * world):
             rows = by_len[b:b + step]
             w = self._width(att, rows)
             rows_ids, rows_att, cut = ids[rows, :w], att[rows, :w], (rows, slice(0, w - 1))
             with torch.no_grad(), self.accelerator.autocast():
-                lp, v = forward_logps(self.policy, self.value_head if use_critic else None, rows_ids, rows_att,
-                                      with_values=use_critic, only=mask[cut])
+                lp, v = forward_logps(policy, head, rows_ids, rows_att, with_values=use_critic, only=mask[cut])
             old_logp[cut] = lp
             if use_critic:
                 old_v[cut] = v
             ref_logp[cut] = self.ref_logps(rows_ids, rows_att, only=mask[cut])
+        if world > 1:
+            from rag_dpo.distributed import all_reduce_sum
+            for t in (old_logp, ref_logp, old_v):
+                if t is not None:
+                    all_reduce_sum(t, "PPO log-probs")
         kl = (old_logp - ref_logp) * mask
         if use_critic:
             shaped = rew - cfg.kl_coef * kl
@@ -413,6 +437,15 @@ class PPOTrainer:
             order = torch.randperm(n, generator=g)
             for b in range(0, n, cfg.minibatch_size):
                 rows = order[b:b + cfg.minibatch_size].to(dev)
+                share = 1.0
+                if world > 1:   # this rank's rows of the minibatch, weighted by its share of the policy tokens
+                    everyone = rows
+                    rows = everyone[rank::world]
+                    if not rows.numel():    # every rank must take part in DDP's gradient all-reduce
+                        rows, share = everyone[:1], 0.0
+                    w_all = self._width(att, everyone)
+                    total = float(mask[everyone, : w_all - 1].sum())
+                    share *= world * float(mask[rows, : self._width(att, rows) - 1].sum()) / max(total, 1.0)
                 w = self._width(att, rows)
                 cut = (rows, slice(0, w - 1))    # the minibatch's positions, trailing padding dropped
                 m = mask[cut]
@@ -429,9 +462,10 @@ class PPOTrainer:
                 else:
                     kl_term = masked_mean(kl_k3(logp, ref_logp[cut]), m)
                     loss = loss + cfg.kl_coef * kl_term
-                check_finite(round_no, "PPO round", loss=float(loss.detach()))
+                if world == 1:   # several ranks: a rank's own loss stays local; the global gradient norm below
+                    check_finite(round_no, "PPO round", loss=float(loss.detach()))   # stops every rank at once
                 self.optimizer.zero_grad()
-                self.accelerator.backward(loss)
+                self.accelerator.backward(loss * share if world > 1 else loss)
                 gnorm = self._clip(self.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
                 vnorm = (self._clip(self.optimizer.param_groups[1]["params"], cfg.value_max_grad_norm)
                          if use_critic else 0.0)
@@ -454,12 +488,16 @@ class PPOTrainer:
     # ---- checkpoints (accelerate state: model, value head, optimiser, RNG) ------------------------------------
     def save_checkpoint(self, ckpt_root: Path) -> Path:
         import shutil
+        from rag_dpo.distributed import barrier, is_main
         d = ckpt_root / f"iter-{self.iteration}"
-        self.accelerator.save_state(str(d))
-        (d / "iteration.json").write_text(json.dumps({"iteration": self.iteration}))
-        for old in ckpt_root.glob("iter-*"):
-            if old != d and (old / "iteration.json").exists():
-                shutil.rmtree(old)
+        self.accelerator.save_state(str(d))     # every rank (its RNG state); accelerate writes weights on rank 0
+        barrier("PPO checkpoint")               # the folder is whole before it is marked done
+        if is_main():
+            (d / "iteration.json").write_text(json.dumps({"iteration": self.iteration}))
+            for old in ckpt_root.glob("iter-*"):
+                if old != d and (old / "iteration.json").exists():
+                    shutil.rmtree(old)
+        barrier("PPO checkpoint")
         return d
 
     def load_checkpoint(self, ckpt_root: Path) -> bool:
@@ -519,6 +557,7 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
     from tqdm.auto import tqdm
 
     from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
+    from rag_dpo.distributed import barrier, is_main
     from rag_dpo.io import append_jsonl, atomic_write_json
     from rag_dpo.train.common import plot_curves
 
@@ -550,7 +589,7 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
     by_tokens = bool(cfg.max_generated_tokens)   # under a token budget the rounds needed are unknown: count tokens
     bar = tqdm(total=cfg.max_generated_tokens if by_tokens else cfg.iterations,
                initial=min(budget["generated_tokens"], cfg.max_generated_tokens) if by_tokens else tr.iteration,
-               desc=f"{cfg.algorithm} ({cfg.reward})", unit="tok" if by_tokens else "round")
+               desc=f"{cfg.algorithm} ({cfg.reward})", unit="tok" if by_tokens else "round", disable=not is_main())
     try:
         while tr.iteration < cfg.iterations:
             if cfg.max_generated_tokens and budget["generated_tokens"] >= cfg.max_generated_tokens:
@@ -565,21 +604,19 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
             qs = [order[(start + j) % len(order)] for j in range(n_q)]
             t0 = time.perf_counter()
             r0 = retriever.seconds
-            tok0 = engine.stats["generated_tokens"]
             tr.policy.eval()
             with merged_lora(tr.unwrapped()):
                 # the whole group in one batch: on a CPU a wider batch generates more tokens/s
                 # (`bench/ppo_bench.py --group-batch`, numbers in the README)
                 engine.cfg.seed = cfg.seed * 1_000_003 + tr.iteration * 1009
                 engine.clear_cache()        # the weights changed since the last round: stored keys/values are stale
-                chains = engine.rollout(qs, samples=cfg.group_size)
-            if cfg.reward == "process":
-                annotator.annotate(chains)
+                # several ranks: each rolls out its share of the questions, every rank gets the whole round
+                chains, gen = sharded_rollout(engine, qs, cfg.group_size,
+                                              annotator if cfg.reward == "process" else None)
             t1 = time.perf_counter()
             ro = chains_to_rollouts(tr.tok, chains, None, cfg)
             stats = tr.update(ro)
             t2 = time.perf_counter()
-            gen = engine.stats["generated_tokens"] - tok0
             budget["rollouts"] += len(chains)
             budget["generated_tokens"] += gen
             budget["policy_steps"] += sum(len(c.steps) for c in chains)
@@ -591,14 +628,19 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
             times["update_s"] += t2 - t1
             row = {"step": tr.iteration, **stats, "generated_tokens": gen, "trained_tokens": ro.n_policy_tokens,
                    "rollout_s": t1 - t0 - rs, "retrieval_s": rs, "update_s": t2 - t1}
-            append_jsonl(log_path, [row])
-            _wandb_log({f"ppo/{k}": v for k, v in row.items()})
+            if is_main():
+                append_jsonl(log_path, [row])
+                _wandb_log({f"ppo/{k}": v for k, v in row.items()})
             tr.save_checkpoint(ckpt_root)
-            atomic_write_json(budget_path, budget)
+            if is_main():
+                atomic_write_json(budget_path, budget)
             bar.update(min(gen, max(0, bar.total - bar.n)) if by_tokens else 1)
             bar.set_postfix(round=tr.iteration, reward=f"{stats['reward']:.3f}", outcome=f"{stats['outcome']:.3f}", kl=f"{stats['kl']:.3f}")
     finally:
         bar.close()
+    if not is_main():   # rank 0 alone writes the trained folder; the others wait for it
+        barrier("saving the PPO policy")
+        return out_dir
     save_policy(tr.unwrapped(), tr.tok, out_dir, model)
     from safetensors.torch import save_file
     vh = tr.accelerator.unwrap_model(tr.value_head)
@@ -613,7 +655,33 @@ def train_ppo(cfg: PPOSettings, inputs: PPOInputs, out_dir: str | Path, model: s
         print(f"[rag-dpo] warning: {out_dir.name}: {flag}", flush=True)
     atomic_write_json(out_dir / "train_done.json", {"global_step": tr.iteration, **times, "health": signs,
                                                     **{k: v for k, v in budget.items() if k != "question_ids"}})
+    barrier("saving the PPO policy")
     return out_dir
+
+
+def sharded_rollout(engine, questions: Sequence, samples: int, annotator=None) -> tuple[list, int]:
+    """`engine.rollout(questions, samples)` (annotated with `annotator` when given) and the tokens it generated.
+    Under a multi-process launch each rank rolls out `questions[rank::world]` (all samples of a question on one
+    rank), and every rank gets every rank's chains back in the one-process order (sample-major) and the total
+    generated tokens."""
+    from rag_dpo.distributed import gather_objects, rank, world_size
+    world = world_size()
+    tok0 = engine.stats["generated_tokens"]
+    if world == 1:
+        chains = engine.rollout(questions, samples=samples)
+        if annotator is not None:
+            annotator.annotate(chains)
+        return chains, engine.stats["generated_tokens"] - tok0
+    r = rank()
+    mine = list(questions[r::world])
+    local = engine.rollout(mine, samples=samples) if mine else []
+    if annotator is not None and local:
+        annotator.annotate(local)
+    # local position p: sample p // len(mine) of mine[p % len(mine)], which is questions[r + world * (p % len(mine))]
+    keyed = [((p // len(mine), r + world * (p % len(mine))), c) for p, c in enumerate(local)]
+    everyone = gather_objects([(keyed, engine.stats["generated_tokens"] - tok0)], "PPO rollouts")
+    chains = [c for _, c in sorted((kc for part, _ in everyone for kc in part), key=lambda kc: kc[0])]
+    return chains, sum(g for _, g in everyone)
 
 
 def _wandb_log(data: dict) -> None:
