@@ -4,6 +4,8 @@ searches them (`tree_search_to_file`, evidence annotator) and the rollouts are a
 `--eval DATA` runs the eval stage instead (`evaluate`, direct + agent, on DATA's questions, into folder OUT).
 `--ppo POLICY` runs one PPO round (`train_ppo`) from the saved tiny policy into folder OUT and saves what each rank
 ends with (the round's token ids, the trained LoRA and value-head weights) as OUT.rank<R>.safetensors.
+`--sft POLICY` trains SFT (TRL, so DDP under torchrun) for 2 steps of a global batch of 4 and saves the LoRA weights
+the same way.
 
 Each rank records which questions it appended to which file (only rank 0 may write) in OUT.rank<R>.json.
 `--die-after N` makes rank 1 kill itself (SIGKILL) at its N-th rollout generate call, as a crashed or OOM-killed
@@ -94,6 +96,33 @@ def run_ppo(policy: Path, out: Path) -> dict:
     return {"input_ids": seen["input_ids"], **trained}
 
 
+def run_sft(policy: Path, out: Path) -> dict:
+    """2 optimizer steps of TRL SFT, 1 row per device and 4 accumulation steps on one process (a global batch of
+    4: train.common.global_batch_accumulation halves the accumulation on 2 ranks), on 8 rows of different lengths."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from rag_dpo.agent.protocol import format_step, render_prompt
+    from rag_dpo.pairs import chain_text
+    from rag_dpo.records import ANSWER, SEARCH, Step
+    from rag_dpo.train.sft import SFTSettings, train_sft
+    tok = AutoTokenizer.from_pretrained(str(policy))
+    rows = []
+    for i in range(8):
+        s0 = Step("0", None, format_step("Look it up." * (1 + i % 3), SEARCH, f"thing {i}"), SEARCH, query=f"thing {i}",
+                  observation=f"<information>Passage {i} says thing {i} is {i * 7}.</information>")
+        s1 = Step("1", "0", format_step("Found it.", ANSWER, str(i * 7)), ANSWER, answer=str(i * 7))
+        text, spans = chain_text([s0, s1])
+        rows.append({"prompt": render_prompt(tok, f"What is thing {i}?"), "completion": text,
+                     "completion_info_spans": spans})
+    cfg = SFTSettings(max_steps=2, learning_rate=5e-3, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                      logging_steps=1, save_steps=10, precision="fp32", wandb=False)
+    train_sft(cfg, Dataset.from_list(rows), out, model=str(policy))
+    from rag_dpo.agent.policy import load_policy
+    model, _ = load_policy(str(out))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -101,6 +130,7 @@ def main() -> None:
     ap.add_argument("--cache", default="none")
     ap.add_argument("--eval", default=None)
     ap.add_argument("--ppo", default=None)
+    ap.add_argument("--sft", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     distributed.init_from_env()
@@ -127,9 +157,9 @@ def main() -> None:
         engine.generate_steps = generate_then_die
     results = None
     try:
-        if args.ppo:
+        if args.ppo or args.sft:
             from safetensors.torch import save_file
-            tensors = run_ppo(Path(args.ppo), Path(args.out))
+            tensors = run_ppo(Path(args.ppo), Path(args.out)) if args.ppo else run_sft(Path(args.sft), Path(args.out))
             save_file({k: v.contiguous() for k, v in tensors.items()}, f"{args.out}.rank{rank}.safetensors")
         elif args.eval:
             results = run_eval(Path(args.eval), Path(args.out))

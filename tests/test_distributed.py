@@ -174,6 +174,26 @@ def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy
     assert (tmp_path / "pooled" / "train_done.json").exists() and (tmp_path / "pooled" / "adapter_config.json").exists()
 
 
+@needs_gloo
+def test_two_rank_sft_keeps_the_recipes_global_batch(tmp_path, tiny_policy_dir):
+    """TRL's SFT as DDP over 2 gloo ranks with the accumulation halved (train.common.global_batch_accumulation):
+    the same optimizer steps on the same rows as one process, so the same losses and (within float) weights."""
+    from safetensors.torch import load_file
+
+    from distributed_worker import run_sft
+    single = run_sft(tiny_policy_dir, tmp_path / "single")
+    r = _torchrun(tmp_path / "pooled", "--sft", str(tiny_policy_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"pooled.rank{k}.safetensors")) for k in (0, 1)]
+    assert any("lora_B" in k and single[k].abs().max() > 0 for k in single)      # training moved the weights
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], single[name], rtol=1e-3, atol=1e-6), name
+    losses = [[row["loss"] for row in json.loads((tmp_path / d / "train_log.json").read_text()) if "loss" in row]
+              for d in ("single", "pooled")]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)   # a global batch of 8 differs
+
+
 def test_sharding_interleaves_back_to_list_order(monkeypatch):
     """The shard/gather arithmetic for 3 ranks, without processes: rank r holds items r, r+3, ...."""
     items = list(range(8))

@@ -95,7 +95,8 @@ def hf_args(settings: TrainerSettings, out_dir: str | Path, config_cls, **specif
     kwargs = dict(
         output_dir=str(out_dir), learning_rate=settings.learning_rate, num_train_epochs=settings.num_train_epochs,
         max_steps=settings.max_steps, per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps, warmup_steps=settings.warmup_steps,
+        gradient_accumulation_steps=global_batch_accumulation(settings.gradient_accumulation_steps),
+        warmup_steps=settings.warmup_steps,
         lr_scheduler_type=settings.lr_scheduler_type, weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm, logging_steps=settings.logging_steps, save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit, bf16=use_bf16(settings.precision),
@@ -110,6 +111,23 @@ def hf_args(settings: TrainerSettings, out_dir: str | Path, config_cls, **specif
     kwargs.update(specific)
     kwargs.update(settings.extra)
     return config_cls(**kwargs)
+
+
+def global_batch_accumulation(steps: int) -> int:
+    """Gradient-accumulation steps per rank that keep the recipe's global batch (per-device batch x accumulation,
+    as on one process) under a multi-process launch: DDP multiplies the batch by the world size, so the steps are
+    divided by it when they divide evenly (a 2-process warm start then takes the same optimizer steps on the same
+    examples as a 1-process one); otherwise they are kept and the global batch grows (said once in the log)."""
+    from rag_dpo.distributed import is_main, world_size
+    world = world_size()
+    if world <= 1:
+        return steps
+    if steps % world == 0:
+        return steps // world
+    if is_main():
+        print(f"[rag-dpo] note: gradient_accumulation_steps={steps} does not divide by {world} ranks: the global "
+              f"batch is {world}x the recipe's", flush=True)
+    return steps
 
 
 def _cuda() -> bool:
