@@ -110,6 +110,8 @@ def load_yaml(path: str | Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         raise InputError(f"malformed YAML: {getattr(e, 'problem', e)}", file=str(path),
                          line=mark.line + 1 if mark else None) from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text ({e.reason}); save the file as UTF-8", file=str(path)) from None
     if not isinstance(data, dict):
         raise InputError("a recipe must be a YAML mapping", file=str(path))
     return data

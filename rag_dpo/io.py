@@ -57,8 +57,15 @@ def iter_jsonl(path: str | Path, tolerate_torn_tail: bool = False) -> Iterator[t
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", file=str(path))
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        raw = f.readlines()
+    lines = []
+    for i, b in enumerate(raw, 1):
+        try:
+            lines.append(b.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"not UTF-8 text (byte 0x{b[e.start]:02x} at column {e.start + 1}); save the file as "
+                             "UTF-8", file=str(path), line=i) from None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -82,6 +89,8 @@ def read_json_object(path: str | Path, missing: str = "file not found") -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", file=str(path), line=e.lineno) from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text ({e.reason}); save the file as UTF-8", file=str(path)) from None
     if not isinstance(data, dict):
         raise InputError("expected a JSON object", file=str(path))
     return data

@@ -69,6 +69,8 @@ def resolve_policy_path(spec: str) -> tuple[str, str | None]:
     if spec.lower() in BUNDLED:
         return str(convert_bundled()), None
     path = Path(spec)
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):   # a path, not a hub id
+        raise InputError("no such folder", file=spec, field="policy")
     if (path / "adapter_config.json").exists():
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
