@@ -321,6 +321,8 @@ def save_dataset(rows: list[dict], kind: str, out_dir: str | Path, extra: dict[s
     ds.save_to_disk(str(tmp), num_shards=1)   # one shard even when empty (0 shards do not load back)
     for fname, obj in extra.items():
         atomic_write_json(tmp / fname, obj)
+    from rag_dpo.cards import write_dataset_card
+    write_dataset_card(tmp, name=out.name)   # README.md with hub metadata: kind, annotator, rule, budget, counts
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

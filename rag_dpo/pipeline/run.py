@@ -187,6 +187,8 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
                                    "build_minutes": round((time.perf_counter() - t0) / 60, 1),
                                    "trainer": dataclasses.asdict(settings)})
                 shutil.rmtree(building / "checkpoints", ignore_errors=True)   # optimizer states: GBs, never reused
+                from rag_dpo.cards import write_model_card
+                write_model_card(building)                                     # now with manifest + warm_start.json
                 if entry.exists():
                     shutil.rmtree(entry)
                 building.rename(entry)
@@ -365,6 +367,8 @@ def train_policy(recipe: Recipe, run_dir: str | Path, start_policy: str, data: s
     if is_main():
         write_manifest(out, ids, data_files=files, inherit_from=inherit,
                        info={"method": method, "recipe": recipe.name, "start": str(start_policy)})
+        from rag_dpo.cards import write_model_card
+        write_model_card(out, recipe=resolved_dict(recipe))   # run_recipe adds the eval table once it has one
     barrier("training manifest")
     return out
 
@@ -693,6 +697,10 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> di
         if not is_main():   # rank 0 alone writes the summary and prints the table
             return summary
         atomic_write_json(run_dir / "summary.json", summary)
+        from rag_dpo.cards import write_model_card
+        for name in ("warm_start", "trained"):   # README.md with hub metadata: recipe, data hashes, eval table
+            if policies.get(name) and not (name == "trained" and policies[name] == policies["warm_start"]):
+                write_model_card(policies[name], run_dir=run_dir, name=name)
         if results:
             print("\n" + (run_dir / "results.md").read_text(), flush=True)
         log(f"finished in {minutes:.1f} min; run folder {run_dir}")

@@ -346,6 +346,8 @@ def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: li
         print(f"[rag-dpo] warning: {out_dir.name}: {flag}", flush=True)
     summary.update(extra or {})
     atomic_write_json(out_dir / "train_done.json", summary)
+    from rag_dpo.cards import write_model_card
+    write_model_card(out_dir, method=title.lower())   # README.md with hub metadata; the pipeline adds recipe + eval
     barrier("saving the trained policy")
     return out_dir
 
