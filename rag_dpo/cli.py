@@ -37,6 +37,7 @@ STAGE_COMMANDS = [
     "rag_dpo.eval.commands",
     "rag_dpo.pipeline.commands",
     "rag_dpo.pipeline.compare_commands",
+    "rag_dpo.share_commands",            # push, dashboard: after every stage
 ]
 
 for _module in STAGE_COMMANDS:

@@ -259,13 +259,11 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     return results
 
 
-def _log_wandb(cfg: dict, results: dict, by_method: dict[str, list[Chain]], plot: Path, out_dir: Path) -> None:
-    from rag_dpo import tracking
-    run = tracking.init_run("eval", config=cfg, job_type="eval", dir=out_dir)
-    if run is None:
-        return
-    tracking.log(run, {f"{m}/{k}": v for m, r in results.items() for k, v in r.items()})
-    tracking.log_table(run, "results", ["method", *METRICS], [[m, *[r[k] for k in METRICS]] for m, r in results.items()])
+CHAIN_COLUMNS = ("method", "question_id", "question", "gold", "prediction", "em", "f1", "steps", "parse_error", "path")
+
+
+def chain_rows(by_method: dict[str, list[Chain]]) -> list[list]:
+    """One wandb table row per chain (CHAIN_COLUMNS): its scores and its selected path step by step."""
     rows = []
     for m, chains in by_method.items():
         for c in chains:
@@ -276,8 +274,17 @@ def _log_wandb(cfg: dict, results: dict, by_method: dict[str, list[Chain]], plot
                               for st in c.path())
             rows.append([m, c.question_id, c.question, " | ".join(c.gold_answers), c.final_answer or "",
                          s["em"], s["f1"], int(s["steps"]), bool(s["parse_error"]), steps])
-    tracking.log_table(run, "chains", ["method", "question_id", "question", "gold", "prediction", "em", "f1",
-                                       "steps", "parse_error", "path"], rows)
+    return rows
+
+
+def _log_wandb(cfg: dict, results: dict, by_method: dict[str, list[Chain]], plot: Path, out_dir: Path) -> None:
+    from rag_dpo import tracking
+    run = tracking.init_run("eval", config=cfg, job_type="eval", dir=out_dir)
+    if run is None:
+        return
+    tracking.log(run, {f"{m}/{k}": v for m, r in results.items() for k, v in r.items()})
+    tracking.log_table(run, "results", ["method", *METRICS], [[m, *[r[k] for k in METRICS]] for m, r in results.items()])
+    tracking.log_table(run, "chains", list(CHAIN_COLUMNS), chain_rows(by_method))
     tracking.log_image(run, "results_plot", plot)
     tracking.finish(run)
 

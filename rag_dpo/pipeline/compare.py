@@ -333,7 +333,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
             continue
         if done is None:
             t0 = time.time()
-            wb = _open_run(cfg, name, {"kind": "baseline"}, tracking)
+            wb = _open_run(cfg, name, {"kind": "baseline", "name": name}, tracking)
             rows = backend.evaluate(name, None, d)
             done = {"name": name, "rows": rows, "wall_s": time.time() - t0, "settings_hash": shash}
             atomic_write_json(d / "done.json", done)
@@ -358,8 +358,8 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
         if done is None:
             bar.set_postfix_str(run.slug)
             t0 = time.time()
-            wb = _open_run(cfg, run.slug, {"kind": "arm", **dataclasses.asdict(run.arm), "seed": run.seed,
-                                           "fraction": run.fraction}, tracking)
+            wb = _open_run(cfg, run.slug, {"kind": "arm", **dataclasses.asdict(run.arm), "name": run.arm.name,
+                                           "seed": run.seed, "fraction": run.fraction}, tracking)
             q = subsets[float(run.fraction)]
             target = backend.pool_budget(run.seed, q)
             trained = backend.train(run, q, target, d)
@@ -374,7 +374,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
                     "curve": trained.curve, "policy": trained.policy, "no_data": trained.no_data, "rows": rows,
                     "wall_s": time.time() - t0, "settings_hash": shash}
             atomic_write_json(d / "done.json", done)
-            _log_eval(wb, rows, tracking)
+            _log_eval(wb, rows, tracking, reference=baselines.get(WARM_START, {}).get("rows"))
             results.append(done)
             if len(results) < len(runs):   # a long compare's report is current after every run, marked partial
                 write_report(report_data(results, partial=len(runs)), Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot,
@@ -406,10 +406,17 @@ def _open_run(cfg: CompareConfig, name: str, config: dict, tracking):
                              dir=Path(cfg.run_dir) / cfg.name)   # wandb adds /wandb
 
 
-def _log_eval(run, rows: list[dict], tracking) -> None:
+def _log_eval(run, rows: list[dict], tracking, reference: list[dict] | None = None) -> None:
+    """eval/<metric> means; for an arm also eval/warm_start/<metric>, the warm start's mean on the same questions,
+    which `rag-dpo dashboard` draws next to each arm's bar (wandb bar plots have no reference line)."""
     import numpy as np
     if rows:
-        tracking.log(run, {f"eval/{m}": float(np.mean([r[m] for r in rows])) for m in METRICS})
+        data = {f"eval/{m}": float(np.mean([r[m] for r in rows])) for m in METRICS}
+        qids = {r["question_id"] for r in rows}
+        ref = [r for r in reference or [] if r.get("question_id") in qids]
+        if ref:
+            data.update({f"eval/warm_start/{m}": float(np.mean([r[m] for r in ref])) for m in METRICS})
+        tracking.log(run, data)
     tracking.finish(run)
 
 

@@ -484,7 +484,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
     if paired:
         atomic_write_json(run_dir / "paired.json", paired)
     atomic_write_text(run_dir / "results.md", summary)
-    _log_results(table)
+    _log_results(table, run_dir)
     return table
 
 
@@ -602,7 +602,9 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def _log_results(table: dict[str, dict]) -> None:
+def _log_results(table: dict[str, dict], run_dir: Path | None = None) -> None:
+    """Into the open wandb run: eval/<policy>/<method>/<metric>, the eval/results table and the eval/chains table
+    (every scored chain with its path; the names `rag-dpo dashboard` expects)."""
     try:
         import wandb
         run = wandb.run
@@ -616,6 +618,19 @@ def _log_results(table: dict[str, dict]) -> None:
             flat.update({f"eval/{name}/{m}/{k}": v for k, v in metrics.items()})
     tracking.log(run, flat)
     tracking.log_table(run, "eval/results", ["policy", "method", *METRICS], rows)
+    if run is None or run_dir is None:
+        return
+    from rag_dpo.eval.evaluate import CHAIN_COLUMNS, chain_rows
+    from rag_dpo.records import read_chains
+    chains = []
+    for name in table:
+        path = Path(run_dir) / "eval" / name / "chains.jsonl"
+        if path.exists():
+            by_method: dict[str, list] = {}
+            for c in read_chains(path):
+                by_method.setdefault(c.method, []).append(c)
+            chains += [[name, *r] for r in chain_rows(by_method)]
+    tracking.log_table(run, "eval/chains", ["policy", *CHAIN_COLUMNS], chains)
 
 
 def _rows(dataset_dir: Path) -> int:
