@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= recipes/dpo_step.yaml
 OVERRIDES ?=
-CHECKPOINT ?= smollm2
+CHECKPOINT ?=
+EVAL_METHODS ?=
+BASE_EVAL_METHODS := direct,rag,iter-retgen,agent
 EVAL_OUT ?= runs/eval
 export WANDB_MODE ?= offline
 export JAX_PLATFORMS ?= cpu
@@ -45,9 +47,15 @@ train-ppo: venv
 train-retriever: venv
 	$(VENV)/bin/rag-dpo train recipes/retriever.yaml $(OVERRIDES)
 
+# The latest `make train-dpo` run's trained policy and warm start on its held-out split (the bundled base model on
+# the dev split when there is none); CHECKPOINT=folder scores that policy instead.
 eval: venv
+ifeq ($(CHECKPOINT),)
+	$(VENV)/bin/rag-dpo eval-latest --limit 50 --out $(EVAL_OUT) $(if $(EVAL_METHODS),--methods $(EVAL_METHODS))
+else
 	$(VENV)/bin/rag-dpo eval --data data/hotpotqa/ircot_hotpotqa_dev_subsampled_500.jsonl --split dev \
-		--policy $(CHECKPOINT) --methods direct,rag,iter-retgen,agent --limit 50 --out $(EVAL_OUT)
+		--policy $(CHECKPOINT) --methods $(or $(EVAL_METHODS),$(BASE_EVAL_METHODS)) --limit 50 --out $(EVAL_OUT)
+endif
 
 compare: venv
 	$(VENV)/bin/rag-dpo compare recipes/compare.yaml $(OVERRIDES)

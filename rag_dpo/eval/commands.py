@@ -10,6 +10,29 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
+    app.command("eval-latest")(eval_latest_cmd)
+
+
+def eval_latest_cmd(runs: Path = typer.Option(Path("runs"), "--runs", help="Folder of recipe run folders."),
+                    method: str = typer.Option("dpo", "--method", help="Which training runs count (dpo = make "
+                                               "train-dpo, sft, ppo)."),
+                    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated eval methods "
+                                                          "(default: agent for a trained run; direct, rag, "
+                                                          "iter-retgen, agent for the base model)."),
+                    limit: Optional[int] = typer.Option(50, "--limit", help="First N questions of the split."),
+                    out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder: one subfolder per "
+                                             "policy (rerun to resume)."),
+                    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+                    dtype: str = typer.Option("float32", "--dtype", help="Policy weights (float32 keeps a short "
+                                              "fine-tune's change).")) -> None:
+    """`make eval`: score the latest training run's trained policy and its warm start on the split that run held
+    out (the base model on the dev split when there is no run); prints which policies were scored."""
+    from rag_dpo.eval.latest import evaluate_latest
+    from rag_dpo.eval.report import results_table
+    sel, results = evaluate_latest(runs, method, methods, limit, out, device=device, dtype=dtype)
+    for name, res in results.items():
+        print(f"\n## {name}: {sel.policies[name]}\n\n{results_table(res)}")
+    print(f"\n{sel.describe()}\nwritten: {', '.join(str(out / n) for n in results)}")
 
 
 def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any format `rag-dpo data` reads)."),
