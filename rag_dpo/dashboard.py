@@ -170,7 +170,7 @@ def apply_instructions(project: str, entity: str | None, spec: str, group: str |
     grp = f" --group {group}" if group else ""
     return (f"wrote the workspace spec: {spec}\n"
             "to apply it (runs are logged offline by default):\n"
-            f"  1. wandb login && wandb sync --project {project} --entity {ent} runs/*/wandb/offline-run-* "
-            "runs/compare/*/wandb/offline-run-*\n"
+            f"  1. wandb login && wandb sync --project {project} --entity {ent} "
+            "$(find runs -type d -name 'offline-run-*')\n"
             f"  2. WANDB_MODE=online rag-dpo dashboard --project {project} --entity {ent}{grp} --save\n"
             "     (prints the workspace URL)")
