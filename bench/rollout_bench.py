@@ -73,6 +73,7 @@ def run_child(args) -> dict:
     cfg = RolloutConfig(max_steps=args.max_steps, k=3, max_new_tokens=args.max_new_tokens, temperature=0.7,
                         top_p=0.95, do_sample=False, batch_size=args.batch_size, max_tokens_per_passage=48,
                         cache="none" if args.mode == "baseline" else "prefix", cache_mb=args.cache_mb,
+                        decode_rows=args.decode_rows,
                         progress=False)
     engine = RolloutEngine(model, tok, retriever, ds.corpus, cfg, model_name=args.policy, retriever_name="bm25")
     train, test = split_questions(ds.questions, "train"), split_questions(ds.questions, "test")
@@ -94,7 +95,8 @@ def run_child(args) -> dict:
     t0 = time.perf_counter()
     if args.workload == "tree_search":
         chains = tree_search(train[: args.tree_questions], engine, build_annotator("evidence"),
-                             TreeSearchConfig(k=4, max_steps=args.max_steps, batch_questions=8, progress=False))
+                             TreeSearchConfig(k=4, max_steps=args.max_steps, progress=False,
+                                              batch_questions=engine.questions_per_call(4)))  # as the pipeline
         texts = [s.text for c in chains for s in c.steps]
     elif args.workload == "eval":
         engine.cfg.max_steps = args.max_steps + 1
@@ -142,7 +144,8 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cache-mb", type=int, default=1024)
+    p.add_argument("--cache-mb", type=int, default=512)
+    p.add_argument("--decode-rows", type=int, default=64, help="cached modes: rows decoding together")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the cached modes (baseline: float32)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout.json"))
@@ -165,6 +168,7 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{w}/{mode} failed:\n{proc.stderr[-3000:]}")
             runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[mode]["load_average_after"] = list(os.getloadavg())   # the machine is shared: say how busy
         base = runs.pop("baseline")
         texts = base.pop("texts")
         entry = report["workloads"][w] = {"baseline": base}

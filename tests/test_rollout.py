@@ -41,7 +41,7 @@ def questions():
 
 def _engine(tiny_model_and_tokenizer, corpus, **kw):
     model, tok = tiny_model_and_tokenizer
-    cfg = RolloutConfig(**{"max_new_tokens": 6, "max_steps": 3, "batch_size": 2, "do_sample": True, "progress": False,
+    cfg = RolloutConfig(**{"max_new_tokens": 6, "max_steps": 3, "batch_size": 2, "decode_rows": 2, "do_sample": True, "progress": False,
                            **kw})
     return RolloutEngine(model, tok, ToyRetriever(corpus), corpus, cfg, model_name="tiny")
 

@@ -14,9 +14,13 @@ Design decisions:
 - `BatchCache` preallocates [layers, 2, batch, kv_heads, capacity, head_dim] once per batch and writes each new
   token in place (a growing `torch.cat` cache copies the whole cache at every token). It implements the one call
   attention layers make (`update`), so any transformers decoder that takes a custom 4D mask works with it.
-- Rows are laid out as [padding | cached part | padding | new part]: every row's new tokens end in the same column,
-  so one forward serves them all; explicit position ids and a 4D additive mask make the holes exact (keys/values in
-  the cache already carry their rotary positions, so where a row's tokens sit in the batch does not matter).
+- Rows are right-aligned: [padding | cached part | new part], every row's context ending in the same column, so one
+  forward serves them all and the width is the longest context, not longest cached + longest new part. The columns
+  a prefill feeds (the longest new part) may hold another row's cached keys; `keep` protects those from being
+  overwritten. Explicit position ids and a 4D additive mask make the holes exact (keys/values in the cache already
+  carry their rotary positions, so where a row's tokens sit in the batch does not matter).
+- Batches are continuous: `concat` joins a freshly prefilled group to the rows still decoding (each right-aligned
+  to the same next column), so the decode batch stays wide instead of draining to its slowest rows.
 """
 
 from __future__ import annotations
@@ -95,11 +99,15 @@ class BatchCache:
         self.kv = torch.zeros(layers, 2, batch, heads, capacity, head_dim, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0          # columns written so far (the same for every row)
+        self.keep = None         # [batch, 1, q, 1] bool during a prefill: columns that already hold cached keys
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         s, q = self.length, key_states.shape[2]
-        self.kv[layer_idx, 0, :, :, s:s + q] = key_states
-        self.kv[layer_idx, 1, :, :, s:s + q] = value_states
+        k, v = self.kv[layer_idx, 0, :, :, s:s + q], self.kv[layer_idx, 1, :, :, s:s + q]
+        if self.keep is not None:
+            key_states, value_states = torch.where(self.keep, k, key_states), torch.where(self.keep, v, value_states)
+        k.copy_(key_states)
+        v.copy_(value_states)
         return self.kv[layer_idx, 0, :, :, :s + q], self.kv[layer_idx, 1, :, :, :s + q]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -120,3 +128,16 @@ class BatchCache:
         """Keep (or repeat) the given rows, in that order: siblings expand one prefix; finished rows leave."""
         self.kv = self.kv.index_select(2, rows)
         self.valid = self.valid.index_select(0, rows)
+
+    @staticmethod
+    def concat(a: "BatchCache", b: "BatchCache", capacity: int) -> "BatchCache":
+        """a's rows then b's, both right-aligned to the same next column, in a new cache of `capacity` columns."""
+        width = max(a.length, b.length)
+        layers, _, _, heads, _, dim = a.kv.shape
+        out = BatchCache(layers, a.kv.shape[2] + b.kv.shape[2], heads, capacity, dim, a.kv.dtype, a.kv.device)
+        for rows, src in ((slice(0, a.kv.shape[2]), a), (slice(a.kv.shape[2], None), b)):
+            lo = width - src.length
+            out.kv[:, :, rows, :, lo:width] = src.kv[:, :, :, :, :src.length]
+            out.valid[rows, lo:width] = src.valid[:, :src.length]
+        out.length = width
+        return out

@@ -47,7 +47,8 @@ class RolloutConfig:
     max_tokens_per_passage: int = 64   # token budget of each retrieved passage in an observation
     backend: str = "auto"              # "hf" (transformers), "vllm" (needs vllm + a GPU), "auto" (vllm when usable)
     cache: str = "prefix"              # hf: "prefix" reuses keys/values across steps and siblings; "none" re-encodes
-    cache_mb: int = 1024               # byte budget of the prefix store (least recently used blocks leave first)
+    cache_mb: int = 512                # byte budget of the prefix store (least recently used blocks leave first)
+    decode_rows: int = 64              # cached backend: rows decoding together (bounds the batch cache's memory)
     progress: bool = True              # show a tqdm progress bar
 
 
@@ -248,7 +249,7 @@ class CachedHFBackend:
 
     SHORTLIST = 256
 
-    def __init__(self, model, tokenizer, cache_mb: int = 1024, block: int = 16):
+    def __init__(self, model, tokenizer, cache_mb: int = 512, block: int = 16):
         import inspect
 
         from rag_dpo.agent.kv_cache import PrefixStore
@@ -274,21 +275,84 @@ class CachedHFBackend:
 
     def generate(self, contexts: list[list[int]], seeds: list[int], sample: bool, cfg: RolloutConfig
                  ) -> list[tuple[str, int]]:
+        """Continuous batching: contexts enter in groups of `batch_size // 2` distinct contexts (with all their
+        rows), a group whenever the decode batch has room for it (`decode_rows`, at least one group), and leave
+        as they finish, so the batch stays wide instead of draining to its slowest rows."""
         import torch
-        t0 = time.perf_counter()
+
+        from rag_dpo.agent.kv_cache import BatchCache
+        groups = self._groups(contexts, max(1, cfg.batch_size // 2))
+        room = max(int(cfg.decode_rows), len(groups[0]) if groups else 0)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if sample else None
+        out: list[list[int]] = [[] for _ in contexts]
+        done = [False] * len(contexts)
+        live: list[int] = []            # batch row -> request
+        cache = logits = pos = None
         with torch.inference_mode():
-            unique: dict[tuple, int] = {}
-            row_of = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
-            logits, cache, pos = self._prefill(list(unique), cfg.max_new_tokens)
-            if row_of != list(range(len(unique))):
-                rows = torch.tensor(row_of, device=logits.device)
-                cache.select(rows)
-                logits, pos = logits[rows], pos[rows.cpu()]
-            t1 = time.perf_counter()
-            tokens = self._decode(logits, cache, pos, contexts, seeds, sample, cfg)
-        self.timing["prefill_seconds"] += t1 - t0
-        self.timing["decode_seconds"] += time.perf_counter() - t1
-        return step_texts(self.tokenizer, tokens, self.stop_ids)
+            while groups or live:
+                if groups and (not live or len(live) + len(groups[0]) <= room):
+                    t0 = time.perf_counter()
+                    admit = []
+                    while groups and (not admit and not live or len(live) + len(admit) + len(groups[0]) <= room):
+                        admit += groups.pop(0)
+                    new_logits, new_cache, new_pos = self._prefill([contexts[r] for r in admit], cfg.max_new_tokens)
+                    if cache is None:
+                        cache, logits, pos = new_cache, new_logits, new_pos
+                    else:
+                        cache = BatchCache.concat(cache, new_cache, max(cache.length, new_cache.length)
+                                                  + cfg.max_new_tokens)
+                        logits, pos = torch.cat([logits, new_logits]), torch.cat([pos, new_pos])
+                    live += admit
+                    self.timing["prefill_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if sample:
+                    picked = seeded_sample(logits, [gens[r] for r in live], cfg.temperature, cfg.top_p,
+                                           shortlist=self.SHORTLIST).squeeze(1).tolist()
+                else:
+                    picked = logits.argmax(-1).tolist()
+                for r, t in zip(live, picked):
+                    if done[r]:        # finished, waiting to leave the batch: its token is not part of its step
+                        continue
+                    out[r].append(t)
+                    done[r] = (t in self.stop_ids or len(out[r]) >= cfg.max_new_tokens
+                               or (t in self.tag_ids and self._stopped(out[r])))
+                finished = [j for j, r in enumerate(live) if done[r]]
+                leaving = len(finished) == len(live) or 4 * len(finished) >= len(live) or (
+                    finished and groups and len(live) - len(finished) + len(groups[0]) <= room)
+                if leaving:
+                    self._store(cache, contexts, out, [(j, live[j]) for j in finished])
+                    keep = [j for j, r in enumerate(live) if not done[r]]
+                    live, picked, pos = [live[j] for j in keep], [picked[j] for j in keep], pos[keep]
+                    if not live:
+                        cache = logits = pos = None
+                        self.timing["decode_seconds"] += time.perf_counter() - t0
+                        continue
+                    cache.select(torch.tensor(keep, device=cache.kv.device))
+                cache.valid[:, cache.length] = torch.tensor([not done[r] for r in live], device=cache.valid.device)
+                logits = self._forward(torch.tensor(picked).unsqueeze(1), pos.unsqueeze(1), cache, 1)
+                pos = pos + 1
+                self.timing["decode_seconds"] += time.perf_counter() - t0
+        return step_texts(self.tokenizer, out, self.stop_ids)
+
+    @staticmethod
+    def _groups(contexts: list[list[int]], distinct: int) -> list[list[int]]:
+        """Request indices in groups of at most `distinct` different contexts; a context's rows stay together when
+        they are adjacent (the caller sorts by context)."""
+        groups: list[list[int]] = []
+        where: dict[tuple, int] = {}
+        count = 0
+        for i, c in enumerate(contexts):
+            key = tuple(c)
+            if groups and where.get(key) == len(groups) - 1:
+                groups[-1].append(i)
+                continue
+            if not groups or count >= distinct:
+                groups.append([])
+                count = 0
+            groups[-1].append(i)
+            where[key] = len(groups) - 1
+            count += 1
+        return groups
 
     def _forward(self, ids, positions, cache, q: int):
         """Logits of the last column after feeding q new columns to every row."""
@@ -299,67 +363,47 @@ class CachedHFBackend:
         cache.length += q
         return out.logits[:, -1].float()
 
-    def _prefill(self, contexts: list[tuple], max_new: int):
-        """One forward over the uncached tail of every distinct context; returns (last logits, cache, next
-        position per row) and stores the contexts' new full blocks."""
+    def _prefill(self, contexts: list[list[int]], max_new: int):
+        """One forward over the uncached tail of every distinct context, right-aligned (see `kv_cache`); identical
+        contexts are prefilled once and expanded. Returns (last logits, cache, next position) per row and stores
+        the contexts' new full blocks."""
         import torch
+
         from rag_dpo.agent.kv_cache import BatchCache
-        hits = [self.store.lookup(c) for c in contexts]
-        width_cached = max(n for n, _ in hits)
-        width_new = max(len(c) - n for c, (n, _) in zip(contexts, hits))
-        cache = BatchCache(self.layers, len(contexts), self.heads, width_cached + width_new + max_new,
-                           self.head_dim, self.model.dtype, self.model.device)
-        ids = torch.full((len(contexts), width_new), self.pad, dtype=torch.long)
-        positions = torch.zeros((len(contexts), width_new), dtype=torch.long)
-        for i, (c, (n, blocks)) in enumerate(zip(contexts, hits)):
+        unique: dict[tuple, int] = {}
+        row_of = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
+        ctxs = list(unique)
+        hits = [self.store.lookup(c) for c in ctxs]
+        width = max(len(c) for c in ctxs)
+        q = max(len(c) - n for c, (n, _) in zip(ctxs, hits))
+        start = width - q
+        cache = BatchCache(self.layers, len(ctxs), self.heads, width + max_new, self.head_dim, self.model.dtype,
+                           self.model.device)
+        ids = torch.full((len(ctxs), q), self.pad, dtype=torch.long)
+        positions = torch.zeros((len(ctxs), q), dtype=torch.long)
+        keep = torch.zeros((len(ctxs), q), dtype=torch.bool)
+        for i, (c, (n, blocks)) in enumerate(zip(ctxs, hits)):
+            m, lo = len(c) - n, width - len(c)
             if n:
-                cache.kv[:, :, i, :, width_cached - n:width_cached] = torch.cat(blocks, dim=3)
-                cache.valid[i, width_cached - n:width_cached] = True
-            m = len(c) - n
-            ids[i, width_new - m:] = torch.tensor(c[n:], dtype=torch.long)
-            positions[i, width_new - m:] = torch.arange(n, len(c))
-            cache.valid[i, width_cached + width_new - m:width_cached + width_new] = True
+                cache.kv[:, :, i, :, lo:lo + n] = torch.cat(blocks, dim=3)
+                keep[i, max(lo - start, 0):lo + n - start] = True
+            ids[i, q - m:] = torch.tensor(c[n:], dtype=torch.long)
+            positions[i, q - m:] = torch.arange(n, len(c))
+            cache.valid[i, lo:width] = True
             self.timing["prefill_tokens"] += m
             self.timing["cached_tokens"] += n
-        cache.length = width_cached
-        logits = self._forward(ids, positions, cache, width_new)
-        end = width_cached + width_new
-        for i, (c, (n, _)) in enumerate(zip(contexts, hits)):
-            self.store.insert(c, cache.kv[:, :, i, :, end - (len(c) - n):end], n)
-        return logits, cache, torch.tensor([len(c) for c in contexts], dtype=torch.long)
-
-    def _decode(self, logits, cache, pos, contexts, seeds, sample: bool, cfg: RolloutConfig) -> list[list[int]]:
-        """Token by token until every row stopped; a quarter of the batch finished leaves it (stored first)."""
-        import torch
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if sample else None
-        out: list[list[int]] = [[] for _ in contexts]
-        live = list(range(len(contexts)))      # batch row -> request
-        done = [False] * len(contexts)
-        for _ in range(cfg.max_new_tokens):
-            if sample:
-                picked = seeded_sample(logits, [gens[r] for r in live], cfg.temperature, cfg.top_p,
-                                       shortlist=self.SHORTLIST).squeeze(1).tolist()
-            else:
-                picked = logits.argmax(-1).tolist()
-            for r, t in zip(live, picked):
-                if done[r]:        # finished, waiting to leave the batch: its token is not part of its step
-                    continue
-                out[r].append(t)
-                done[r] = (t in self.stop_ids or len(out[r]) >= cfg.max_new_tokens
-                           or (t in self.tag_ids and self._stopped(out[r])))
-            finished = [j for j, r in enumerate(live) if done[r]]
-            if len(finished) == len(live):
-                break
-            if 4 * len(finished) >= len(live):
-                self._store(cache, contexts, out, [(j, live[j]) for j in finished])
-                keep = [j for j, r in enumerate(live) if not done[r]]
-                cache.select(torch.tensor(keep, device=cache.kv.device))
-                live, picked, pos = [live[j] for j in keep], [picked[j] for j in keep], pos[keep]
-            cache.valid[:, cache.length] = torch.tensor([not done[r] for r in live], device=cache.valid.device)
-            logits = self._forward(torch.tensor(picked).unsqueeze(1), pos.unsqueeze(1), cache, 1)
-            pos = pos + 1
-        self._store(cache, contexts, out, list(enumerate(live)))
-        return out
+        cache.length = start
+        cache.keep = keep[:, None, :, None].to(self.model.device) if keep.any() else None
+        logits = self._forward(ids, positions, cache, q)
+        cache.keep = None
+        for i, (c, (n, _)) in enumerate(zip(ctxs, hits)):
+            self.store.insert(c, cache.kv[:, :, i, :, width - (len(c) - n):width], n)
+        pos = torch.tensor([len(c) for c in ctxs], dtype=torch.long)
+        if row_of != list(range(len(ctxs))):
+            rows = torch.tensor(row_of, device=logits.device)
+            cache.select(rows)
+            logits, pos = logits[rows], pos[rows.cpu()]
+        return logits, cache, pos
 
     def _stopped(self, tokens: list[int]) -> bool:
         tail = self.tokenizer.decode(tokens[-12:], skip_special_tokens=True)
@@ -480,20 +524,15 @@ class RolloutEngine:
         """(text, generated tokens) per token context, in batches of similar length (less padding; the order
         depends on the contexts only). `max_new_tokens` overrides the config's budget.
 
-        A batch holds `batch_size` rows, or with the cached backend `batch_size` *distinct* contexts: siblings
-        share one prefill, so only distinct contexts cost prefill memory, and a wider decode batch is faster."""
+        A batch holds `batch_size` rows; the cached backend takes every context in one call and batches
+        continuously, admitting `batch_size // 2` *distinct* contexts at a time (siblings share one prefill)."""
         cfg = self.cfg if max_new_tokens is None else dataclasses.replace(self.cfg, max_new_tokens=max_new_tokens)
-        order = sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), i))
         bs = max(1, self.cfg.batch_size)
-        batches: list[list[int]] = []
-        distinct: set = set()
-        for i in order:
-            key = tuple(contexts[i]) if isinstance(self.backend, CachedHFBackend) else i
-            if not batches or (key not in distinct and len(distinct) == bs):
-                batches.append([])
-                distinct = set()
-            batches[-1].append(i)
-            distinct.add(key)
+        if isinstance(self.backend, CachedHFBackend):   # identical contexts side by side: one group, one prefill
+            batches = [sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), contexts[i], i))]
+        else:
+            order = sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), i))
+            batches = [order[i:i + bs] for i in range(0, len(order), bs)]
         outputs: list = [None] * len(contexts)
         for rows in batches:
             for i, res in zip(rows, self.backend.generate([contexts[i] for i in rows], [seeds[i] for i in rows],
@@ -553,6 +592,12 @@ class RolloutEngine:
             self.cfg.progress = progress
         return path
 
+    def questions_per_call(self, siblings: int = 1) -> int:
+        """Chains generated together: `batch_size`, or with the cached backend enough to fill `decode_rows`."""
+        if isinstance(self.backend, CachedHFBackend):
+            return max(1, max(self.cfg.batch_size, self.cfg.decode_rows) // max(1, siblings))
+        return max(1, self.cfg.batch_size // max(1, siblings))
+
     def _iter_rollout(self, questions: Sequence[Question], already: int = 0, samples: int = 1):
         from tqdm.auto import tqdm
         items = [(q, j) for j in range(max(1, samples)) for q in questions]
@@ -560,7 +605,7 @@ class RolloutEngine:
                    disable=not self.cfg.progress)
         t0, steps0, tok0 = time.perf_counter(), self.stats["steps"], self.stats["generated_tokens"]
         try:
-            bs = max(1, self.cfg.batch_size)
+            bs = self.questions_per_call()
             for b in range(0, len(items), bs):
                 chains = [self.new_chain(q) for q, _ in items[b:b + bs]]
                 sample_of = {id(c): j for c, (_, j) in zip(chains, items[b:b + bs])}

@@ -259,10 +259,10 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
     if ro.search == "tree":
         log(f"rollouts: tree search, {ro.k} candidates per prefix, {len(qs)} questions, annotator "
             f"{recipe.annotate.name}" + (", losing steps finished" if ro.finish else ""))
-        # batch_size // k questions at a time: each generate call still holds batch_size rows, and the bar moves
+        # as many questions at a time as one decode batch holds with their k candidates each
         tree_search_to_file(qs, engine, annotator, labels,
                             TreeSearchConfig(k=ro.k, max_steps=ro.max_steps, finish=ro.finish,
-                                             batch_questions=max(1, ro.batch_size // ro.k)))
+                                             batch_questions=engine.questions_per_call(ro.k)))
     else:
         raw = out / "chains.jsonl"
         log(f"rollouts: {ro.k} sampled chains for each of {len(qs)} questions")
