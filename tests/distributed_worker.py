@@ -4,6 +4,8 @@ searches them (`tree_search_to_file`, evidence annotator) and the rollouts are a
 `--eval DATA` runs the eval stage instead (`evaluate`, direct + agent, on DATA's questions, into folder OUT).
 `--ppo POLICY` runs one PPO round (`train_ppo`) from the saved tiny policy into folder OUT and saves what each rank
 ends with (the round's token ids, the trained LoRA and value-head weights) as OUT.rank<R>.safetensors.
+`--compare` runs `run_compare` with test_compare's fake backend (every train/evaluate call checks, through a
+collective, that all ranks are on the same arm) into folder OUT and records each rank's work and writes.
 `--sft POLICY` trains SFT (TRL, so DDP under torchrun) for 2 steps of a global batch of 4 and saves the LoRA weights
 the same way.
 
@@ -123,6 +125,49 @@ def run_sft(policy: Path, out: Path) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
+def run_compare_lockstep(out: Path) -> dict:
+    """run_compare on the fake backend; returns what this rank trained, evaluated and wrote."""
+    from test_compare import FakeBackend
+
+    from rag_dpo.pipeline import compare, compare_report
+    from rag_dpo.pipeline.compare import CompareConfig, run_compare
+
+    class LockstepBackend(FakeBackend):
+        def _together(self, work: str) -> None:
+            names = distributed.gather_objects([work], "compare test")
+            if len(set(names)) != 1:
+                raise RuntimeError(f"ranks ran different work at once: {names}")
+
+        def train(self, run, question_ids, budget, out_dir):
+            self._together(run.slug)
+            return super().train(run, question_ids, budget, out_dir)
+
+        def evaluate(self, name, policy, out_dir):
+            self._together(name)
+            return super().evaluate(name, policy, out_dir)
+
+    written: list[str] = []
+    real_write, real_report = compare.atomic_write_json, compare_report.write_report
+
+    def recording_write(path, obj):
+        written.append(str(Path(path).relative_to(out)))
+        return real_write(path, obj)
+
+    def recording_report(data, out_dir, name, **kw):
+        written.append(f"report{'(partial)' if data.get('planned_runs') else ''}")
+        return real_report(data, out_dir, name, **kw)
+    compare.atomic_write_json, compare_report.write_report = recording_write, recording_report
+    cfg = CompareConfig(name="t", run_dir=str(out / "runs"), out_dir=str(out / "results"), n_boot=200, seeds=[0],
+                        ablation_seeds=[0], curve_seeds=[0])
+    cfg.validate()
+    backend = LockstepBackend()
+    try:
+        run_compare(cfg, backend, progress=False)
+    finally:
+        compare.atomic_write_json, compare_report.write_report = real_write, real_report
+    return {"trained": backend.trained, "evaluated": backend.evaluated, "written": written}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -131,6 +176,7 @@ def main() -> None:
     ap.add_argument("--eval", default=None)
     ap.add_argument("--ppo", default=None)
     ap.add_argument("--sft", default=None)
+    ap.add_argument("--compare", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     distributed.init_from_env()
@@ -161,6 +207,8 @@ def main() -> None:
             from safetensors.torch import save_file
             tensors = run_ppo(Path(args.ppo), Path(args.out)) if args.ppo else run_sft(Path(args.sft), Path(args.out))
             save_file({k: v.contiguous() for k, v in tensors.items()}, f"{args.out}.rank{rank}.safetensors")
+        elif args.compare:
+            results = run_compare_lockstep(Path(args.out))
         elif args.eval:
             results = run_eval(Path(args.eval), Path(args.out))
         else:

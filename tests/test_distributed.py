@@ -194,6 +194,68 @@ def test_two_rank_sft_keeps_the_recipes_global_batch(tmp_path, tiny_policy_dir):
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)   # a global batch of 8 differs
 
 
+@needs_gloo
+def test_two_rank_compare_runs_every_arm_on_every_rank_and_writes_once(tmp_path):
+    """`compare` under 2 gloo ranks (fake backend whose every train/evaluate checks through a collective that both
+    ranks are on the same arm): each rank runs the one-process sequence of arms, rank 0 alone writes done.json
+    files and the report, and a rerun after a lost done.json redoes that arm alone, on both ranks."""
+    from distributed_worker import run_compare_lockstep
+    single = run_compare_lockstep(tmp_path / "single")
+    assert len(single["trained"]) == 15 and single["written"][-2:] == ["report", "runs/t/compare_results.json"]
+
+    r = _torchrun(tmp_path / "pooled", "--compare")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"pooled.rank{k}.json").read_text())["results"] for k in (0, 1)]
+    for got in ranks:
+        assert (got["trained"], got["evaluated"]) == (single["trained"], single["evaluated"])
+    assert ranks[0]["written"] == single["written"] and ranks[1]["written"] == []
+    section = (lambda p: p.read_text().split("## What was run")[1].split("- machine")[0])
+    assert section(tmp_path / "pooled" / "results" / "t.md") == section(tmp_path / "single" / "results" / "t.md")
+
+    lost = sorted((tmp_path / "pooled" / "runs" / "t" / "arms").iterdir())[3]
+    (lost / "done.json").unlink()
+    r = _torchrun(tmp_path / "pooled", "--compare")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k in (0, 1):
+        got = json.loads((tmp_path / f"pooled.rank{k}.json").read_text())["results"]
+        assert got["trained"] == [lost.name] and got["evaluated"] == [lost.name]
+
+
+def test_zero3_saving_writes_the_gathered_weights_not_the_ranks_shards(tmp_path, tiny_model_and_tokenizer):
+    """Under ZeRO-3 a rank's own parameters are shards: finish_training gathers the whole state dict through
+    accelerate's get_state_dict (on the DeepSpeed engine, every rank) and rank 0 saves that. A stand-in accelerator
+    plays DeepSpeed here (deepspeed does not run on this CPU machine); with DDP nothing is gathered."""
+    import copy
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
+
+    from rag_dpo.train import common
+    model, tok = tiny_model_and_tokenizer
+    model = copy.deepcopy(model)
+    whole = {k: v.detach().clone() + 1.0 for k, v in model.state_dict().items()}   # differs from the "shards"
+    gathered_from = []
+
+    class ZeRO3Accelerator:
+        distributed_type = DistributedType.DEEPSPEED
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
+
+        def get_state_dict(self, engine):
+            gathered_from.append(engine)
+            return dict(whole)      # (save_pretrained drops tied keys from the dict it is given)
+
+    trainer = SimpleNamespace(accelerator=ZeRO3Accelerator(), model=model, model_wrapped="deepspeed engine",
+                              state=SimpleNamespace(log_history=[{"loss": 1.0, "step": 1}], global_step=1))
+    common.finish_training(trainer, tok, tmp_path / "out", "tiny", ["loss"], "SFT")
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert gathered_from == ["deepspeed engine"] and saved
+    assert all(torch.equal(saved[k], whole[k]) for k in saved)
+
+    trainer.accelerator.distributed_type = DistributedType.MULTI_CPU      # DDP: whole weights on every rank
+    assert common.gathered_state_dict(trainer) is None and len(gathered_from) == 1
+
+
 def test_sharding_interleaves_back_to_list_order(monkeypatch):
     """The shard/gather arithmetic for 3 ranks, without processes: rank r holds items r, r+3, ...."""
     items = list(range(8))

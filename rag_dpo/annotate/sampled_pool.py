@@ -57,23 +57,28 @@ def round_seed(seed: int, r: int) -> int:
 def sample_matched_pool(questions: Sequence[Question], engine, out_path: str | Path, targets: Mapping[str, float],
                         seed: int = 0, max_chains: int = 32, progress: bool = True) -> Path:
     """Sample whole chains per question (engine.rollout, sampling on) until each question's generated tokens match
-    `targets[question id]`; label them with the outcome annotator; append to `out_path` (resumable)."""
+    `targets[question id]`; label them with the outcome annotator; append to `out_path` (resumable). Under a
+    multi-process launch each round's batches go round the ranks (`distributed.map_sharded`), every rank sees every
+    chain (the next round depends on them) and rank 0 alone appends."""
     from tqdm.auto import tqdm
 
     from rag_dpo.annotate.annotators import OutcomeAnnotator
+    from rag_dpo.distributed import barrier, is_main, map_sharded
     from rag_dpo.io import repair_jsonl
     out_path = Path(out_path)
     spent: dict[str, int] = {q.id: 0 for q in questions}
     count: dict[str, int] = {q.id: 0 for q in questions}
-    if out_path.exists():
+    if out_path.exists() and is_main():
         repair_jsonl(out_path)
+    barrier("outcome pool")
+    if out_path.exists():
         for c in read_chains(out_path):
             if c.question_id in spent:
                 spent[c.question_id] += chain_tokens(c)
                 count[c.question_id] += 1
     total = float(sum(targets.get(q.id, 0.0) for q in questions))
     bar = tqdm(total=round(total), initial=min(round(total), sum(spent.values())), unit="tok",
-               desc="i.i.d. chains (outcome pool)", disable=not progress)
+               desc="i.i.d. chains (outcome pool)", disable=not progress or not is_main())
     annotator = OutcomeAnnotator()
     old_seed, old_sample = engine.cfg.seed, engine.cfg.do_sample
     engine.cfg.do_sample = True
@@ -91,13 +96,18 @@ def sample_matched_pool(questions: Sequence[Question], engine, out_path: str | P
                 groups.setdefault(count[q.id], []).append(q)
             for r, group in sorted(groups.items()):
                 engine.cfg.seed = round_seed(seed, r)
-                chains = engine.rollout(group)
-                for c in chains:
-                    c.method = "sampled"
-                    c.meta["pool"] = {"kind": "iid", "seed": seed, "round": r,
-                                      "target_tokens": float(targets.get(c.question_id, 0.0))}
-                annotator.annotate(chains)
-                append_chains(out_path, chains)
+
+                def sample(qs, r=r):
+                    chains = engine.rollout(qs)
+                    for c in chains:
+                        c.method = "sampled"
+                        c.meta["pool"] = {"kind": "iid", "seed": seed, "round": r,
+                                          "target_tokens": float(targets.get(c.question_id, 0.0))}
+                    annotator.annotate(chains)
+                    return chains
+                chains = map_sharded(group, sample, "outcome pool", unit=getattr(engine.cfg, "batch_size", 1))
+                if is_main():
+                    append_chains(out_path, chains)
                 for c in chains:
                     spent[c.question_id] += chain_tokens(c)
                     count[c.question_id] += 1
@@ -105,9 +115,10 @@ def sample_matched_pool(questions: Sequence[Question], engine, out_path: str | P
     finally:
         engine.cfg.seed, engine.cfg.do_sample = old_seed, old_sample
         bar.close()
-    if not out_path.exists():
+    if not out_path.exists() and is_main():
         from rag_dpo.records import write_chains
         write_chains(out_path, [])
+    barrier("outcome pool")
     return out_path
 
 

@@ -304,13 +304,19 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     from tqdm.auto import tqdm
 
     from rag_dpo import tracking
+    from rag_dpo.distributed import barrier, is_main
     from rag_dpo.eval.stats import nested_subsets
     from rag_dpo.pipeline.compare_report import write_report
 
+    # Under a multi-process launch every rank runs every baseline and arm, one after the other (the stages shard
+    # their questions and train as DDP); rank 0 alone writes done.json, the report and the summary, and a barrier
+    # after each done.json keeps every rank's view of what is finished the same.
     started = time.time()
     run_dir = Path(cfg.run_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "compare_config.json", to_dict(cfg))
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "compare_config.json", to_dict(cfg))
+    barrier("compare")
     shash = settings_hash(cfg)
     if report_only:
         qids, subsets = [], {}
@@ -324,7 +330,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
 
     evals = [WARM_START] + list(cfg.baselines)
     runs = plan_runs(cfg)
-    bar = tqdm(total=len(evals) + len(runs), desc=f"compare {cfg.name}", disable=not progress)
+    bar = tqdm(total=len(evals) + len(runs), desc=f"compare {cfg.name}", disable=not progress or not is_main())
     baselines: dict[str, dict] = {}
     for name in evals:
         d = run_dir / "baselines" / name
@@ -336,7 +342,9 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
             wb = _open_run(cfg, name, {"kind": "baseline", "name": name}, tracking)
             rows = backend.evaluate(name, None, d)
             done = {"name": name, "rows": rows, "wall_s": time.time() - t0, "settings_hash": shash}
-            atomic_write_json(d / "done.json", done)
+            if is_main():
+                atomic_write_json(d / "done.json", done)
+            barrier("compare")
             _log_eval(wb, rows, tracking)
         baselines[name] = done
         bar.update(1)
@@ -373,10 +381,12 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
                     "question_ids_hash": stable_hash(q), "target_budget": target, "budget": trained.budget,
                     "curve": trained.curve, "policy": trained.policy, "no_data": trained.no_data, "rows": rows,
                     "wall_s": time.time() - t0, "settings_hash": shash}
-            atomic_write_json(d / "done.json", done)
+            if is_main():
+                atomic_write_json(d / "done.json", done)
+            barrier("compare")
             _log_eval(wb, rows, tracking, reference=baselines.get(WARM_START, {}).get("rows"))
             results.append(done)
-            if len(results) < len(runs):   # a long compare's report is current after every run, marked partial
+            if len(results) < len(runs) and is_main():   # a long compare's report is current after every run, marked partial
                 write_report(report_data(results, partial=len(runs)), Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot,
                              plots=False)
         else:
@@ -385,6 +395,8 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     bar.close()
 
     data = report_data(results, partial=len(runs) if len(results) < len(runs) else None)
+    if not is_main():
+        return data
     paths, (columns, table) = write_report(data, Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot)
     data["report"] = {k: str(v) for k, v in paths.items()}
     summary = tracking.init_run(f"{cfg.name}-summary", to_dict(cfg), group=cfg.name, job_type="summary",
@@ -548,6 +560,7 @@ class PipelineBackend:
         """i.i.d. whole chains per question, matched per question on the step pool's generated tokens (policy +
         step annotator). With `pools: shared` the outcome arms read the step pool itself."""
         from rag_dpo.annotate.sampled_pool import sample_matched_pool, tokens_by_question
+        from rag_dpo.distributed import barrier, is_main
         from rag_dpo.pairs.builders import budget
         from rag_dpo.pipeline import run as steps
         from rag_dpo.records import read_chains
@@ -571,7 +584,9 @@ class PipelineBackend:
         spend = budget(read_chains(labels), "outcome")
         spend["seconds"] = round(time.perf_counter() - t0, 1)
         spend["target_generated_tokens"] = float(sum(targets.values()))
-        atomic_write_json(out / "done.json", spend)
+        if is_main():
+            atomic_write_json(out / "done.json", spend)
+        barrier("outcome pool")
         del engine
         steps.release_memory()
         return labels

@@ -184,17 +184,19 @@ def base_spec(spec: str) -> str:
     return str(p.resolve()) if p.is_dir() else spec
 
 
-def save_policy(model, tokenizer, out_dir: str | Path, spec: str) -> Path:
-    """save_pretrained the trained adapter (or full model) + tokenizer so `load_policy(out_dir)` loads it."""
+def save_policy(model, tokenizer, out_dir: str | Path, spec: str, state_dict: dict | None = None) -> Path:
+    """save_pretrained the trained adapter (or full model) + tokenizer so `load_policy(out_dir)` loads it.
+    `state_dict`: the whole weights when the model's own are shards (ZeRO-3: see `gathered_state_dict`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    whole = {} if state_dict is None else {"state_dict": state_dict}
     if hasattr(model, "peft_config"):
         for cfg in model.peft_config.values():
             cfg.base_model_name_or_path = base_spec(spec)
         names = [n for n in model.peft_config if n != "ref"]
-        model.save_pretrained(out_dir, selected_adapters=names)
+        model.save_pretrained(out_dir, selected_adapters=names, **whole)
     else:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, **whole)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -324,6 +326,23 @@ def plot_curves(log_history: list[dict], keys: list[str], path: str | Path, titl
     return path
 
 
+def gathered_state_dict(trainer) -> dict | None:
+    """The whole state dict when every rank holds only a shard of each weight (DeepSpeed ZeRO-3, FSDP), gathered
+    through accelerate's `get_state_dict` -- a collective, so every rank must call it; None otherwise, where
+    save_pretrained reads the (whole) weights itself. ZeRO-3 needs `zero3_save_16bit_model: true` (set in
+    recipes/accelerate/zero3.yaml): the gathered weights are then 16-bit."""
+    from accelerate.utils import DistributedType
+    acc = getattr(trainer, "accelerator", None)
+    if acc is None:
+        return None
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    zero3 = acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+    if not (zero3 or acc.distributed_type == DistributedType.FSDP):
+        return None
+    # the DeepSpeed engine (Trainer.model_wrapped) owns the shards; accelerate unwraps and gathers
+    return acc.get_state_dict(getattr(trainer, "model_wrapped", None) or trainer.model)
+
+
 def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: list[str], title: str,
                     extra: dict | None = None, entropy_flag: bool = True) -> Path:
     """Save the policy, the log history (train_log.json) and a curve PNG; mark the folder done with a summary
@@ -331,10 +350,11 @@ def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: li
     writes the folder; the other ranks wait for it."""
     from rag_dpo.distributed import barrier, is_main
     from rag_dpo.io import atomic_write_json
+    state_dict = gathered_state_dict(trainer)   # every rank takes part in gathering ZeRO-3 shards
     if not is_main():
         barrier("saving the trained policy")
         return out_dir
-    save_policy(trainer.model, tokenizer, out_dir, spec)
+    save_policy(trainer.model, tokenizer, out_dir, spec, state_dict=state_dict)
     history = trainer.state.log_history
     atomic_write_json(out_dir / "train_log.json", history)
     plot_curves(history, curve_keys, out_dir / "train_curves.png", title)

@@ -338,6 +338,10 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.accelerator = Accelerator(mixed_precision="bf16" if use_bf16(cfg.precision) else "no",
                                        cpu=not torch.cuda.is_available())
+        from accelerate.utils import DistributedType
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:   # one engine per model there
+            raise InputError("the PPO loop trains policy and value head as DDP, not DeepSpeed: launch PPO recipes with "
+                             "torchrun or a non-DeepSpeed accelerate config (docs/scaling.md)", field="method")
         self.policy, self.value_head, self.optimizer = self.accelerator.prepare(policy, self.value_head,
                                                                                 self.optimizer)
         self.iteration = 0
