@@ -158,7 +158,7 @@ def run_compare_lockstep(out: Path) -> dict:
         return real_report(data, out_dir, name, **kw)
     compare.atomic_write_json, compare_report.write_report = recording_write, recording_report
     cfg = CompareConfig(name="t", run_dir=str(out / "runs"), out_dir=str(out / "results"), n_boot=200, seeds=[0],
-                        ablation_seeds=[0], curve_seeds=[0])
+                        ablation_seeds=[], curve_seeds=[])   # the 5 main arms, one seed
     cfg.validate()
     backend = LockstepBackend()
     try:
