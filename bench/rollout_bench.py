@@ -144,8 +144,9 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cache-mb", type=int, default=512)
-    p.add_argument("--decode-rows", type=int, default=64, help="cached modes: rows decoding together")
+    p.add_argument("--cache-mb", type=int, default=1024)
+    p.add_argument("--decode-rows", type=int, default=None, help="cached modes: rows decoding together "
+                   "(default: the engine's, 64 in bf16, 32 in float32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the cached modes (baseline: float32)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout.json"))

@@ -47,8 +47,8 @@ class RolloutConfig:
     max_tokens_per_passage: int = 64   # token budget of each retrieved passage in an observation
     backend: str = "auto"              # "hf" (transformers), "vllm" (needs vllm + a GPU), "auto" (vllm when usable)
     cache: str = "prefix"              # hf: "prefix" reuses keys/values across steps and siblings; "none" re-encodes
-    cache_mb: int = 512                # byte budget of the prefix store (least recently used blocks leave first)
-    decode_rows: int = 64              # cached backend: rows decoding together (bounds the batch cache's memory)
+    cache_mb: int = 1024               # byte budget of the prefix store (least recently used blocks leave first)
+    decode_rows: int | None = None     # cached backend: rows decoding together (memory); None: 64 bf16, 32 fp32
     progress: bool = True              # show a tqdm progress bar
 
 
@@ -249,7 +249,7 @@ class CachedHFBackend:
 
     SHORTLIST = 256
 
-    def __init__(self, model, tokenizer, cache_mb: int = 512, block: int = 16):
+    def __init__(self, model, tokenizer, cache_mb: int = 1024, block: int = 16):
         import inspect
 
         from rag_dpo.agent.kv_cache import PrefixStore
@@ -267,6 +267,8 @@ class CachedHFBackend:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(type(base).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        # rows decoding together unless `decode_rows` says: the same batch-cache bytes, half the rows in float32
+        self.default_rows = 32 if next(model.parameters()).element_size() > 2 else 64
         self.timing = new_timing()
 
     def clear(self) -> None:
@@ -282,7 +284,7 @@ class CachedHFBackend:
 
         from rag_dpo.agent.kv_cache import BatchCache
         groups = self._groups(contexts, max(1, cfg.batch_size // 2))
-        room = max(int(cfg.decode_rows), len(groups[0]) if groups else 0)
+        room = max(int(cfg.decode_rows or self.default_rows), len(groups[0]) if groups else 0)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if sample else None
         out: list[list[int]] = [[] for _ in contexts]
         done = [False] * len(contexts)
@@ -595,7 +597,8 @@ class RolloutEngine:
     def questions_per_call(self, siblings: int = 1) -> int:
         """Chains generated together: `batch_size`, or with the cached backend enough to fill `decode_rows`."""
         if isinstance(self.backend, CachedHFBackend):
-            return max(1, max(self.cfg.batch_size, self.cfg.decode_rows) // max(1, siblings))
+            rows = self.cfg.decode_rows or self.backend.default_rows
+            return max(1, max(self.cfg.batch_size, rows) // max(1, siblings))
         return max(1, self.cfg.batch_size // max(1, siblings))
 
     def _iter_rollout(self, questions: Sequence[Question], already: int = 0, samples: int = 1):
