@@ -252,3 +252,39 @@ def test_eval_refuses_a_retrievers_training_questions(tmp_path):
         check_not_trained_on(retriever_manifest(f"dense:{d}"), ["b", "c"])
     check_not_trained_on(retriever_manifest(f"dense:{d}"), ["c"])
     assert retriever_manifest("bm25") is None
+
+
+def test_eval_cli_refuses_test_questions_a_trained_retriever_was_trained_on(tmp_path, tiny_encoder_dirs,
+                                                                           tiny_policy_dir,
+                                                                           tiny_model_and_tokenizer):
+    """`rag-dpo eval --retriever dense:PATH` (rerank:PATH, hybrid:PATH) checks the retriever folder's training
+    manifest as it checks the policy's: a leaked eval question stops the run before anything is written."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from rag_dpo.cli import app
+    from rag_dpo.data import load_dataset, split_questions, write_manifest
+    from rag_dpo.eval.evaluate import evaluate
+    hotpot = Path(__file__).parent.parent / "data" / "hotpotqa" / "ircot_hotpotqa_dev_subsampled_500.jsonl"
+    data = tmp_path / "questions.jsonl"
+    data.write_text("\n".join(hotpot.read_text(encoding="utf-8").splitlines()[:40]) + "\n", encoding="utf-8")
+    test_ids = [q.id for q in split_questions(load_dataset(data).questions, "test")]
+    assert len(test_ids) >= 2
+    _, st = tiny_encoder_dirs
+    leaky, clean = tmp_path / "leaky", tmp_path / "clean"
+    for d, ids in ((leaky, [test_ids[1]] + _train_ids(2)), (clean, _train_ids(2))):
+        shutil.copytree(st, d)
+        write_manifest(d, ids)
+    for kind in ("dense", "rerank", "hybrid"):
+        res = CliRunner().invoke(app, ["eval", "--data", str(data), "--split", "test", "--limit", "2",
+                                       "--retriever", f"{kind}:{leaky}", "--policy", str(tiny_policy_dir),
+                                       "--methods", "direct", "--out", str(tmp_path / "eval")])
+        assert isinstance(res.exception, InputError), (kind, res.output)
+        assert "used to train" in str(res.exception) and test_ids[1] in str(res.exception)
+    assert not (tmp_path / "eval").exists()
+    # a retriever trained on other questions passes the guard and serves the eval
+    res = evaluate(data, methods=["direct"], split="test", limit=2, out_dir=tmp_path / "ok",
+                   retriever=f"dense:{clean}", model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False,
+                   answer_tokens=2)
+    assert res["direct"]["n"] == 2

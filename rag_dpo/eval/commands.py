@@ -45,7 +45,8 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
              split: str = typer.Option("dev", "--split", help="train, dev, test or all."),
              limit: Optional[int] = typer.Option(None, "--limit", help="First N questions of the split."),
              out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun to resume)."),
-             retriever: str = typer.Option("bm25", "--retriever", help="bm25, bm25s, dense or hybrid."),
+             retriever: str = typer.Option("bm25", "--retriever", help="bm25, bm25s, dense, hybrid, or a trained "
+                                           "dense:PATH / rerank:PATH / hybrid:PATH (its training manifest is checked)."),
              k: Optional[int] = typer.Option(None, "--k", help="Passages per retrieval (default 3)."),
              seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default 0)."),
              iter_rounds: int = typer.Option(2, "--iter-rounds", help="ITER-RETGEN rounds."),

@@ -11,7 +11,8 @@ and logs the metrics, the plot and a table of chains (with their steps) to wandb
 Metrics are computed on each chain's selected path: answer metrics on its final answer (none = 0), support recall
 over the union of passages retrieved on the path, `steps` = path length, `parse_error_rate` = fraction of chains
 with a step that did not parse (baselines: a reply without the <answer> tag; its plain text still counts as the
-answer). Eval refuses questions the policy was trained on (its folder's `training_manifest.json`).
+answer). Eval refuses questions the policy was trained on (its folder's `training_manifest.json`), and
+those a trained retriever (`dense:PATH`, `rerank:PATH`, `hybrid:PATH`) was trained on (that folder's manifest).
 
 Under a multi-process launch (`torchrun`, `accelerate launch`) the questions go round the ranks in whole batches
 (`rag_dpo.distributed.run_sharded`, the stage's batch size): every batch holds the questions a single process would
@@ -192,6 +193,8 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     ids = [q.id for q in questions]
     check_not_trained_on(manifest, ids)
     check_not_trained_on(_policy_manifest(str(policy)), ids)
+    from rag_dpo.retrieval import retriever_manifest
+    check_not_trained_on(retriever_manifest(retriever), ids)   # dense:PATH / rerank:PATH / hybrid:PATH trained too
 
     from rag_dpo.distributed import barrier, is_main, run_sharded
     from rag_dpo.io import repair_jsonl
