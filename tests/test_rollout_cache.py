@@ -312,3 +312,17 @@ def test_continuous_batching_joins_groups_into_the_running_batch(tiny_model_and_
         for row, lg, p in zip(rows, logits, pos.tolist()):
             assert p == len(row)
             torch.testing.assert_close(lg, model(input_ids=torch.tensor([row])).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_batch_cache_rows_leave_in_place_and_siblings_repeat():
+    from rag_dpo.agent.kv_cache import BatchCache
+    cache = BatchCache(2, 4, 1, 3, 2, torch.float32, "cpu")
+    cache.kv.copy_(torch.arange(cache.kv.numel(), dtype=torch.float32).reshape(cache.kv.shape))
+    cache.valid[:, 0] = torch.tensor([True, False, True, False])
+    before, ptr = cache.kv.clone(), cache.kv.data_ptr()
+    cache.select(torch.tensor([1, 3]))                      # rows leaving: moved up, no second buffer
+    assert cache.kv.data_ptr() == ptr and cache.kv.shape[2] == 2
+    torch.testing.assert_close(cache.kv, before[:, :, [1, 3]])
+    assert cache.valid[:, 0].tolist() == [False, False]
+    cache.select(torch.tensor([0, 0, 1]))                   # siblings: repeated rows
+    torch.testing.assert_close(cache.kv, before[:, :, [1, 1, 3]])

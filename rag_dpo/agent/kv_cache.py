@@ -125,7 +125,16 @@ class BatchCache:
         return m[:, None]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) the given rows, in that order: siblings expand one prefix; finished rows leave."""
+        """Keep (or repeat) the given rows, in that order: siblings expand one prefix; finished rows leave. Rows
+        that only leave (ascending, no repeats) are moved up in place, so the batch never holds two copies."""
+        r = rows.tolist()
+        if all(a < b for a, b in zip(r, r[1:])):
+            for dst, src in enumerate(r):
+                if dst != src:
+                    self.kv[:, :, dst] = self.kv[:, :, src]
+                    self.valid[dst] = self.valid[src]
+            self.kv, self.valid = self.kv[:, :, :len(r)], self.valid[:len(r)]
+            return
         self.kv = self.kv.index_select(2, rows)
         self.valid = self.valid.index_select(0, rows)
 
