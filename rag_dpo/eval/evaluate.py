@@ -226,7 +226,7 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     done = {(c.method, c.question_id) for c in read_chains(chains_path)} if chains_path.exists() else set()
 
     from tqdm.auto import tqdm
-    bs = max(1, rcfg.batch_size)
+    bs = engine.questions_per_call()    # batch_size, or a full decode batch (decode_rows) for the cached engine
     total = len(methods) * len(questions)
     with tqdm(total=total, initial=sum(1 for m in methods for q in ids if (m, q) in done), unit="chain",
               desc="eval", disable=not is_main()) as bar:
