@@ -73,7 +73,7 @@ def tiny_encoder_dirs(tmp_path_factory):
 def _cfg(**kw) -> RetrieverSettings:
     base = dict(candidates=4, learning_rate=5e-3, rerank_learning_rate=5e-3, num_train_epochs=8,
                 per_device_train_batch_size=4, student_temperature=0.05, max_seq_length=64, save_steps=1000,
-                logging_steps=1, e2e_k=1)
+                logging_steps=1, e2e_k=1, prior_weight=0.0)    # the hand-built usefulness is the whole target
     base.update(kw)
     return RetrieverSettings(**base)
 
@@ -288,3 +288,144 @@ def test_eval_cli_refuses_test_questions_a_trained_retriever_was_trained_on(tmp_
                    retriever=f"dense:{clean}", model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False,
                    answer_tokens=2)
     assert res["direct"]["n"] == 2
+
+
+def _recipe_settings(**kw) -> RetrieverSettings:
+    """The trainer settings `make train-retriever` ships (recipes/retriever.yaml), with `kw` changed."""
+    import dataclasses
+
+    from rag_dpo.pipeline.recipe import load_recipe, trainer_settings
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "retriever.yaml")
+    return dataclasses.replace(trainer_settings(recipe), **kw)
+
+
+@pytest.mark.integration
+def test_reranker_at_the_recipe_settings_beats_its_input_order(tmp_path):
+    """The shipped reranker (bundled MiniLM + a new 1-logit head, the recipe's learning rates and step count) must
+    learn a trivially separable signal: the useful passage (p2) shares only one word with the test queries, so BM25
+    ranks it below the Paris passage, and after training the reranker ranks it first. (The first run's [CLS]-head
+    reranker passes this toy too; what it lacked is checked by test_an_untrained_reranker_returns_its_input_order and
+    by the run's fit check on its own training questions.)"""
+    from rag_dpo.retrieval import build_retriever
+    records = _records(_train_ids(16), good=2)       # 16 rows, batch 8: 2 steps an epoch, x 8 = the recipe's 16 steps
+    cfg = _recipe_settings(candidates=4, rerank_epochs=8, save_steps=1000, logging_steps=1, prior_weight=0.0)
+    assert cfg.rerank_epochs * 2 == 16 and cfg.per_device_train_batch_size == 8
+    out = train_retriever("rerank", records, CORPUS, cfg, tmp_path / "rerank")
+    queries = ["the capital of france or a fruit", "capital city of france, fruit", "france capital ocean fruit"]
+    bm25 = build_retriever("bm25s", CORPUS, cache=False, show_progress=False).search(queries, 4)
+    reranked = build_retriever(f"rerank:{out}", CORPUS, depth=4, cache=False, show_progress=False).search(queries, 4)
+    assert all("p2" in [p for p, _ in h] and h[0][0] == "p0" for h in bm25)    # the input order: Paris first
+    assert [h[0][0] for h in reranked] == ["p2"] * len(queries), reranked
+
+
+def test_posterior_target_keeps_the_retrievers_order_among_passages_without_the_answer():
+    """Usefulness alone (one passage at a time) rates a multi-hop question's bridge passage -- supporting, but
+    without the answer -- as useless as a distractor, so distilling it demotes passages recall counts (first run:
+    when both supporting passages were candidates, the weaker had target mass 0.0008 at the median). The posterior
+    target (untuned retriever's prior x usefulness) keeps the prior's order among equally (un)useful passages."""
+    from rag_dpo.train.retriever import training_rows
+    rec = {"key": "k", "question_id": "q", "query": "capital of france", "candidates": ["p0", "p1", "p2", "p3"],
+           "usefulness": [0.1, 6.0, -0.1, 0.0], "ll": [-8.0, -2.0, -8.2, -8.1], "prior": [0.6, 0.4, 0.3, 0.2]}
+    alone = target_distribution(training_rows([rec], CORPUS, 4, 1.0, "target")["label"][0])
+    post = target_distribution(training_rows([rec], CORPUS, 4, 1.0, "target", prior_weight=1.0,
+                                             student_temperature=0.05)["label"][0])
+    assert alone[0] < 0.01                                                  # the bridge passage p0: demoted
+    assert max(range(4), key=post.__getitem__) == 1                         # the answer passage is still the mode
+    assert post[0] > 0.05 and post[0] > 20 * max(post[2], post[3])          # p0 keeps its lead over the distractors
+    assert training_rows([rec], CORPUS, 4, 1.0, "ll", prior_weight=1.0)["label"][0] == rec["ll"]   # e2e: raw ll
+
+
+def test_prior_similarities_are_the_untuned_cosines(tiny_encoder_dirs):
+    import numpy as np
+
+    from rag_dpo.retrieval import build_retriever
+    from rag_dpo.retrieval.dense import load_encoder
+    from rag_dpo.train.retriever import prior_similarities
+    _, st = tiny_encoder_dirs
+    records = _records(_train_ids(2))
+    by_encoder = prior_similarities(records, CORPUS, encoder=load_encoder(str(st)))
+    by_index = prior_similarities(records, CORPUS, retriever=build_retriever(f"dense:{st}", CORPUS, cache=False,
+                                                                             show_progress=False))
+    assert np.allclose(by_encoder, by_index, atol=1e-5)
+    hits = build_retriever(f"dense:{st}", CORPUS, cache=False, show_progress=False).search([records[0]["query"]], 4)[0]
+    assert np.allclose(sorted(by_index[0], reverse=True), [s for _, s in hits], atol=1e-5)
+
+
+def test_fit_check_table():
+    from rag_dpo.pipeline.retriever_run import fit_markdown
+    m = {"recall@1": 0.3, "recall@3": 0.5, "recall@5": 0.7, "questions": 96}
+    lines = fit_markdown({"fit": {"dense": m, "dense-trained": {**m, "recall@5": 0.52}}})
+    assert "96 train questions" in lines[0] and any("usefulness-trained" in x and "0.520" in x for x in lines)
+    assert fit_markdown({"metrics": {}}) == []
+
+
+def test_an_untrained_reranker_returns_its_input_order(tmp_path, tiny_encoder_dirs):
+    """The reranker built from a bi-encoder mean-pools the pair under a zero head: before training every score ties
+    and BM25's order comes back unchanged, so a reranker that learns nothing cannot fall below its first stage (the
+    first run's random [CLS] head shuffled BM25's top 20: recall@5 0.246 against 0.731)."""
+    from rag_dpo.retrieval import build_retriever
+    from rag_dpo.train.retriever import reranker_from_encoder
+    _, st = tiny_encoder_dirs
+    model = reranker_from_encoder(str(st), 64)
+    model.save(str(tmp_path / "untrained"))
+    queries = ["the capital of france or a fruit", "france capital ocean fruit", "capital city of germany"]
+    bm25 = build_retriever("bm25s", CORPUS, cache=False, show_progress=False).search(queries, 4)
+    reranked = build_retriever(f"rerank:{tmp_path / 'untrained'}", CORPUS, depth=4, cache=False,
+                               show_progress=False).search(queries, 4)
+    assert [[p for p, _ in h] for h in reranked] == [[p for p, _ in h] for h in bm25]
+    assert len({s for h in reranked for _, s in h}) == 1                 # all ties
+    with pytest.raises(InputError):
+        reranker_from_encoder(str(tmp_path / "missing"), 64)
+
+
+def test_reranker_trains_on_the_passages_it_will_reorder():
+    """The reranker's training lists are the scored candidates plus the rest of the first stage's top depth, unscored
+    (usefulness 0): trained on the scored 6 alone, it lifted BM25's ranks 7-20 -- passages unlike any it had seen --
+    over the rest (recall@5 on its own training questions 0.432 reordering the top 20, 0.682 the top 6)."""
+    from rag_dpo.train.retriever import first_stage_lists, target_logits
+
+    class FirstStage:
+        def search(self, queries, k):
+            return [[(pid, 1.0) for pid in ["p1", "p3", "p0", "p2"][:k]] for _ in queries]
+
+    rec = {**_records(["q"])[0], "candidates": ["p0", "p2"], "usefulness": [6.0, -1.0], "ll": [-2.0, -9.0],
+           "prior": [0.5, 0.1]}
+    out = first_stage_lists([rec], FirstStage(), 4)[0]
+    assert out["candidates"] == ["p0", "p2", "p1", "p3"] and out["usefulness"] == [6.0, -1.0, 0.0, 0.0]
+    assert out["ll"] == [-2.0, -9.0, -8.0, -8.0] and out["unscored"] == 2 and "prior" not in out
+    assert first_stage_lists([rec], FirstStage(), 1)[0]["candidates"] == ["p0", "p2", "p1"]
+    logits = target_logits({**out, "prior": [0.5, 0.1, 0.3, 0.2]}, 1.0, 1.0, 0.05)
+    assert logits == pytest.approx([16.0, 1.0, 6.0, 4.0])
+
+
+def test_residual_reranker_starts_from_its_prior_and_learns_the_usefulness(tmp_path, tiny_encoder_dirs):
+    """With the posterior target the reranker is residual: score = weight * cos0 (a frozen bi-encoder) + the
+    cross-encoder's logit. Untrained (zero head) it orders BM25's candidates by the bi-encoder; trained, the
+    cross-encoder adds what the prior misses (here: p2 helps though it looks unlike the queries)."""
+    from rag_dpo.retrieval import build_retriever
+    from rag_dpo.retrieval.dense import DenseRetriever
+    from rag_dpo.retrieval.trained import read_prior, write_prior
+    from rag_dpo.train.retriever import reranker_from_encoder
+    _, st = tiny_encoder_dirs
+    queries = ["the capital of france or a fruit", "france capital ocean fruit", "capital city of germany"]
+    untrained = tmp_path / "untrained"
+    reranker_from_encoder(str(st), 64).save(str(untrained))
+    write_prior(untrained, str(st), 20.0)
+    assert read_prior(untrained) == {"encoder": str(st), "weight": 20.0}   # stored relative, resolved back
+    r = build_retriever(f"rerank:{untrained}", CORPUS, depth=4, cache=False, show_progress=False)
+    prior = DenseRetriever(CORPUS, model=str(st), cache=False, show_progress=False)
+    bm25 = build_retriever("bm25s", CORPUS, cache=False, show_progress=False).search(queries, 4)
+    cos = {pid: s for pid, s in zip(prior.ids, (prior.encode_queries(queries) @ prior.embeddings.T).T)}
+    for i, (hits, first) in enumerate(zip(r.search(queries, 4), bm25)):
+        assert [p for p, _ in hits] == sorted([p for p, _ in first], key=lambda p: -cos[p][i])
+        assert [s for _, s in hits] == pytest.approx([20.0 * cos[p][i] for p, _ in hits], abs=1e-4)
+
+    records = _records(_train_ids(8), good=2)
+    cfg = _cfg(prior_weight=1.0, rerank_head_learning_rate=5e-2, rerank_epochs=8)
+    out = train_retriever("rerank", records, CORPUS, cfg,
+                          tmp_path / "rerank",
+                          base_model=str(st), prior_retriever=prior)
+    assert read_prior(out)["weight"] == pytest.approx(1.0 / 0.05)
+    hits = build_retriever(f"rerank:{out}", CORPUS, depth=4, cache=False, show_progress=False).search(
+        ["the capital of the fruit", "capital city or plants"], 2)
+    assert [h[0][0] for h in hits] == ["p2", "p2"]

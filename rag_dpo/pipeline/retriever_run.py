@@ -110,7 +110,11 @@ def rank_changes(questions, corpus, before: dict, after: dict, depth: int = 10, 
             "n_holds_answer": len(holds), "n_other": len(rest), "examples": top}
 
 
-def _retrieval_eval(specs: dict[str, str], datasets: dict[str, tuple], run_dir: Path, cfg) -> dict:
+def _retrieval_eval(specs: dict[str, str], datasets: dict[str, tuple], run_dir: Path, cfg,
+                    fit: tuple | None = None) -> dict:
+    """Recall of every retriever on every (questions, corpus) of `datasets` (eval questions: each trained
+    retriever's manifest is checked), and, when `fit` = (train questions, corpus) is given, on the questions the
+    retrievers were trained on: a fit check, not a result (see `fit_markdown`)."""
     from rag_dpo.data import check_not_trained_on
     from rag_dpo.retrieval import build_retriever, retriever_manifest
     from rag_dpo.retrieval.trained import share_document_index
@@ -138,6 +142,12 @@ def _retrieval_eval(specs: dict[str, str], datasets: dict[str, tuple], run_dir: 
             if variant in ranked:
                 out["rank_changes"].setdefault(dname, {})[variant] = rank_changes(
                     questions, corpus, ranked["dense"], ranked[variant])
+    if fit is not None:
+        questions, corpus = fit
+        for name, spec in specs.items():     # the training questions on purpose: no manifest check
+            log(f"fit check: {name} on its {len(questions)} training questions")
+            opts = {"depth": cfg.rerank_depth} if spec.startswith("rerank:") else {}
+            out.setdefault("fit", {})[name] = recall_at(build_retriever(spec, corpus, **opts), questions)["metrics"]
     atomic_write_json(path, out)
     return out
 
@@ -190,6 +200,7 @@ def results_markdown(recipe: Recipe, retrieval: dict, agent: dict, cost: dict, t
                          f"{_fmt(m['support_recall'])} | {_fmt(m['parse_error_rate'])} | {m['steps']:.2f} |")
         lines.append("")
     lines += targets_markdown(retrieval, agent)
+    lines += fit_markdown(retrieval)
     for dname, per in retrieval.get("rank_changes", {}).items():
         for variant, rc in per.items():
             lines += [f"## Rank changes, {LABELS.get(variant, variant)} vs untuned dense ({dname}, top 10)", "",
@@ -204,6 +215,22 @@ def results_markdown(recipe: Recipe, retrieval: dict, agent: dict, cost: dict, t
                              f"{e['before']} → {e['after']} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def fit_markdown(retrieval: dict) -> list[str]:
+    """Recall on the train questions the retrievers were trained on. Not a result (they saw these questions), but
+    the check that tells a broken objective or implementation from poor generalisation: a trained retriever that
+    ranks its own training questions' supporting passages worse than the untuned one did has not learnt to
+    retrieve them (the first run's usefulness-trained dense: recall@5 0.703 -> 0.521 on its 96 questions)."""
+    fit = retrieval.get("fit")
+    if not fit:
+        return []
+    n = next(iter(fit.values()))["questions"]
+    out = [f"## Fit check: recall on the {n} train questions the retrievers were trained on (not a result)", "",
+           "| retriever | recall@1 | recall@3 | recall@5 |", "|---|---:|---:|---:|"]
+    out += [f"| {LABELS.get(k, k)} | {_fmt(m['recall@1'])} | {_fmt(m['recall@3'])} | {_fmt(m['recall@5'])} |"
+            for k, m in fit.items()]
+    return out + [""]
 
 
 def targets_markdown(retrieval: dict, agent: dict) -> list[str]:
@@ -266,8 +293,9 @@ def run_retriever_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = Fa
     from rag_dpo.data import load_dataset
     from rag_dpo.pipeline.run import prepare_run_dir, warm_start, world
     from rag_dpo.retrieval import build_retriever
-    from rag_dpo.train.retriever import (DONE, candidate_lists, check_train_split, question_queries, read_scores,
-                                         save_untuned, score_queries, step_queries, train_retriever)
+    from rag_dpo.train.retriever import (DONE, candidate_lists, check_train_split, prior_similarities,
+                                         question_queries, read_scores, save_untuned, score_queries, step_queries,
+                                         train_retriever)
 
     t0 = time.perf_counter()
     cfg = trainer_settings(recipe)
@@ -301,6 +329,10 @@ def run_retriever_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = Fa
                           batch_size=cfg.score_batch_size)
             atomic_write_json(run_dir / "scores" / "done.json", {"queries": len(queries)})
         records = read_scores(scores_path)
+        untuned_index = build_retriever(f"dense:{untuned}", w.corpus)    # the prior of the posterior target
+        if cfg.prior_weight:
+            prior = prior_similarities(records, w.corpus, retriever=untuned_index)
+            records = [{**r, "prior": p} for r, p in zip(records, prior)]
         cost = json.loads(scores_path.with_suffix(".cost.json").read_text())
         log(f"usefulness: {cost['passages_scored']} passages scored, {cost['passages_per_s']:.2f}/s")
         tracking.log(run, {f"scoring/{k}": v for k, v in cost.items() if isinstance(v, (int, float))})
@@ -312,7 +344,8 @@ def run_retriever_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = Fa
                 log(f"train: {variant} on {len(records)} scored queries")
                 release_memory()
             train_retriever(variant, records, w.corpus, cfg, out, fractions=recipe.data.fractions,
-                            data_files=[w.data_path])
+                            data_files=[w.data_path], first_stage=build_retriever("bm25s", w.corpus),
+                            prior_retriever=untuned_index)
             training[variant] = json.loads((out / DONE).read_text())
             log_history = json.loads((out / "train_log.json").read_text())
             for e in log_history:
@@ -328,14 +361,17 @@ def run_retriever_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = Fa
                 raise InputError("the transfer file has no corpus; set trainer.transfer_corpus", file=cfg.transfer,
                                  field="trainer.transfer_corpus")
             datasets[f"{Path(cfg.transfer).name} (transfer, all)"] = (tds.questions, tds.corpus)
-        retrieval = _retrieval_eval(specs, datasets, run_dir, cfg)
+        fit_ids = dict.fromkeys(r["question_id"] for r in records if r.get("source") == "question")
+        retrieval = _retrieval_eval(specs, datasets, run_dir, cfg, fit=([by_id[q] for q in fit_ids if q in by_id],
+                                                                       w.corpus))
 
         agent = {}
         if cfg.agent_eval:
             agent = _agent_eval(recipe, run_dir, specs, str(policy), model_and_tok)
         md = results_markdown(recipe, retrieval, agent, cost, training)
         plot = plot_results(retrieval, agent, run_dir / "results.png")
-        results = {"retrieval": retrieval["metrics"], "agent": agent, "scoring_cost": cost, "training": training,
+        results = {"retrieval": retrieval["metrics"], "fit": retrieval.get("fit", {}), "agent": agent,
+                   "scoring_cost": cost, "training": training,
                    "specs": specs, "policy": str(policy), "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_json(run_dir / "results.json", results)
         atomic_write_text(run_dir / "results.md", md + "\n")

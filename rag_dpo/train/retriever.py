@@ -3,7 +3,12 @@ trained on it -- a bi-encoder, a cross-encoder reranker, and an end-to-end soft 
 
 Usefulness (LM-supervised retrieval, REPLUG / Atlas). For a query and each candidate passage the policy scores
 the gold answer: `ll_i = log p(answer | context + that passage)`, `ll_0` the same with an empty observation, and
-`u_i = ll_i - ll_0` (how much the passage helps). The target over the candidates is `softmax(u / T)`; the no-passage
+`u_i = ll_i - ll_0` (how much the passage helps). The target over the candidates is the posterior
+`softmax(u / T + prior_weight * cos0 / student_temperature)`, cos0 the untuned bi-encoder's similarity (its prior, in
+the student's own units; EMDR2's posterior with a frozen prior); `prior_weight: 0` gives REPLUG's `softmax(u / T)`.
+Why the prior: u scores one passage at a time, so a multi-hop question's bridge passage (supporting, without the
+answer) looks as useless as a distractor (median u 0.07 vs -0.21; with the answer 8.2) and usefulness alone taught the
+first run's retriever to demote it; with the prior, passages equally (un)useful keep the untuned order. The no-passage
 score cancels in the softmax but is kept in the cache (a passage with u < 0 hurts the answer). The context is the
 agent's own format (`agent.protocol.render_context`): the question, the chain so far, the search step, then the
 candidate as the only retrieved passage, then `<think>..</think><answer>`; only the answer's tokens are scored. Queries
@@ -17,6 +22,8 @@ Training (sentence-transformers' own trainers and losses):
   similarities / `student_temperature` and the target).
 - `rerank`: a `CrossEncoder` from the same MiniLM weights (new 1-logit head) with `ListNetLoss`, which is the cross
   entropy between the target softmax and the reranker's softmax over the candidates (the same KL up to a constant).
+  It mean-pools the pair's tokens as the bi-encoder does, under a zero-initialised head trained at
+  `rerank_head_learning_rate` (see RERANK_HEAD for why not BERT's [CLS] classifier).
 - `e2e`: the generator's answer loss flows into the retriever: the candidates' similarities go through a soft,
   differentiable top-k (`soft_top_k`: sigmoid weights around a threshold that makes them sum to k) and the loss is the negative log of the
   answer likelihood marginalised over the softly selected passages, `-log sum_i w_i/k p(answer | passage_i)`
@@ -46,6 +53,14 @@ from rag_dpo.io import append_jsonl, atomic_write_json, iter_jsonl, repair_jsonl
 from rag_dpo.records import SEARCH, Chain, Corpus, Question, Step
 
 VARIANTS = ("dense", "rerank", "e2e")
+# The first run's reranker was `CrossEncoder(MiniLM folder)`: BertForSequenceClassification, scoring the [CLS]
+# token through BERT's pooler and a new random head. The bundled bi-encoder mean-pools and never trained [CLS] or the
+# pooler: in 16 steps the head kept its init (weights' std 0.0207), ListNet stayed at log(6) (uniform) and the logits
+# spread 0.02-0.07 per query, so BM25's top 20 came back in random order (recall@5 0.246 vs BM25's 0.731); a 20x
+# larger head learning rate (1e-3) left it the same. The reranker now mean-pools the pair's tokens as the bi-encoder
+# was trained to (`reranker_from_encoder`), and its head starts at zero: untrained, every score ties and the stable
+# sort returns the first stage's order, so a reranker that learns nothing costs nothing (a random head shuffles).
+RERANK_HEAD = r"((^|\.)2\.linear|classifier)\."   # the Dense scoring head (or a loaded cross-encoder's classifier)
 DONE = "train_done.json"
 
 
@@ -59,9 +74,12 @@ class RetrieverSettings:
     pool: str | None = None             # chains file to take search steps from (None: the recipe rolls one out)
     passage_tokens: int = 64            # scored passage cut to this many tokens (as observations are)
     score_batch_size: int = 16          # (query, passage) rows per policy forward
-    target_temperature: float = 1.0     # T of the target softmax(u / T)
+    target_temperature: float = 1.0     # T of the target softmax(u / T + prior_weight * cos0 / student_temperature)
+    prior_weight: float = 1.0           # 1: the posterior target (untuned retriever x usefulness), 0: usefulness alone
     learning_rate: float = 3.0e-5       # bi-encoder and e2e
     rerank_learning_rate: float = 5.0e-5
+    rerank_head_learning_rate: float = 1.0e-3   # the new scoring head (RERANK_HEAD); set it to
+                                               # rerank_learning_rate when starting from a trained cross-encoder
     rerank_epochs: float = 1.0          # the cross-encoder reads every (query, passage) pair: ~4x a bi-encoder step
     rerank_max_length: int = 128        # tokens of a (query, passage) pair for the cross-encoder
     num_train_epochs: float = 2.0
@@ -354,13 +372,92 @@ def _loss_module(model, k: int, temperature: float):
     return SoftTopKAnswerLoss()
 
 
+def _residual_listnet(model):
+    import torch
+
+    class ResidualListNetLoss(torch.nn.Module):
+        """ListNet over prior + cross-encoder logit: per query the labels are [target logits..., prior logits...];
+        the cross-entropy between softmax(target) and softmax(prior + logits). With the posterior target (prior + u)
+        the cross-encoder learns the usefulness residual. (sentence-transformers' ListNetLoss has no fixed offset.)"""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs, labels, prompt=None, task=None):
+            from sentence_transformers.util import batch_to_device
+            queries, docs_list = inputs
+            pairs = [(q, d) for q, docs in zip(queries, docs_list) for d in docs]
+            tokens = batch_to_device(self.model.preprocess(pairs), self.model.device)
+            logits = self.model(tokens)["scores"].view(-1).float()
+            loss, i = logits.new_zeros(()), 0
+            for docs, lab in zip(docs_list, labels):
+                n = len(docs)
+                lab = torch.as_tensor(lab, dtype=torch.float32, device=logits.device)
+                student = lab[n:] + logits[i:i + n]
+                loss = loss - (torch.softmax(lab[:n], -1) * torch.log_softmax(student, -1)).sum()
+                i += n
+            return loss / len(docs_list)
+
+    return ResidualListNetLoss()
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 
-def training_rows(records: Sequence[dict], corpus: Corpus, m: int, temperature: float, value: str = "target"
-                  ) -> dict[str, list]:
+def prior_similarities(records: Sequence[dict], corpus: Corpus, encoder=None, retriever=None) -> list[list[float]]:
+    """cos(query, candidate) under the untuned bi-encoder for every record: the prior of the posterior target.
+    `retriever` (a DenseRetriever with its corpus index) looks the passages up; else `encoder` encodes the distinct
+    candidates once."""
+    import numpy as np
+    queries = [r["query"] for r in records]
+    if retriever is not None:
+        q = retriever.encode_queries(queries)
+        row = {pid: i for i, pid in enumerate(retriever.ids)}
+        return [[float(q[j] @ retriever.embeddings[row[pid]]) for pid in r["candidates"]]
+                for j, r in enumerate(records)]
+    from rag_dpo.retrieval.base import index_text
+    pids = list(dict.fromkeys(pid for r in records for pid in r["candidates"]))
+    q = np.asarray(encoder.encode_query(queries, normalize_embeddings=True, convert_to_numpy=True,
+                                        show_progress_bar=False))
+    d = np.asarray(encoder.encode_document([index_text(corpus[p]) for p in pids], normalize_embeddings=True,
+                                           convert_to_numpy=True, show_progress_bar=False))
+    row = {pid: i for i, pid in enumerate(pids)}
+    return [[float(q[j] @ d[row[pid]]) for pid in r["candidates"]] for j, r in enumerate(records)]
+
+
+def first_stage_lists(records: Sequence[dict], first_stage, depth: int) -> list[dict]:
+    """The reranker's training lists: each record's scored candidates, then the rest of the first stage's top `depth`
+    for its query -- the passages the reranker reorders at search time -- unscored, at usefulness 0 (taken as neither
+    helping nor hurting; scored passages without the answer have median u -0.21). Why: a reranker trained on the 6
+    scored candidates alone reordered BM25's top 6 about as BM25 does (recall@5 on its own training questions 0.682
+    vs 0.693) but its top 20 far worse (0.432): passages from ranks 7-20, unlike anything it was trained on, rose to
+    the top. A record's `prior` is dropped (it covers the scored candidates only; recompute it)."""
+    hits = first_stage.search([r["query"] for r in records], depth)
+    out = []
+    for r, h in zip(records, hits):
+        have = set(r["candidates"])
+        extra = [pid for pid, _ in h if pid not in have]
+        rec = {k: v for k, v in r.items() if k != "prior"}
+        rec.update(candidates=list(r["candidates"]) + extra, usefulness=list(r["usefulness"]) + [0.0] * len(extra),
+                   ll=list(r["ll"]) + [r.get("ll_none", 0.0)] * len(extra), unscored=len(extra))
+        out.append(rec)
+    return out
+
+
+def target_logits(record: dict, temperature: float, prior_weight: float = 0.0, student_temperature: float = 1.0,
+                  m: int | None = None) -> list[float]:
+    """u/T + prior_weight * prior/student_temperature for the record's first m candidates (all when m is None)."""
+    u = record["usefulness"][:m]
+    prior = record["prior"][:m] if prior_weight else [0.0] * len(u)
+    return [x / temperature + prior_weight * c / student_temperature for x, c in zip(u, prior)]
+
+
+def training_rows(records: Sequence[dict], corpus: Corpus, m: int, temperature: float, value: str = "target",
+                  prior_weight: float = 0.0, student_temperature: float = 1.0) -> dict[str, list]:
     """Columns for sentence-transformers: query, passage_0..passage_{m-1}, label (per candidate: the target logits
-    u/T for distillation, or the raw answer log-likelihoods for e2e). Queries with fewer than m candidates are
-    left out (the losses need a fixed number of columns)."""
+    u/T + prior_weight * prior/student_temperature for distillation -- `prior` being each record's untuned cosine
+    similarities, see `prior_similarities` -- or the raw answer log-likelihoods for e2e). Queries with fewer than
+    m candidates are left out (the losses need a fixed number of columns)."""
     from rag_dpo.retrieval.base import index_text
     cols: dict[str, list] = {"query": [], **{f"passage_{i}": [] for i in range(m)}, "label": []}
     for r in records:
@@ -370,7 +467,7 @@ def training_rows(records: Sequence[dict], corpus: Corpus, m: int, temperature: 
         for i, pid in enumerate(r["candidates"][:m]):
             cols[f"passage_{i}"].append(index_text(corpus[pid]))
         if value == "target":
-            cols["label"].append([u / temperature for u in r["usefulness"][:m]])
+            cols["label"].append(target_logits(r, temperature, prior_weight, student_temperature, m))
         else:
             cols["label"].append([float(x) for x in r["ll"][:m]])
     return cols
@@ -438,10 +535,12 @@ def _finish(model_dir: Path, trainer, variant: str, question_ids: Sequence[str],
 
 def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: RetrieverSettings,
                     out_dir: str | Path, base_model: str | None = None, fractions=None,
-                    data_files: Sequence[str | Path] = ()) -> Path:
+                    data_files: Sequence[str | Path] = (), first_stage=None, prior_retriever=None) -> Path:
     """Train one retriever variant (dense | rerank | e2e) on cached usefulness records; save it as a
     sentence-transformers folder in out_dir (+ training_manifest.json, train_log.json). Resumes from the last
-    trainer checkpoint; a finished folder is returned as is."""
+    trainer checkpoint; a finished folder is returned as is. The reranker trains on `first_stage_lists` (first_stage:
+    the retriever it reranks, default bm25s); priors missing from the records come from `prior_retriever` (a
+    DenseRetriever over `corpus`) or else from encoding with the untuned encoder."""
     import datasets
 
     if variant not in VARIANTS:
@@ -453,7 +552,22 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
     question_ids = sorted({r["question_id"] for r in records})
     check_train_split(question_ids, fractions)
     m = cfg.candidates
-    cols = training_rows(records, corpus, m, cfg.target_temperature, "ll" if variant == "e2e" else "target")
+    if variant == "rerank" and cfg.rerank_depth > m:
+        if first_stage is None:
+            from rag_dpo.retrieval import build_retriever
+            first_stage = build_retriever("bm25s", corpus, show_progress=False)
+        records = first_stage_lists(records, first_stage, cfg.rerank_depth)
+    prior_encoder = prior_retriever.model_name if prior_retriever is not None else \
+        (base_model if variant != "rerank" and base_model else "all-MiniLM-L6-v2")
+    if variant != "e2e" and cfg.prior_weight and any("prior" not in r for r in records):
+        if prior_retriever is not None:
+            priors = prior_similarities(records, corpus, retriever=prior_retriever)
+        else:
+            from rag_dpo.retrieval.dense import load_encoder
+            priors = prior_similarities(records, corpus, load_encoder(prior_encoder, max_seq_length=cfg.max_seq_length))
+        records = [{**r, "prior": p} for r, p in zip(records, priors)]
+    cols = training_rows(records, corpus, m, cfg.target_temperature, "ll" if variant == "e2e" else "target",
+                         cfg.prior_weight, cfg.student_temperature)
     if not cols["query"]:
         raise InputError(f"no scored query has {m} candidates to train on", field="trainer.candidates")
     ckpt = out_dir.with_name(out_dir.name + ".checkpoints")
@@ -462,16 +576,22 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
         from sentence_transformers.cross_encoder import CrossEncoderTrainer
         from sentence_transformers.cross_encoder.losses import ListNetLoss
 
-        from rag_dpo.retrieval.trained import load_cross_encoder
-        model = load_cross_encoder(base_model or _bundled(), max_length=cfg.rerank_max_length)
+        model = reranker_from_encoder(base_model or "all-MiniLM-L6-v2", cfg.rerank_max_length)
         if getattr(model, "num_labels", 1) != 1:
             raise InputError("the reranker needs a 1-logit cross-encoder", field="model")
-        ds = datasets.Dataset.from_dict({"query": cols["query"],
-                                         "docs": [[cols[f"passage_{i}"][j] for i in range(m)]
-                                                  for j in range(len(cols["query"]))],
-                                         "labels": cols["label"]})
-        loss = ListNetLoss(model)
-        args = _st_args(cfg, ckpt, cfg.rerank_learning_rate, cross=True)
+        from rag_dpo.retrieval.base import index_text
+        rows = [r for r in records if len(r["candidates"]) >= m]
+        weight = cfg.prior_weight / cfg.student_temperature      # the residual reranker's prior, in logit units
+        labels = [target_logits(r, cfg.target_temperature, cfg.prior_weight, cfg.student_temperature)
+                  + ([weight * c for c in r["prior"]] if weight else []) for r in rows]
+        ds = datasets.Dataset.from_dict({"query": [r["query"] for r in rows],
+                                         "docs": [[index_text(corpus[p]) for p in r["candidates"]] for r in rows],
+                                         "labels": labels})
+        loss = _residual_listnet(model) if weight else ListNetLoss(model)
+        import re
+        head = any(re.search(RERANK_HEAD, n) for n, _ in model.named_parameters())
+        args = _st_args(cfg, ckpt, cfg.rerank_learning_rate, cross=True,
+                        learning_rate_mapping={RERANK_HEAD: cfg.rerank_head_learning_rate} if head else None)
         args.num_train_epochs = cfg.rerank_epochs
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=loss)
     else:
@@ -490,10 +610,40 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
     trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(out_dir)) if hasattr(model, "save") else model.save_pretrained(str(out_dir))
+    if variant == "rerank" and cfg.prior_weight:
+        from rag_dpo.retrieval.trained import write_prior
+        write_prior(out_dir, prior_encoder, cfg.prior_weight / cfg.student_temperature)
     _finish(out_dir, trainer, variant, question_ids, data_files, fractions, len(ds), time.perf_counter() - t0)
     import shutil
     shutil.rmtree(ckpt, ignore_errors=True)
     return out_dir
+
+
+def reranker_from_encoder(base: str, max_length: int):
+    """A CrossEncoder for `base`: a saved CrossEncoder folder as it is; a sentence-transformers bi-encoder (the
+    bundled MiniLM) as [its transformer, mean pooling, a 1-output Dense head initialised to zero]. Why not
+    `CrossEncoder(bi-encoder folder)`: that scores [CLS] through BERT's pooler, which a mean-pooling bi-encoder never
+    trained (see RERANK_HEAD)."""
+    import json
+
+    from rag_dpo.retrieval.trained import load_cross_encoder
+    path = Path(base) if base != "all-MiniLM-L6-v2" else Path(_bundled())
+    conf = path / "config_sentence_transformers.json"
+    if conf.is_file() and json.loads(conf.read_text(encoding="utf-8")).get("model_type") == "CrossEncoder":
+        return load_cross_encoder(str(path), max_length=max_length)
+    import torch
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules.dense import Dense
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+    if not (path / "config.json").is_file():
+        raise InputError(f"cannot build a reranker from {base!r}: not a model folder", field="model")
+    transformer = Transformer(str(path), max_seq_length=max_length)
+    dim = transformer.get_embedding_dimension()
+    head = Dense(dim, 1, activation_function=None, init_weight=torch.zeros(1, dim), init_bias=torch.zeros(1),
+                 module_output_name="scores")
+    return CrossEncoder(modules=[transformer, Pooling(dim, "mean"), head], device="cpu" if not _cuda() else None,
+                        max_length=max_length)
 
 
 def _bundled() -> str:
