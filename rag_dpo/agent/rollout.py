@@ -284,7 +284,7 @@ class CachedHFBackend:
 
         from rag_dpo.agent.kv_cache import BatchCache
         groups = self._groups(contexts, max(1, cfg.batch_size // 2))
-        room = max(int(cfg.decode_rows or self.default_rows), len(groups[0]) if groups else 0)
+        room = max(self.decode_rows(cfg), len(groups[0]) if groups else 0)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds] if sample else None
         out: list[list[int]] = [[] for _ in contexts]
         done = [False] * len(contexts)
@@ -319,7 +319,7 @@ class CachedHFBackend:
                     done[r] = (t in self.stop_ids or len(out[r]) >= cfg.max_new_tokens
                                or (t in self.tag_ids and self._stopped(out[r])))
                 finished = [j for j, r in enumerate(live) if done[r]]
-                leaving = len(finished) == len(live) or 4 * len(finished) >= len(live) or (
+                leaving = 4 * len(finished) >= len(live) or (          # a quarter done (or all), or room made
                     finished and groups and len(live) - len(finished) + len(groups[0]) <= room)
                 if leaving:
                     self._store(cache, contexts, out, [(j, live[j]) for j in finished])
@@ -335,6 +335,10 @@ class CachedHFBackend:
                 pos = pos + 1
                 self.timing["decode_seconds"] += time.perf_counter() - t0
         return step_texts(self.tokenizer, out, self.stop_ids)
+
+    def decode_rows(self, cfg: RolloutConfig) -> int:
+        """Rows decoding together: `cfg.decode_rows`, else 64 in bf16 and 32 in float32."""
+        return int(cfg.decode_rows or self.default_rows)
 
     @staticmethod
     def _groups(contexts: list[list[int]], distinct: int) -> list[list[int]]:
@@ -529,10 +533,10 @@ class RolloutEngine:
         A batch holds `batch_size` rows; the cached backend takes every context in one call and batches
         continuously, admitting `batch_size // 2` *distinct* contexts at a time (siblings share one prefill)."""
         cfg = self.cfg if max_new_tokens is None else dataclasses.replace(self.cfg, max_new_tokens=max_new_tokens)
-        bs = max(1, self.cfg.batch_size)
         if isinstance(self.backend, CachedHFBackend):   # identical contexts side by side: one group, one prefill
             batches = [sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), contexts[i], i))]
         else:
+            bs = max(1, self.cfg.batch_size)
             order = sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), i))
             batches = [order[i:i + bs] for i in range(0, len(order), bs)]
         outputs: list = [None] * len(contexts)
@@ -589,7 +593,7 @@ class RolloutEngine:
         progress, self.cfg.progress = self.cfg.progress, self.cfg.progress and is_main()
         try:
             run_sharded(todo, lambda qs: self._iter_rollout(qs, already=len(questions) - len(todo)),
-                        lambda chains: append_chains(path, chains), stage="rollout", unit=self.cfg.batch_size)
+                        lambda chains: append_chains(path, chains), stage="rollout", unit=self.questions_per_call())
         finally:
             self.cfg.progress = progress
         return path
@@ -597,8 +601,7 @@ class RolloutEngine:
     def questions_per_call(self, siblings: int = 1) -> int:
         """Chains generated together: `batch_size`, or with the cached backend enough to fill `decode_rows`."""
         if isinstance(self.backend, CachedHFBackend):
-            rows = self.cfg.decode_rows or self.backend.default_rows
-            return max(1, max(self.cfg.batch_size, rows) // max(1, siblings))
+            return max(1, max(self.cfg.batch_size, self.backend.decode_rows(self.cfg)) // max(1, siblings))
         return max(1, self.cfg.batch_size // max(1, siblings))
 
     def _iter_rollout(self, questions: Sequence[Question], already: int = 0, samples: int = 1):
