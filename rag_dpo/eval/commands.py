@@ -41,7 +41,8 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
              policy: str = typer.Option("smollm2", "--policy", help="smollm2 (bundled), HF name/folder or a "
                                         "checkpoint / adapter folder."),
              methods: str = typer.Option("direct,rag,iter-retgen,agent", "--methods",
-                                         help="Comma-separated: direct, rag, iter-retgen, agent, agent-prm-bon."),
+                                         help="Comma-separated: direct, rag, iter-retgen, agent, agent-hier, "
+                                         "agent-prm-bon."),
              split: str = typer.Option("dev", "--split", help="train, dev, test or all."),
              limit: Optional[int] = typer.Option(None, "--limit", help="First N questions of the split."),
              out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun to resume)."),
@@ -50,13 +51,15 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
              k: Optional[int] = typer.Option(None, "--k", help="Passages per retrieval (default 3)."),
              seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default 0)."),
              iter_rounds: int = typer.Option(2, "--iter-rounds", help="ITER-RETGEN rounds."),
-             answer_tokens: int = typer.Option(32, "--answer-tokens", help="Baselines: token budget of an answer."),
+             answer_tokens: int = typer.Option(32, "--answer-tokens", help="Baselines and the agent-hier "
+                                               "synthesizer: token budget of an answer."),
              device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
              dtype: str = typer.Option("float32", "--dtype", help="Policy weights: float32, or auto (bf16 on GPUs "
                                        "and on CPUs with AMX/AVX512-BF16, else float32: faster, but bf16 rounding "
                                        "erases most of a short fine-tune's change), bfloat16, float16."),
              prm: Optional[str] = typer.Option(None, "--prm", help="agent-prm-bon: saved PRM folder."),
-             bon_n: int = typer.Option(4, "--bon-n", help="agent-prm-bon: candidates per step."),
+             bon_n: int = typer.Option(4, "--bon-n", help="agent-prm-bon, agent-self-bon, agent-random-bon: "
+                                       "candidates per step."),
              manifest: Optional[Path] = typer.Option(None, "--manifest", help="Extra training manifest whose "
                                                      "questions must not be evaluated."),
              compare_with: Optional[Path] = typer.Option(None, "--compare-with", help="Another eval's "

@@ -22,6 +22,9 @@ returns the results.
 
 `agent-prm-bon`: at each step the agent samples N candidate next steps, a PRM (`annotate.prm.PRMScorer`) scores
 them and the best is kept; all candidates stay in the chain tree with their score in `labels["prm"]`.
+`agent-self-bon` / `agent-random-bon`: the same best-of-N, choosing by the policy's own self-score
+(`train.self_eval.SelfScorer`, `labels["self"]`) / at random (`labels["random"]`: the control for both).
+`agent-hier`: the planner / synthesizer agent (`agent.hierarchical`; its answer budget is `answer_tokens`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from rag_dpo.io import atomic_write_json
 from rag_dpo.metrics import answer_scores, support_recall
 from rag_dpo.records import Chain, Label, Question, append_chains, read_chains
 
-METHODS = ("direct", "rag", "iter-retgen", "agent", "agent-prm-bon")
+METHODS = ("direct", "rag", "iter-retgen", "agent", "agent-hier", "agent-prm-bon")
+METHODS += ("agent-self-bon", "agent-random-bon")   # best-of-N by self-score / random pick (train/self_eval.py)
 DEFAULT_METHODS = ("direct", "rag", "iter-retgen", "agent")
 METRICS = ("em", "f1", "cover_em", "support_recall", "steps", "parse_error_rate", "n", "seconds")
 
@@ -93,14 +97,15 @@ def summarize(chains: Sequence[Chain]) -> dict[str, float]:
             "seconds": sum(float(c.meta.get("seconds", 0.0)) for c in chains)}
 
 
-def prm_best_of_n(engine: RolloutEngine, questions: Sequence[Question], scorer, n: int = 4) -> list[Chain]:
+def prm_best_of_n(engine: RolloutEngine, questions: Sequence[Question], scorer, n: int = 4,
+                  method: str = "agent-prm-bon", label: str = "prm") -> list[Chain]:
     """Agent with PRM-guided best-of-N next steps (batched sampling across questions; the scorer is called per
-    question with `score(question, prefix_steps, candidates) -> list[float]`)."""
+    question with `score(question, prefix_steps, candidates) -> list[float]`; scores go to `labels[label]`)."""
     t0 = time.perf_counter()
     chains = []
     for q in questions:
         c = engine.new_chain(q)
-        c.method = "agent-prm-bon"
+        c.method = method
         c.meta["bon_n"] = n
         chains.append(c)
     leaf: dict[int, str | None] = {id(c): None for c in chains}
@@ -113,7 +118,7 @@ def prm_best_of_n(engine: RolloutEngine, questions: Sequence[Question], scorer, 
             prefix = c.path(leaf[id(c)]) if leaf[id(c)] is not None else []
             scores = [float(x) for x in scorer.score(c.question, prefix, cands)]
             for s, v in zip(cands, scores):
-                s.labels["prm"] = Label(v, v >= 0.5, "prm")
+                s.labels[label] = Label(v, v >= 0.5, label)
                 c.add_step(s)
             leaf[id(c)] = cands[max(range(len(cands)), key=lambda i: scores[i])].id
         active = [c for c in active if not engine.is_terminal(c.step(leaf[id(c)]))]
@@ -216,12 +221,19 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     scorer = _load_prm(prm) if "agent-prm-bon" in methods else None
 
     from rag_dpo.agent.baselines import BASELINES, iter_retgen
+    from rag_dpo.train.self_eval import RandomScorer, SelfScorer
+    from rag_dpo.agent.hierarchical import hierarchical
     run = {
         "direct": lambda e, qs: BASELINES["direct"](e, qs, max_new_tokens=answer_tokens),
         "rag": lambda e, qs: BASELINES["rag"](e, qs, max_new_tokens=answer_tokens),
         "iter-retgen": lambda e, qs: iter_retgen(e, qs, rounds=iter_rounds, max_new_tokens=answer_tokens),
         "agent": _agent,
+        "agent-hier": lambda e, qs: hierarchical(e, qs, answer_tokens=answer_tokens),
         "agent-prm-bon": lambda e, qs: prm_best_of_n(e, qs, scorer, n=bon_n),
+        "agent-self-bon": lambda e, qs: prm_best_of_n(e, qs, SelfScorer(e.model, e.tokenizer), n=bon_n,
+                                                      method="agent-self-bon", label="self"),
+        "agent-random-bon": lambda e, qs: prm_best_of_n(e, qs, RandomScorer(rcfg.seed), n=bon_n,
+                                                        method="agent-random-bon", label="random"),
     }
     done = {(c.method, c.question_id) for c in read_chains(chains_path)} if chains_path.exists() else set()
 

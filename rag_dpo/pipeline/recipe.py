@@ -85,6 +85,14 @@ class PairsSection:
 
 
 @dataclass
+class AgentSection:
+    variant: str = "flat"              # flat | hierarchical: a planner searches, a synthesizer answers from the
+                                       # passages alone (eval runs agent-hier for agent; docs/variants.md)
+    synthesizer_samples: int = 4       # hierarchical + dpo: sampled synthesizer answers per pool chain, paired by F1
+    synthesizer_margin: float = 0.1    # hierarchical + dpo: minimum answer-F1 difference of a synthesizer pair
+
+
+@dataclass
 class EvalSection:
     limit: int | None = 40             # eval-split questions (None = all)
     methods: list[str] = field(default_factory=lambda: ["agent"])
@@ -107,6 +115,7 @@ class Recipe:
     pairs: PairsSection = field(default_factory=PairsSection)
     trainer: dict[str, Any] = field(default_factory=dict)   # settings of `method` (see METHODS)
     eval: EvalSection = field(default_factory=EvalSection)
+    agent: AgentSection = field(default_factory=AgentSection)
 
 
 def trainer_settings(recipe: Recipe, file: str | None = None):
@@ -138,6 +147,13 @@ def validate(recipe: Recipe, file: str | None = None) -> Recipe:
         raise InputError("method prm trains on pairs.kind stepwise", file=file, field="pairs.kind")
     if recipe.method == "dpo" and recipe.pairs.kind not in ("step", "outcome"):
         raise InputError("method dpo trains on pairs.kind step or outcome", file=file, field="pairs.kind")
+    from rag_dpo.agent.hierarchical import VARIANTS
+    if recipe.agent.variant not in VARIANTS:
+        raise InputError(f"unknown agent variant {recipe.agent.variant!r} (choose from {', '.join(VARIANTS)})",
+                         file=file, field="agent.variant")
+    if recipe.agent.variant == "hierarchical" and recipe.method == "dpo" and recipe.pairs.kind != "step":
+        raise InputError("a hierarchical dpo recipe trains the planner on step pairs (pairs.kind step) and adds the "
+                         "synthesizer's answer pairs to them", file=file, field="pairs.kind")
     bad = set(recipe.eval.policies) - {"base", "warm_start", "trained"}
     if bad:
         raise InputError(f"unknown policy {sorted(bad)[0]!r} (base, warm_start, trained)", file=file,
@@ -157,4 +173,6 @@ def resolved_dict(recipe: Recipe) -> dict:
     """The recipe as a plain dict with the trainer section filled in with every default (what a run records)."""
     out = to_dict(recipe)
     out["trainer"] = dataclasses.asdict(trainer_settings(recipe))
+    if out["agent"] == to_dict(AgentSection()):   # the flat agent: recipe.yaml as before the section existed, so
+        out.pop("agent")                          # run folders made then still resume
     return out

@@ -10,6 +10,7 @@ Run folder layout (`runs/<name>`):
     warm_start/            SFT adapter + tokenizer on oracle chains (+ training_manifest.json); data in warm_start_data/
     rollouts/labels.jsonl  the labelled rollout pool (tree search or sampled chains), rollouts/done.json = budget
     pairs/<kind>/          the training dataset (datasets save_to_disk + budget.json + question_ids.json)
+    pairs/step+synthesizer/  agent.variant hierarchical (dpo): the step pairs + the synthesizer's answer pairs
     trained/               the trained adapter + tokenizer, train_log.json(l), train_curves.png, manifest
     eval/<policy>/         rag_dpo.eval output per policy; results.md / results.json: the table of all policies
 """
@@ -317,6 +318,53 @@ def build_pair_datasets(recipe: Recipe, run_dir: str | Path, labels_path: str | 
     return out
 
 
+def add_synthesizer_pairs(recipe: Recipe, run_dir: str | Path, labels_path: str | Path, policy: str,
+                          step_data: str | Path) -> Path:
+    """The hierarchical agent's DPO data (`agent.variant: hierarchical`): the step pairs train the planner (the
+    flat agent's prompt); this adds the synthesizer's answer pairs (`agent.hierarchical.synthesizer_pairs`:
+    `agent.synthesizer_samples` answers sampled by `policy` from each pool chain's passages, best vs worst F1) and
+    writes both into run_dir/pairs/<kind>+synthesizer, one dataset for one model with two prompts."""
+    from rag_dpo.distributed import barrier, is_main
+    step_data = Path(step_data)
+    out = Path(run_dir) / "pairs" / f"{step_data.name}+synthesizer"
+    if (out / "budget.json").exists():
+        log(f"synthesizer pairs: done ({out}, {_rows(out)} rows)")
+        return out
+    if is_main():
+        from datasets import load_from_disk
+
+        from rag_dpo.agent.hierarchical import synthesizer_pairs
+        from rag_dpo.agent.policy import load_policy
+        from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
+        from rag_dpo.pairs.builders import save_dataset
+        from rag_dpo.records import read_chains
+        w, ro, a = world(recipe), recipe.rollout, recipe.agent
+        device = resolve_device("auto")
+        model, tok = load_policy(policy, device=device, dtype=resolve_dtype(ro.dtype, device), merge_adapter="auto")
+        cfg = RolloutConfig(k=recipe.retrieval.k, temperature=ro.temperature, top_p=ro.top_p,
+                            batch_size=ro.batch_size, seed=recipe.seed, cache=ro.cache, backend=ro.backend,
+                            max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
+        engine = RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(policy),
+                               retriever_name=recipe.retrieval.name)
+        rows, spent = synthesizer_pairs(engine, read_chains(labels_path), n=a.synthesizer_samples,
+                                        margin=a.synthesizer_margin)
+        step_rows = load_from_disk(str(step_data)).to_list()
+        budget = {**json.loads((step_data / "budget.json").read_text()), **spent,
+                  "step_rows": len(step_rows), "rows": len(step_rows) + len(rows)}
+        budget["generated_tokens"] = budget.get("generated_tokens", 0) + spent["synthesizer_generated_tokens"]
+        budget["questions_with_rows"] = len({r["question_id"] for r in step_rows + rows})
+        config = {**json.loads((step_data / "config.json").read_text()),
+                  "synthesizer_samples": a.synthesizer_samples, "synthesizer_margin": a.synthesizer_margin}
+        save_dataset(step_rows + rows, "step", out,
+                     {"budget.json": budget, "question_ids.json": json.loads((step_data / "question_ids.json")
+                                                                             .read_text()), "config.json": config})
+        del engine, model
+        release_memory()
+    barrier("synthesizer pairs")
+    log(f"synthesizer pairs: {_rows(out)} rows with the step pairs ({out})")
+    return out
+
+
 def train_policy(recipe: Recipe, run_dir: str | Path, start_policy: str, data: str | Path | None,
                  out_dir: str | Path | None = None, question_ids: list[str] | None = None) -> Path:
     """Train the recipe's method from `start_policy` (a policy spec or adapter folder) on `data` (a pairs dataset
@@ -438,12 +486,13 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
     (default the recipe's eval split) into run_dir/eval/<name>/ (results.json, chains.jsonl, ...); writes
     run_dir/results.{json,md} with the table and a plain statement of trained vs warm start. Returns
     name -> {method -> metrics}."""
+    from rag_dpo.agent.hierarchical import variant_methods
     from rag_dpo.distributed import gather_objects, is_main
     from rag_dpo.eval.evaluate import evaluate
     run_dir = Path(run_dir)
     w = world(recipe)
     e = recipe.eval
-    methods = list(methods or e.methods)
+    methods = variant_methods(list(methods or e.methods), recipe.agent.variant)   # hierarchical: agent-hier
     split = split or recipe.data.eval_split
     policies = {k: v for k, v in policies.items() if v}
     table: dict[str, dict] = {}
@@ -694,6 +743,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = False) -> di
         else:
             labels = collect_rollouts(recipe, run_dir, start)
             data = build_pair_datasets(recipe, run_dir, labels)
+            if recipe.agent.variant == "hierarchical" and recipe.method == "dpo":
+                data = add_synthesizer_pairs(recipe, run_dir, labels, start, data)
             trained = train_policy(recipe, run_dir, start, data)
         if is_main():
             atomic_write_json(run_dir / "data_hashes.json", _data_hashes(recipe, run_dir))

@@ -1,0 +1,247 @@
+"""The planner / synthesizer agent (`agent-hier`): one role searches, a second role writes the answer.
+
+The *planner* is the search agent of `agent.protocol` run by the rollout engine unchanged: it thinks (free to
+break the question into sub-questions there), issues `<search>` queries, and decides that the evidence suffices
+by writing its `<answer>` step, which here is only the "finish" signal. The *synthesizer* then writes the answer
+from the question and the passages the planner retrieved, and from nothing else: its prompt (`synthesizer_prompt`,
+its own system prompt, a chat turn like the `rag` baseline's) never holds the planner's thinking, queries,
+sub-questions or own answer. Same model with two prompts by default; `synthesizer=` takes a second engine (e.g. a
+second LoRA adapter of the same base loaded as its own policy).
+
+Design decisions:
+- The planner keeps the flat agent's prompt (`protocol.SYSTEM_PROMPT`), so its steps are exactly what
+  `engine.rollout` writes, and the annotators, step pairs and trainers (which all render a path with
+  `tokenize_path` and that prompt) see the planner's steps in the context they were generated in: step annotation
+  and step-DPO apply to the planner with no change, and tree search / the rollout pool need no hierarchical mode.
+- A hierarchical chain is a normal linear `Chain` (`method = "agent-hier"`): the planner's searches, then one
+  answer step written by the synthesizer (the selected leaf), so eval, annotators and pair builders read it
+  unchanged. The synthesizer's step replaces the planner's finish step; that step is kept whole in
+  `chain.meta["planner_finish"]` (`planner_chain` restores the planner's own chain). Roles are recorded in
+  `chain.meta["roles"]` (`{"planner": [step ids], "synthesizer": [step id]}`): `Step` has no role field and adding
+  one would change every chain file; this is the documented convention.
+- The synthesizer always answers, whether the planner finished, stopped at `max_steps` or wrote an unparsable step
+  (then the synthesizer's step follows it, and eval still counts the parse error): the planner decides when to stop
+  searching, the synthesizer owns every answer. `meta["planner_end"]` says which of the three happened, so the
+  effect of "always answer" can be told apart from the effect of the split (docs/variants.md).
+- The synthesizer sees the distinct passages retrieved on the planner's path, in retrieval order, each cut to the
+  engine's `max_tokens_per_passage` (the same budget the planner saw). A plain reply counts as the answer, with the
+  missing tag recorded as a parse error (the `rag` baseline's rule, `baselines.answer_step`).
+- Answer-level pairs for the synthesizer (`synthesizer_pairs`): n sampled synthesizer answers for one planner
+  chain, the best and worst by answer F1 (margin, no near-duplicates), as TRL `{prompt, chosen, rejected}` rows
+  with the step-pair columns (`pairs.builders`), so they can be saved and concatenated with step pairs and the DPO
+  trainer consumes them unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Sequence
+
+from rag_dpo.agent import protocol
+from rag_dpo.agent.baselines import answer_step
+from rag_dpo.agent.rollout import RolloutEngine, row_seed
+from rag_dpo.metrics import f1_score, normalize_answer
+from rag_dpo.records import ANSWER, Chain, Corpus, Passage, Question, Step
+
+METHOD = "agent-hier"
+VARIANTS = ("flat", "hierarchical")
+SYNTHESIZER = "synthesizer"
+PLANNER = "planner"
+
+SYNTHESIZER_PROMPT = ("You write the final answer to a question using only the passages given. Answer with a short "
+                      "answer of a few words, written inside <answer></answer>.")
+
+
+def variant_methods(methods: Sequence[str], variant: str) -> list[str]:
+    """Eval methods for an agent variant: `hierarchical` evaluates `agent-hier` where `agent` is asked for, unless
+    the list already names `agent-hier` (then both run, as listed)."""
+    if variant not in VARIANTS:
+        from rag_dpo.errors import InputError
+        raise InputError(f"unknown agent variant {variant!r} (choose from {', '.join(VARIANTS)})",
+                         field="agent.variant")
+    if variant == "flat" or METHOD in methods:
+        return list(methods)
+    return list(dict.fromkeys(METHOD if m == "agent" else m for m in methods))
+
+
+# ---- what each role sees ----------------------------------------------------------------------------------------
+def is_hierarchical(chain: Chain) -> bool:
+    return bool((chain.meta.get("roles") or {}).get(SYNTHESIZER))
+
+
+def planner_path(chain: Chain) -> list[Step]:
+    """The planner's own steps: the selected path without the synthesizer's step, with the planner's finish step
+    back in place when it had one."""
+    path = chain.path()
+    if not is_hierarchical(chain):
+        return path
+    synth = set(chain.meta["roles"][SYNTHESIZER])
+    steps = [s for s in path if s.id not in synth]
+    finish = chain.meta.get("planner_finish")
+    return steps + ([Step.from_dict(finish)] if finish else [])
+
+
+def planner_chain(chain: Chain) -> Chain:
+    """The planner's chain as the flat agent would have written it (method `agent`): what step annotation and
+    step pairs train the planner on."""
+    out = copy.deepcopy(chain)
+    out.steps = [copy.deepcopy(s) for s in planner_path(chain)]
+    out.selected = out.steps[-1].id if out.steps else None
+    out.method = "agent"
+    for key in ("roles", "planner_finish", "planner_end", "planner_answer", "synthesizer_passages"):
+        out.meta.pop(key, None)
+    return out
+
+
+def collected_passages(steps: Sequence[Step], corpus: Corpus, max_passages: int | None = None) -> list[Passage]:
+    """The distinct passages retrieved on `steps`, in retrieval order (what the synthesizer reads)."""
+    ids = list(dict.fromkeys(pid for s in steps for pid in s.retrieved_ids if pid in corpus))
+    return [corpus[pid] for pid in ids[:max_passages]]
+
+
+def synthesizer_prompt(tokenizer, question: str, passages: Sequence[Passage], max_tokens_per_passage: int = 64) -> str:
+    """The synthesizer's chat prompt: its system prompt, then the numbered passages and the question. Built from
+    the question and the passages only, so no planner text can reach it."""
+    if passages:
+        body = protocol.format_observation(passages, tokenizer, max_tokens_per_passage)
+        body = body.replace("<information>", "").replace("</information>", "").strip()
+        user = f"Passages:\n{body}\n\nQuestion: {question}"
+    else:
+        user = f"Passages: none were found.\n\nQuestion: {question}"
+    messages = [{"role": "system", "content": SYNTHESIZER_PROMPT}, {"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYNTHESIZER_PROMPT}\n\n{user}\nAssistant: "
+
+
+def _prompts(engine: RolloutEngine, chains: Sequence[Chain], max_passages: int | None) -> list[tuple[str, list[str]]]:
+    """(prompt text, passage ids) of the synthesizer for each chain's planner path."""
+    out = []
+    for c in chains:
+        passages = collected_passages(planner_path(c), engine.corpus, max_passages)
+        out.append((synthesizer_prompt(engine.tokenizer, c.question, passages, engine.cfg.max_tokens_per_passage),
+                    [p.id for p in passages]))
+    return out
+
+
+def _ids(engine: RolloutEngine, text: str) -> list[int]:
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _next_id(chain: Chain) -> str:
+    nums = [int(s.id) for s in chain.steps if s.id.isdigit()]
+    finish = chain.meta.get("planner_finish") or {}
+    if str(finish.get("id", "")).isdigit():
+        nums.append(int(finish["id"]))
+    return str(max(nums, default=-1) + 1)
+
+
+def planner_end(path: Sequence[Step]) -> str:
+    """Why the planner stopped: `answer` (it judged the evidence sufficient), `invalid` or `max_steps`."""
+    if not path:
+        return "max_steps"
+    return {"answer": "answer", "invalid": "invalid"}.get(path[-1].action, "max_steps")
+
+
+def attach_answer(chain: Chain, text: str, n_tokens: int, passage_ids: list[str]) -> Chain:
+    """Turn a planner chain (the engine's linear rollout) into a hierarchical one: the synthesizer's answer step
+    replaces the planner's finish step (kept in meta) or follows its last step."""
+    path = chain.path()
+    end = planner_end(path)
+    chain.meta["planner_end"] = end
+    if end == "answer":
+        finish = path[-1]
+        chain.steps = [s for s in chain.steps if s.id != finish.id]
+        chain.meta["planner_finish"] = finish.to_dict()
+        chain.meta["planner_answer"] = finish.answer
+        path = path[:-1]
+    parent = path[-1].id if path else None
+    step = answer_step(_next_id(chain), parent, text, n_tokens)
+    chain.add_step(step)
+    chain.selected = step.id
+    chain.method = METHOD
+    chain.meta["roles"] = {PLANNER: [s.id for s in path], SYNTHESIZER: [step.id]}
+    chain.meta["synthesizer_passages"] = passage_ids
+    return chain
+
+
+def hierarchical(engine: RolloutEngine, questions: Sequence[Question], answer_tokens: int = 32,
+                 synthesizer: RolloutEngine | None = None, max_passages: int | None = None) -> list[Chain]:
+    """Planner / synthesizer chains for `questions`: the engine rolls the planner out (batched, greedy or sampled
+    per its config), then one batched generation writes every synthesizer answer (`synthesizer`: another engine,
+    e.g. a second adapter; default the same one)."""
+    t0 = time.perf_counter()
+    chains = engine.rollout(questions)
+    synth = synthesizer or engine
+    prompts = _prompts(synth, chains, max_passages)
+    contexts = [_ids(synth, p) for p, _ in prompts]
+    seeds = [row_seed(synth.cfg.seed, c.question_id, f"{METHOD}:answer") for c in chains]
+    outputs = synth.generate_texts(contexts, seeds, synth.cfg.do_sample, answer_tokens)
+    for c, (_, pids), (text, n) in zip(chains, prompts, outputs):
+        attach_answer(c, text, n, pids)
+    per = (time.perf_counter() - t0) / max(1, len(chains))
+    for c in chains:
+        c.meta["seconds"] = per
+    return chains
+
+
+# ---- answer-level pairs for the synthesizer ---------------------------------------------------------------------
+def _duplicate_answers(a: Step, b: Step) -> bool:
+    if a.text.strip() == b.text.strip():
+        return True
+    return a.action == ANSWER and b.action == ANSWER and normalize_answer(a.answer or "") == normalize_answer(b.answer or "")
+
+
+def answer_value(step: Step, golds: Sequence[str]) -> float:
+    """A synthesizer answer's value: its F1 against the gold answers (0 for an unparsable reply)."""
+    return f1_score(step.answer, list(golds)) if step.action == ANSWER else 0.0
+
+
+def synthesizer_pair_rows(chain: Chain, prompt: str, answers: Sequence[Step], margin: float = 0.1) -> list[dict]:
+    """At most one TRL preference row for one synthesizer prompt: the highest-F1 answer over the lowest-F1 one
+    (ties: the earlier sample), when they differ by >= margin (and > 0) and are not the same answer. Columns are `pairs.builders`' step-pair
+    columns (prompt/chosen/rejected + spans, ends_turn and metadata), so the rows save with its `step` features."""
+    scored = [(answer_value(s, chain.gold_answers), i, s) for i, s in enumerate(answers)]
+    for hv, _, hi in sorted(scored, key=lambda x: (-x[0], x[1])):        # ties: the earlier sample
+        for lv, _, lo in sorted(scored, key=lambda x: (x[0], x[1])):
+            if hv - lv <= 0 or hv - lv < margin or _duplicate_answers(hi, lo):
+                continue
+            return [{"prompt": prompt, "chosen": hi.text, "rejected": lo.text, "chosen_info_spans": [],
+                     "rejected_info_spans": [], "chosen_ends_turn": protocol.ends_turn(hi),
+                     "rejected_ends_turn": protocol.ends_turn(lo), "question_id": chain.question_id,
+                     "prefix_id": SYNTHESIZER, "chosen_id": hi.id, "rejected_id": lo.id, "chosen_value": hv,
+                     "rejected_value": lv, "chosen_action": hi.action, "rejected_action": lo.action,
+                     "annotator": "answer-f1"}]
+    return []
+
+
+def sample_synthesizer_answers(engine: RolloutEngine, chains: Sequence[Chain], n: int = 4, answer_tokens: int = 32,
+                               max_passages: int | None = None) -> list[tuple[str, list[Step]]]:
+    """(synthesizer prompt, n sampled answer steps) for each chain's planner path, in one batched call; step ids
+    are `synth:<j>`, seeds from (seed, question id, j), so the samples do not depend on the batch."""
+    prompts = _prompts(engine, chains, max_passages)
+    contexts, seeds = [], []
+    for c, (p, _) in zip(chains, prompts):
+        ids = _ids(engine, p)
+        for j in range(n):
+            contexts.append(ids)
+            seeds.append(row_seed(engine.cfg.seed, c.question_id, f"{METHOD}:answer", j + 1))
+    outputs = engine.generate_texts(contexts, seeds, True, answer_tokens)
+    out = []
+    for i, (c, (p, _)) in enumerate(zip(chains, prompts)):
+        steps = [answer_step(f"synth:{j}", None, *outputs[i * n + j]) for j in range(n)]
+        out.append((p, steps))
+    return out
+
+
+def synthesizer_pairs(engine: RolloutEngine, chains: Sequence[Chain], n: int = 4, margin: float = 0.1,
+                      answer_tokens: int = 32, max_passages: int | None = None) -> tuple[list[dict], dict]:
+    """Answer-level DPO rows for the synthesizer from planner chains (a rollout pool, or hierarchical chains):
+    n sampled answers per chain, preferred by F1. Returns (rows, budget) with the generated tokens spent."""
+    samples = sample_synthesizer_answers(engine, chains, n, answer_tokens, max_passages)
+    rows = [r for c, (p, steps) in zip(chains, samples) for r in synthesizer_pair_rows(c, p, steps, margin)]
+    tokens = sum(s.generated_tokens for _, steps in samples for s in steps)
+    return rows, {"synthesizer_chains": len(chains), "synthesizer_samples": n * len(chains),
+                  "synthesizer_generated_tokens": tokens, "synthesizer_rows": len(rows)}
+
