@@ -34,6 +34,7 @@ STAGE_COMMANDS = [
     "rag_dpo.agent.commands",
     "rag_dpo.annotate.commands",
     "rag_dpo.pairs.commands",
+    "rag_dpo.train.self_eval_commands",  # self-eval-data, self-eval-calibration (Post-Completion Learning)
     "rag_dpo.eval.commands",
     "rag_dpo.pipeline.commands",
     "rag_dpo.pipeline.compare_commands",

@@ -38,6 +38,8 @@ class DPOSettings(TrainerSettings):
     precompute_ref_log_probs: bool = True    # one reference pass before training instead of one per step
     max_pair_similarity: float = 1.0         # drop pairs whose chosen/rejected texts are at least this similar
                                              # (difflib ratio; 1.0 keeps every pair)
+    self_eval: bool = False                  # also learn <score>D</score> after chosen and rejected (self_eval.py)
+    self_eval_weight: float = 0.5            # weight of that NLL term (outside every DPO loss)
 
 
 def _action(text: str) -> str:
@@ -185,10 +187,14 @@ def build_dpo_trainer(cfg: DPOSettings, dataset, out_dir: Path, model: str = "sm
     policy, tok, peft_cfg = load_trainable(model, cfg)
     train = tokenize_pairs(dataset, tok)
     args = dpo_config(cfg, out_dir / "checkpoints")
-    collator = _masked_collator_cls()(pad_token_id=tok.pad_token_id, max_length=args.max_length,
-                                      truncation_mode=args.truncation_mode)
-    trainer = _masked_trainer_cls()(model=policy, args=args, train_dataset=train, processing_class=tok,
-                                    peft_config=peft_cfg, data_collator=collator, callbacks=[divergence_guard()])
+    if cfg.self_eval:
+        from rag_dpo.train.self_eval import self_eval_dpo_trainer
+        trainer = self_eval_dpo_trainer(cfg, policy, tok, peft_cfg, dataset, train, args, [divergence_guard()])
+    else:
+        collator = _masked_collator_cls()(pad_token_id=tok.pad_token_id, max_length=args.max_length,
+                                          truncation_mode=args.truncation_mode)
+        trainer = _masked_trainer_cls()(model=policy, args=args, train_dataset=train, processing_class=tok,
+                                        peft_config=peft_cfg, data_collator=collator, callbacks=[divergence_guard()])
     trainer.pair_stats = stats
     return trainer, tok
 
@@ -203,4 +209,5 @@ def train_dpo(cfg: DPOSettings, dataset, out_dir: str | Path, model: str = "smol
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
     return finish_training(trainer, tok, out_dir, model,
                            ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-                            "rewards/chosen", "rewards/rejected"], "DPO", extra={"pairs": trainer.pair_stats})
+                            "rewards/chosen", "rewards/rejected", "self_eval_loss"], "DPO",
+                           extra={"pairs": trainer.pair_stats})

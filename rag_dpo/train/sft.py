@@ -18,6 +18,8 @@ from rag_dpo.train.common import (ChainTokenizer, TrainerSettings, check_columns
 @dataclass
 class SFTSettings(TrainerSettings):
     """SFT uses the shared trainer settings (loss: mean NLL over policy tokens)."""
+    self_eval: bool = False          # also learn to write <score>D</score> after each completion (train/self_eval.py)
+    self_eval_weight: float = 0.5    # weight of that self-evaluation loss term (the answer's loss is unchanged)
 
 
 def tokenize_sft(dataset, tokenizer, where: str = "sft dataset"):
@@ -45,11 +47,15 @@ def train_sft(cfg: SFTSettings, dataset, out_dir: str | Path, model: str = "smol
     if isinstance(dataset, (str, Path)):
         dataset = load_dataset_dir(dataset)
     policy, tok, peft_cfg = load_trainable(model, cfg)
-    train = tokenize_sft(dataset, tok)
     args = hf_args(cfg, out_dir / "checkpoints", SFTConfig, max_length=cfg.max_length, packing=False,
                    dataset_num_proc=None)
-    trainer = SFTTrainer(model=policy, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
-                         callbacks=[divergence_guard()])
+    from rag_dpo.train.self_eval import self_eval_sft_trainer, without_score_only_rows
+    if cfg.self_eval:
+        trainer = self_eval_sft_trainer(cfg, policy, tok, peft_cfg, dataset, args, [divergence_guard()])
+    else:
+        train = tokenize_sft(without_score_only_rows(dataset), tok)
+        trainer = SFTTrainer(model=policy, args=args, train_dataset=train, processing_class=tok,
+                             peft_config=peft_cfg, callbacks=[divergence_guard()])
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
-    return finish_training(trainer, tok, out_dir, model, ["loss", "mean_token_accuracy", "entropy", "learning_rate"],
-                           "SFT", entropy_flag=False)
+    return finish_training(trainer, tok, out_dir, model, ["loss", "mean_token_accuracy", "entropy", "learning_rate",
+                                                          "self_eval_loss"], "SFT", entropy_flag=False)
