@@ -286,3 +286,25 @@ def test_dpo_suffix_is_outside_every_dpo_loss_and_has_its_own_term(tmp_path, tin
         assert ids[row][se[row].bool()].tolist() == suffix_ids(tok, value)
     labels = ids.masked_fill(se == 0, -100)
     assert out["w1"][0] - out["w0"][0] == pytest.approx(_nll(model, ids, labels), rel=1e-4)
+
+
+def test_calibration_command_scores_writes_and_agrees_with_its_files(tmp_path, tiny_policy_dir):
+    from typer.testing import CliRunner
+
+    from rag_dpo.cli import app
+    from rag_dpo.records import read_chains, write_chains
+    from rag_dpo.train.self_eval import chains_calibration
+    chain = _labelled_chain()
+    for s in chain.steps:
+        del s.labels["self"]
+    write_chains(tmp_path / "labels.jsonl", [chain])
+    out = tmp_path / "cal"
+    res = CliRunner().invoke(app, ["self-eval-calibration", "--policy", str(tiny_policy_dir), "--labels",
+                                   str(tmp_path / "labels.jsonl"), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    cal = json.loads((out / "calibration.json").read_text())
+    scored = read_chains(out / "scored_chains.jsonl")
+    assert all(0.0 <= s.labels["self"].value <= 1.0 for s in scored[0].steps)
+    assert cal["ece"] == pytest.approx(chains_calibration(scored, "evidence")["ece"]) and cal["n"] == 6
+    assert cal["choice"]["self"]["groups"] == 2 and (out / "reliability.png").stat().st_size > 1000
+    assert "ECE" in res.output

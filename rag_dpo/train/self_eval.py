@@ -549,12 +549,12 @@ def self_eval_calibration(policy: str, labels_path: str | Path, out_dir: str | P
     if not all(SELF_LABEL in s.labels for c in chains for s in c.steps):
         model, tok = load_policy(policy, device=resolve_device(device))
         score_chains(SelfScorer(model, tok), chains)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_chains(out / "scored_chains.jsonl", chains)
     if prm is not None:
         from rag_dpo.annotate.prm import PRMScorer
         score_chains(PRMScorer.load(prm), chains, name="prm")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_chains(out / "scored_chains.jsonl", chains)
     cal = chains_calibration(chains, name, bins=bins)
     cal["choice"] = {"self": group_choice(chains, name, SELF_LABEL)}
     if prm is not None:
