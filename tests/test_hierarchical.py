@@ -36,7 +36,7 @@ def _engine(tiny, **kw):
     return RolloutEngine(model, tok, QueryRetriever(), CORPUS, cfg, model_name="tiny")
 
 
-def _script(engine, monkeypatch, planner_replies, synth_reply="<answer>Shakespeare</answer>"):
+def _script(engine, monkeypatch, planner_replies, synth_reply="Shakespeare</answer>"):
     """Planner calls get `planner_replies[step]` (step = observations in their context), synthesizer calls (the
     ones with an answer budget) `synth_reply`; every call's decoded contexts are recorded."""
     calls = []
@@ -60,6 +60,7 @@ def test_synthesizer_sees_question_and_passages_only(tiny_model_and_tokenizer, m
     assert len(synth) == 1 and len(synth[0]) == 1
     prompt = synth[0][0]
     assert "Who wrote Hamlet?" in prompt and hier.SYNTHESIZER_PROMPT in prompt
+    assert prompt.endswith("<|im_start|>assistant\n<answer>")     # its turn starts with the answer tag
     assert "Passage number 1 mentions fact1." in prompt and "Passage number 2 mentions fact2." in prompt
     assert prompt.count("fact2") == 1                       # retrieved passages de-duplicated
     for planner_text in ("PLANSECRET", "SUBQ1", "zzqueryone", "PLANANSWER", "<search>", "<think>",
@@ -78,6 +79,7 @@ def test_chain_layout_planner_steps_then_synthesizer_answer(tiny_model_and_token
     assert [s.action for s in path] == [SEARCH, ANSWER] and c.method == "agent-hier"
     assert path[0].text == PLANNER_STEPS[0] and path[0].retrieved_ids == ["p1", "p2"]
     assert path[-1].answer == "Shakespeare" and c.final_answer == "Shakespeare" and c.selected == path[-1].id
+    assert path[-1].text == "<answer>Shakespeare</answer>" and path[-1].parse_error is None
     assert c.meta["roles"] == {"planner": [path[0].id], "synthesizer": [path[-1].id]}
     assert c.meta["planner_end"] == "answer" and c.meta["planner_answer"] == "PLANANSWER"
     # the planner's own chain comes back whole: its finish step in place, method agent
@@ -196,7 +198,7 @@ def test_synthesizer_pairs_from_planner_chains(tiny_model_and_tokenizer, monkeyp
     _script(engine, monkeypatch, PLANNER_STEPS)
     chains = [hier.planner_chain(c) for c in hier.hierarchical(engine, QUESTIONS[:1])]
     seen = []
-    replies = iter(["<answer>Marlowe</answer>", "<answer>Shakespeare</answer>", "<answer>Kyd</answer>"])
+    replies = iter(["Marlowe</answer>", "Shakespeare</answer>", "Kyd</answer>"])
 
     def fake(contexts, seeds, sample, max_new_tokens=None):
         seen.append((list(contexts), list(seeds), sample))
@@ -207,7 +209,8 @@ def test_synthesizer_pairs_from_planner_chains(tiny_model_and_tokenizer, monkeyp
     assert sample and len(contexts) == 3 and len(set(seeds)) == 3 and contexts[0] == contexts[1] == contexts[2]
     prompt = engine.tokenizer.decode(contexts[0])
     assert "fact1" in prompt and "PLANSECRET" not in prompt and "PLANANSWER" not in prompt
-    assert len(rows) == 1 and rows[0]["chosen"] == "<answer>Shakespeare</answer>"
+    assert len(rows) == 1 and rows[0]["chosen"] == "Shakespeare</answer>" and rows[0]["rejected"] == "Marlowe</answer>"
+    assert rows[0]["prompt"] == prompt and prompt.endswith("<answer>")   # prompt + chosen = the synthesizer's turn
     assert spent["synthesizer_generated_tokens"] == 12 and spent["synthesizer_rows"] == 1
     save_dataset(rows, "step", tmp_path / "synth", {})
 

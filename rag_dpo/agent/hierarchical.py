@@ -24,8 +24,12 @@ Design decisions:
   searching, the synthesizer owns every answer. `meta["planner_end"]` says which of the three happened, so the
   effect of "always answer" can be told apart from the effect of the split (docs/variants.md).
 - The synthesizer sees the distinct passages retrieved on the planner's path, in retrieval order, each cut to the
-  engine's `max_tokens_per_passage` (the same budget the planner saw). A plain reply counts as the answer, with the
-  missing tag recorded as a parse error (the `rag` baseline's rule, `baselines.answer_step`).
+  engine's `max_tokens_per_passage` (the same budget the planner saw).
+- Its turn starts with `<answer>` already written (`answer_prefix`, part of the prompt; the step's text keeps it):
+  its only job is the answer, and a policy fine-tuned on the search protocol otherwise often starts a new search
+  instead (without the prefix the warm start did so in 13 of 40 test questions: docs/variants.md). A reply that
+  still does not close the tag counts as the answer as written, with a parse error recorded (the `rag` baseline's
+  rule, `baselines.answer_step`).
 - Answer-level pairs for the synthesizer (`synthesizer_pairs`): n sampled synthesizer answers for one planner
   chain, the best and worst by answer F1 (margin, no near-duplicates), as TRL `{prompt, chosen, rejected}` rows
   with the step-pair columns (`pairs.builders`), so they can be saved and concatenated with step pairs and the DPO
@@ -51,6 +55,7 @@ PLANNER = "planner"
 
 SYNTHESIZER_PROMPT = ("You write the final answer to a question using only the passages given. Answer with a short "
                       "answer of a few words, written inside <answer></answer>.")
+ANSWER_PREFIX = "<answer>"
 
 
 def variant_methods(methods: Sequence[str], variant: str) -> list[str]:
@@ -100,9 +105,11 @@ def collected_passages(steps: Sequence[Step], corpus: Corpus, max_passages: int 
     return [corpus[pid] for pid in ids[:max_passages]]
 
 
-def synthesizer_prompt(tokenizer, question: str, passages: Sequence[Passage], max_tokens_per_passage: int = 64) -> str:
-    """The synthesizer's chat prompt: its system prompt, then the numbered passages and the question. Built from
-    the question and the passages only, so no planner text can reach it."""
+def synthesizer_prompt(tokenizer, question: str, passages: Sequence[Passage], max_tokens_per_passage: int = 64,
+                       answer_prefix: str = ANSWER_PREFIX) -> str:
+    """The synthesizer's chat prompt: its system prompt, then the numbered passages and the question, and the
+    start of its reply (`answer_prefix`). Built from the question and the passages only, so no planner text can
+    reach it."""
     if passages:
         body = protocol.format_observation(passages, tokenizer, max_tokens_per_passage)
         body = body.replace("<information>", "").replace("</information>", "").strip()
@@ -111,17 +118,18 @@ def synthesizer_prompt(tokenizer, question: str, passages: Sequence[Passage], ma
         user = f"Passages: none were found.\n\nQuestion: {question}"
     messages = [{"role": "system", "content": SYNTHESIZER_PROMPT}, {"role": "user", "content": user}]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{SYNTHESIZER_PROMPT}\n\n{user}\nAssistant: "
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answer_prefix
+    return f"{SYNTHESIZER_PROMPT}\n\n{user}\nAssistant: {answer_prefix}"
 
 
-def _prompts(engine: RolloutEngine, chains: Sequence[Chain], max_passages: int | None) -> list[tuple[str, list[str]]]:
+def _prompts(engine: RolloutEngine, chains: Sequence[Chain], max_passages: int | None, answer_prefix: str
+             ) -> list[tuple[str, list[str]]]:
     """(prompt text, passage ids) of the synthesizer for each chain's planner path."""
     out = []
     for c in chains:
         passages = collected_passages(planner_path(c), engine.corpus, max_passages)
-        out.append((synthesizer_prompt(engine.tokenizer, c.question, passages, engine.cfg.max_tokens_per_passage),
-                    [p.id for p in passages]))
+        out.append((synthesizer_prompt(engine.tokenizer, c.question, passages, engine.cfg.max_tokens_per_passage,
+                                       answer_prefix), [p.id for p in passages]))
     return out
 
 
@@ -167,19 +175,20 @@ def attach_answer(chain: Chain, text: str, n_tokens: int, passage_ids: list[str]
 
 
 def hierarchical(engine: RolloutEngine, questions: Sequence[Question], answer_tokens: int = 32,
-                 synthesizer: RolloutEngine | None = None, max_passages: int | None = None) -> list[Chain]:
+                 synthesizer: RolloutEngine | None = None, max_passages: int | None = None,
+                 answer_prefix: str = ANSWER_PREFIX) -> list[Chain]:
     """Planner / synthesizer chains for `questions`: the engine rolls the planner out (batched, greedy or sampled
     per its config), then one batched generation writes every synthesizer answer (`synthesizer`: another engine,
     e.g. a second adapter; default the same one)."""
     t0 = time.perf_counter()
     chains = engine.rollout(questions)
     synth = synthesizer or engine
-    prompts = _prompts(synth, chains, max_passages)
+    prompts = _prompts(synth, chains, max_passages, answer_prefix)
     contexts = [_ids(synth, p) for p, _ in prompts]
     seeds = [row_seed(synth.cfg.seed, c.question_id, f"{METHOD}:answer") for c in chains]
     outputs = synth.generate_texts(contexts, seeds, synth.cfg.do_sample, answer_tokens)
     for c, (_, pids), (text, n) in zip(chains, prompts, outputs):
-        attach_answer(c, text, n, pids)
+        attach_answer(c, answer_prefix + text, n, pids)
     per = (time.perf_counter() - t0) / max(1, len(chains))
     for c in chains:
         c.meta["seconds"] = per
@@ -198,16 +207,20 @@ def answer_value(step: Step, golds: Sequence[str]) -> float:
     return f1_score(step.answer, list(golds)) if step.action == ANSWER else 0.0
 
 
-def synthesizer_pair_rows(chain: Chain, prompt: str, answers: Sequence[Step], margin: float = 0.1) -> list[dict]:
+def synthesizer_pair_rows(chain: Chain, prompt: str, answers: Sequence[Step], margin: float = 0.1,
+                          answer_prefix: str = "") -> list[dict]:
     """At most one TRL preference row for one synthesizer prompt: the highest-F1 answer over the lowest-F1 one
     (ties: the earlier sample), when they differ by >= margin (and > 0) and are not the same answer. Columns are `pairs.builders`' step-pair
-    columns (prompt/chosen/rejected + spans, ends_turn and metadata), so the rows save with its `step` features."""
+    columns (prompt/chosen/rejected + spans, ends_turn and metadata), so the rows save with its `step` features.
+    `prompt` ends with `answer_prefix`, which chosen and rejected then leave out (the prompt already holds it)."""
     scored = [(answer_value(s, chain.gold_answers), i, s) for i, s in enumerate(answers)]
     for hv, _, hi in sorted(scored, key=lambda x: (-x[0], x[1])):        # ties: the earlier sample
         for lv, _, lo in sorted(scored, key=lambda x: (x[0], x[1])):
             if hv - lv <= 0 or hv - lv < margin or _duplicate_answers(hi, lo):
                 continue
-            return [{"prompt": prompt, "chosen": hi.text, "rejected": lo.text, "chosen_info_spans": [],
+            chosen, rejected = (s.text[len(answer_prefix):] if s.text.startswith(answer_prefix) else s.text
+                                for s in (hi, lo))
+            return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_info_spans": [],
                      "rejected_info_spans": [], "chosen_ends_turn": protocol.ends_turn(hi),
                      "rejected_ends_turn": protocol.ends_turn(lo), "question_id": chain.question_id,
                      "prefix_id": SYNTHESIZER, "chosen_id": hi.id, "rejected_id": lo.id, "chosen_value": hv,
@@ -217,10 +230,11 @@ def synthesizer_pair_rows(chain: Chain, prompt: str, answers: Sequence[Step], ma
 
 
 def sample_synthesizer_answers(engine: RolloutEngine, chains: Sequence[Chain], n: int = 4, answer_tokens: int = 32,
-                               max_passages: int | None = None) -> list[tuple[str, list[Step]]]:
+                               max_passages: int | None = None, answer_prefix: str = ANSWER_PREFIX
+                               ) -> list[tuple[str, list[Step]]]:
     """(synthesizer prompt, n sampled answer steps) for each chain's planner path, in one batched call; step ids
     are `synth:<j>`, seeds from (seed, question id, j), so the samples do not depend on the batch."""
-    prompts = _prompts(engine, chains, max_passages)
+    prompts = _prompts(engine, chains, max_passages, answer_prefix)
     contexts, seeds = [], []
     for c, (p, _) in zip(chains, prompts):
         ids = _ids(engine, p)
@@ -230,17 +244,20 @@ def sample_synthesizer_answers(engine: RolloutEngine, chains: Sequence[Chain], n
     outputs = engine.generate_texts(contexts, seeds, True, answer_tokens)
     out = []
     for i, (c, (p, _)) in enumerate(zip(chains, prompts)):
-        steps = [answer_step(f"synth:{j}", None, *outputs[i * n + j]) for j in range(n)]
+        steps = [answer_step(f"synth:{j}", None, answer_prefix + outputs[i * n + j][0], outputs[i * n + j][1])
+                 for j in range(n)]
         out.append((p, steps))
     return out
 
 
 def synthesizer_pairs(engine: RolloutEngine, chains: Sequence[Chain], n: int = 4, margin: float = 0.1,
-                      answer_tokens: int = 32, max_passages: int | None = None) -> tuple[list[dict], dict]:
+                      answer_tokens: int = 32, max_passages: int | None = None, answer_prefix: str = ANSWER_PREFIX
+                      ) -> tuple[list[dict], dict]:
     """Answer-level DPO rows for the synthesizer from planner chains (a rollout pool, or hierarchical chains):
     n sampled answers per chain, preferred by F1. Returns (rows, budget) with the generated tokens spent."""
-    samples = sample_synthesizer_answers(engine, chains, n, answer_tokens, max_passages)
-    rows = [r for c, (p, steps) in zip(chains, samples) for r in synthesizer_pair_rows(c, p, steps, margin)]
+    samples = sample_synthesizer_answers(engine, chains, n, answer_tokens, max_passages, answer_prefix)
+    rows = [r for c, (p, steps) in zip(chains, samples)
+            for r in synthesizer_pair_rows(c, p, steps, margin, answer_prefix)]
     tokens = sum(s.generated_tokens for _, steps in samples for s in steps)
     return rows, {"synthesizer_chains": len(chains), "synthesizer_samples": n * len(chains),
                   "synthesizer_generated_tokens": tokens, "synthesizer_rows": len(rows)}
