@@ -36,6 +36,7 @@ STAGE_COMMANDS = [
     "rag_dpo.pairs.commands",
     "rag_dpo.train.self_eval_commands",  # self-eval-data, self-eval-calibration (Post-Completion Learning)
     "rag_dpo.eval.commands",
+    "rag_dpo.eval.writeback_commands",
     "rag_dpo.pipeline.commands",
     "rag_dpo.pipeline.compare_commands",
     "rag_dpo.share_commands",            # push, dashboard: after every stage
