@@ -305,3 +305,23 @@ def test_pipeline_adds_synthesizer_pairs_to_the_step_pairs(tiny_policy_dir, tmp_
     # resume: a finished dataset is not rebuilt
     monkeypatch.setattr(h, "synthesizer_pairs", lambda *a, **k: pytest.fail("rebuilt"))
     assert add_synthesizer_pairs(recipe, tmp_path, labels, str(tiny_policy_dir), step_dir) == out
+
+
+def test_synthesize_reuses_planner_chains_and_protocol_prompt_hides_planner(tiny_model_and_tokenizer, monkeypatch):
+    """`synthesize` on the flat agent's chains: the same planner steps, a new synthesizer answer; the `protocol`
+    prompt (the agent's own prompt + one <information> block) still holds no planner text."""
+    engine = _engine(tiny_model_and_tokenizer)
+    calls = _script(engine, monkeypatch, PLANNER_STEPS, synth_reply="Shakespeare</answer>")
+    flat = engine.rollout(QUESTIONS[:1])
+    out = hier.synthesize(engine, flat, hier.SynthesizerConfig(prompt="protocol", answer_tokens=5))[0]
+    assert flat[0].method == "agent" and flat[0].final_answer == "PLANANSWER"      # the input is left as it was
+    assert out.final_answer == "Shakespeare" and hier.planner_path(out)[-1].text == PLANNER_STEPS[1]
+    assert out.meta["synthesizer"]["prompt"] == "protocol"
+    prompt = [texts for role, texts in calls if role == "synthesizer"][0][0]
+    assert "multi-hop questions by searching" in prompt and "Question: Who wrote Hamlet?" in prompt
+    assert prompt.count("<information>") == 2 and "fact1" in prompt and prompt.endswith("</information>\n<answer>")
+    for planner_text in ("PLANSECRET", "SUBQ1", "zzqueryone", "PLANANSWER", "<think>I"):
+        assert planner_text not in prompt
+    from rag_dpo.errors import InputError
+    with pytest.raises(InputError):
+        hier.synthesize(engine, flat, hier.SynthesizerConfig(prompt="free"))

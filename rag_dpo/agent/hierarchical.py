@@ -6,7 +6,10 @@ by writing its `<answer>` step, which here is only the "finish" signal. The *syn
 from the question and the passages the planner retrieved, and from nothing else: its prompt (`synthesizer_prompt`,
 its own system prompt, a chat turn like the `rag` baseline's) never holds the planner's thinking, queries,
 sub-questions or own answer. Same model with two prompts by default; `synthesizer=` takes a second engine (e.g. a
-second LoRA adapter of the same base loaded as its own policy).
+second LoRA adapter of the same base loaded as its own policy). `hierarchical` = `engine.rollout` (the planner) +
+`synthesize` (the answers, `SynthesizerConfig`); `synthesize` also turns existing planner chains (the flat agent's
+greedy eval chains are exactly the planner's) into hierarchical ones, so synthesizer settings are compared on
+the same planner chains.
 
 Design decisions:
 - The planner keeps the flat agent's prompt (`protocol.SYSTEM_PROMPT`), so its steps are exactly what
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 from rag_dpo.agent import protocol
@@ -56,6 +60,19 @@ PLANNER = "planner"
 SYNTHESIZER_PROMPT = ("You write the final answer to a question using only the passages given. Answer with a short "
                       "answer of a few words, written inside <answer></answer>.")
 ANSWER_PREFIX = "<answer>"
+PROMPTS = ("chat", "protocol")
+
+
+@dataclass
+class SynthesizerConfig:
+    """How the synthesizer is asked. `chat` (default) is its own role: SYNTHESIZER_PROMPT as the system message,
+    passages and question as the user message. `protocol` renders the agent's own prompt for the question followed
+    by one <information> block holding the passages (what a model fine-tuned on the search protocol has seen before
+    an answer; still no planner text): an ablation of the prompt, not of the split."""
+    answer_tokens: int = 32             # generation budget of the answer
+    max_passages: int | None = None     # cap on the passages shown (None: every distinct one the planner retrieved)
+    answer_prefix: str = ANSWER_PREFIX  # the reply starts with this (in the prompt; the step's text keeps it)
+    prompt: str = "chat"                # chat | protocol
 
 
 def variant_methods(methods: Sequence[str], variant: str) -> list[str]:
@@ -94,7 +111,7 @@ def planner_chain(chain: Chain) -> Chain:
     out.steps = [copy.deepcopy(s) for s in planner_path(chain)]
     out.selected = out.steps[-1].id if out.steps else None
     out.method = "agent"
-    for key in ("roles", "planner_finish", "planner_end", "planner_answer", "synthesizer_passages"):
+    for key in ("roles", "planner_finish", "planner_end", "planner_answer", "synthesizer_passages", "synthesizer"):
         out.meta.pop(key, None)
     return out
 
@@ -106,10 +123,16 @@ def collected_passages(steps: Sequence[Step], corpus: Corpus, max_passages: int 
 
 
 def synthesizer_prompt(tokenizer, question: str, passages: Sequence[Passage], max_tokens_per_passage: int = 64,
-                       answer_prefix: str = ANSWER_PREFIX) -> str:
-    """The synthesizer's chat prompt: its system prompt, then the numbered passages and the question, and the
-    start of its reply (`answer_prefix`). Built from the question and the passages only, so no planner text can
-    reach it."""
+                       answer_prefix: str = ANSWER_PREFIX, prompt: str = "chat") -> str:
+    """The synthesizer's prompt: its system prompt, then the numbered passages and the question, and the start of
+    its reply (`answer_prefix`); `prompt="protocol"`: see SynthesizerConfig. Built from the question and the
+    passages only, so no planner text can reach it."""
+    if prompt not in PROMPTS:
+        from rag_dpo.errors import InputError
+        raise InputError(f"unknown synthesizer prompt {prompt!r} (choose from {', '.join(PROMPTS)})", field="prompt")
+    if prompt == "protocol":
+        return protocol.render_prompt(tokenizer, question) + \
+            protocol.format_observation(passages, tokenizer, max_tokens_per_passage).lstrip("\n") + answer_prefix
     if passages:
         body = protocol.format_observation(passages, tokenizer, max_tokens_per_passage)
         body = body.replace("<information>", "").replace("</information>", "").strip()
@@ -122,14 +145,13 @@ def synthesizer_prompt(tokenizer, question: str, passages: Sequence[Passage], ma
     return f"{SYNTHESIZER_PROMPT}\n\n{user}\nAssistant: {answer_prefix}"
 
 
-def _prompts(engine: RolloutEngine, chains: Sequence[Chain], max_passages: int | None, answer_prefix: str
-             ) -> list[tuple[str, list[str]]]:
+def _prompts(engine: RolloutEngine, chains: Sequence[Chain], cfg: SynthesizerConfig) -> list[tuple[str, list[str]]]:
     """(prompt text, passage ids) of the synthesizer for each chain's planner path."""
     out = []
     for c in chains:
-        passages = collected_passages(planner_path(c), engine.corpus, max_passages)
+        passages = collected_passages(planner_path(c), engine.corpus, cfg.max_passages)
         out.append((synthesizer_prompt(engine.tokenizer, c.question, passages, engine.cfg.max_tokens_per_passage,
-                                       answer_prefix), [p.id for p in passages]))
+                                       cfg.answer_prefix, cfg.prompt), [p.id for p in passages]))
     return out
 
 
@@ -174,21 +196,28 @@ def attach_answer(chain: Chain, text: str, n_tokens: int, passage_ids: list[str]
     return chain
 
 
-def hierarchical(engine: RolloutEngine, questions: Sequence[Question], answer_tokens: int = 32,
-                 synthesizer: RolloutEngine | None = None, max_passages: int | None = None,
-                 answer_prefix: str = ANSWER_PREFIX) -> list[Chain]:
-    """Planner / synthesizer chains for `questions`: the engine rolls the planner out (batched, greedy or sampled
-    per its config), then one batched generation writes every synthesizer answer (`synthesizer`: another engine,
-    e.g. a second adapter; default the same one)."""
-    t0 = time.perf_counter()
-    chains = engine.rollout(questions)
-    synth = synthesizer or engine
-    prompts = _prompts(synth, chains, max_passages, answer_prefix)
-    contexts = [_ids(synth, p) for p, _ in prompts]
-    seeds = [row_seed(synth.cfg.seed, c.question_id, f"{METHOD}:answer") for c in chains]
-    outputs = synth.generate_texts(contexts, seeds, synth.cfg.do_sample, answer_tokens)
+def synthesize(engine: RolloutEngine, chains: Sequence[Chain], cfg: SynthesizerConfig | None = None) -> list[Chain]:
+    """Hierarchical copies of planner chains (e.g. the flat agent's eval chains: the same greedy planner), with
+    the synthesizer's answer written by `engine` in one batched generation (greedy or sampled per its config)."""
+    cfg = cfg or SynthesizerConfig()
+    chains = [planner_chain(c) if is_hierarchical(c) else copy.deepcopy(c) for c in chains]
+    prompts = _prompts(engine, chains, cfg)
+    contexts = [_ids(engine, p) for p, _ in prompts]
+    seeds = [row_seed(engine.cfg.seed, c.question_id, f"{METHOD}:answer") for c in chains]
+    outputs = engine.generate_texts(contexts, seeds, engine.cfg.do_sample, cfg.answer_tokens)
     for c, (_, pids), (text, n) in zip(chains, prompts, outputs):
-        attach_answer(c, answer_prefix + text, n, pids)
+        attach_answer(c, cfg.answer_prefix + text, n, pids)
+        c.meta["synthesizer"] = {"prompt": cfg.prompt, "answer_prefix": cfg.answer_prefix}
+    return chains
+
+
+def hierarchical(engine: RolloutEngine, questions: Sequence[Question], cfg: SynthesizerConfig | None = None,
+                 synthesizer: RolloutEngine | None = None) -> list[Chain]:
+    """Planner / synthesizer chains for `questions`: the engine rolls the planner out (batched, greedy or sampled
+    per its config), then `synthesize` writes every answer (`synthesizer`: another engine, e.g. a second adapter
+    of the same base loaded as its own policy; default the same engine)."""
+    t0 = time.perf_counter()
+    chains = synthesize(synthesizer or engine, engine.rollout(questions), cfg)
     per = (time.perf_counter() - t0) / max(1, len(chains))
     for c in chains:
         c.meta["seconds"] = per
@@ -229,35 +258,35 @@ def synthesizer_pair_rows(chain: Chain, prompt: str, answers: Sequence[Step], ma
     return []
 
 
-def sample_synthesizer_answers(engine: RolloutEngine, chains: Sequence[Chain], n: int = 4, answer_tokens: int = 32,
-                               max_passages: int | None = None, answer_prefix: str = ANSWER_PREFIX
-                               ) -> list[tuple[str, list[Step]]]:
+def sample_synthesizer_answers(engine: RolloutEngine, chains: Sequence[Chain], n: int = 4,
+                               cfg: SynthesizerConfig | None = None) -> list[tuple[str, list[Step]]]:
     """(synthesizer prompt, n sampled answer steps) for each chain's planner path, in one batched call; step ids
     are `synth:<j>`, seeds from (seed, question id, j), so the samples do not depend on the batch."""
-    prompts = _prompts(engine, chains, max_passages, answer_prefix)
+    cfg = cfg or SynthesizerConfig()
+    prompts = _prompts(engine, chains, cfg)
     contexts, seeds = [], []
     for c, (p, _) in zip(chains, prompts):
         ids = _ids(engine, p)
         for j in range(n):
             contexts.append(ids)
             seeds.append(row_seed(engine.cfg.seed, c.question_id, f"{METHOD}:answer", j + 1))
-    outputs = engine.generate_texts(contexts, seeds, True, answer_tokens)
+    outputs = engine.generate_texts(contexts, seeds, True, cfg.answer_tokens)
     out = []
     for i, (c, (p, _)) in enumerate(zip(chains, prompts)):
-        steps = [answer_step(f"synth:{j}", None, answer_prefix + outputs[i * n + j][0], outputs[i * n + j][1])
+        steps = [answer_step(f"synth:{j}", None, cfg.answer_prefix + outputs[i * n + j][0], outputs[i * n + j][1])
                  for j in range(n)]
         out.append((p, steps))
     return out
 
 
 def synthesizer_pairs(engine: RolloutEngine, chains: Sequence[Chain], n: int = 4, margin: float = 0.1,
-                      answer_tokens: int = 32, max_passages: int | None = None, answer_prefix: str = ANSWER_PREFIX
-                      ) -> tuple[list[dict], dict]:
+                      cfg: SynthesizerConfig | None = None) -> tuple[list[dict], dict]:
     """Answer-level DPO rows for the synthesizer from planner chains (a rollout pool, or hierarchical chains):
     n sampled answers per chain, preferred by F1. Returns (rows, budget) with the generated tokens spent."""
-    samples = sample_synthesizer_answers(engine, chains, n, answer_tokens, max_passages, answer_prefix)
+    cfg = cfg or SynthesizerConfig()
+    samples = sample_synthesizer_answers(engine, chains, n, cfg)
     rows = [r for c, (p, steps) in zip(chains, samples)
-            for r in synthesizer_pair_rows(c, p, steps, margin, answer_prefix)]
+            for r in synthesizer_pair_rows(c, p, steps, margin, cfg.answer_prefix)]
     tokens = sum(s.generated_tokens for _, steps in samples for s in steps)
     return rows, {"synthesizer_chains": len(chains), "synthesizer_samples": n * len(chains),
                   "synthesizer_generated_tokens": tokens, "synthesizer_rows": len(rows)}

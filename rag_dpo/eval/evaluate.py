@@ -222,13 +222,13 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
 
     from rag_dpo.agent.baselines import BASELINES, iter_retgen
     from rag_dpo.train.self_eval import RandomScorer, SelfScorer
-    from rag_dpo.agent.hierarchical import hierarchical
+    from rag_dpo.agent.hierarchical import SynthesizerConfig, hierarchical
     run = {
         "direct": lambda e, qs: BASELINES["direct"](e, qs, max_new_tokens=answer_tokens),
         "rag": lambda e, qs: BASELINES["rag"](e, qs, max_new_tokens=answer_tokens),
         "iter-retgen": lambda e, qs: iter_retgen(e, qs, rounds=iter_rounds, max_new_tokens=answer_tokens),
         "agent": _agent,
-        "agent-hier": lambda e, qs: hierarchical(e, qs, answer_tokens=answer_tokens),
+        "agent-hier": lambda e, qs: hierarchical(e, qs, SynthesizerConfig(answer_tokens=answer_tokens)),
         "agent-prm-bon": lambda e, qs: prm_best_of_n(e, qs, scorer, n=bon_n),
         "agent-self-bon": lambda e, qs: prm_best_of_n(e, qs, SelfScorer(e.model, e.tokenizer), n=bon_n,
                                                       method="agent-self-bon", label="self"),
