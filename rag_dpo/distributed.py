@@ -70,10 +70,17 @@ def init_from_env() -> bool:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:   # accelerate (so TRL / transformers' Trainer) treats a CPU launch as one process unless told it is MULTI_CPU
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    elif not deepspeed_launch():   # accelerate (so TRL / transformers' Trainer) treats a CPU launch as one process
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")   # unless told it is MULTI_CPU
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=_timeout_s()))
     return dist.get_world_size() > 1
+
+
+def deepspeed_launch() -> bool:
+    """True under `accelerate launch` with a DeepSpeed config. The run must then not be declared a CPU run
+    (ACCELERATE_USE_CPU, TrainingArguments.use_cpu), even without CUDA: transformers would set up plain DDP while
+    ZeRO-3's zero.Init has already partitioned the weights, and every forward would see empty tensors."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
 def rank() -> int:

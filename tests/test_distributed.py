@@ -285,3 +285,118 @@ def test_only_rank_0_starts_a_wandb_run(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     assert tracking.init_run("probe", dir=tmp_path) is None
     assert not any(tmp_path.iterdir())          # no wandb folder either
+
+
+def test_deepspeed_launch_on_cpu_is_not_declared_a_cpu_run(monkeypatch):
+    """Under `accelerate launch` with a DeepSpeed config and no CUDA, the arguments must not say use_cpu (transformers
+    would then wrap a ZeRO-3-partitioned model in plain DDP) and must name gloo (accelerate finds no backend for
+    DeepSpeed on CPU and counts one process); without DeepSpeed a CPU run stays a CPU run."""
+    from trl import SFTConfig
+
+    from rag_dpo.train.common import hf_args
+    from rag_dpo.train.sft import SFTSettings
+    monkeypatch.setattr("rag_dpo.train.common._cuda", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    plain = hf_args(SFTSettings(wandb=False, precision="fp32"), "/tmp/unused", SFTConfig)
+    assert plain.use_cpu and plain.ddp_backend is None
+    assert not distributed.deepspeed_launch()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert distributed.deepspeed_launch()
+    # the arguments themselves would now start DeepSpeed's CPU accelerator; check the fields hf_args chooses
+    seen = {}
+
+    class Recorder(SFTConfig):   # SFTConfig's fields, no DeepSpeed start-up
+        def __init__(self, **kw):
+            seen.update(kw)
+    hf_args(SFTSettings(wandb=False, precision="fp32"), "/tmp/unused", Recorder)
+    assert seen["use_cpu"] is False and seen["ddp_backend"] == "gloo"
+
+
+def test_init_from_env_leaves_the_cpu_flag_to_deepspeed(monkeypatch):
+    """init_from_env sets ACCELERATE_USE_CPU for a CPU torchrun (so TRL sees MULTI_CPU, not one process), but not
+    under a DeepSpeed launch, where that flag would turn the run into DDP over partitioned weights."""
+    calls = []
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: False)
+    monkeypatch.setattr("torch.distributed.init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr("torch.distributed.get_world_size", lambda: 2)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for ds, expect in (("true", None), ("false", "true")):
+        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", ds)
+        assert distributed.init_from_env()
+        assert os.environ.get("ACCELERATE_USE_CPU") == expect, ds
+    assert [c["backend"] for c in calls] == ["gloo", "gloo"]
+
+
+def test_trainers_build_their_arguments_before_loading_the_model(monkeypatch, tmp_path):
+    """ZeRO-3 partitions a model only if it is loaded after the TrainingArguments exist (they switch on zero.Init):
+    SFT and DPO create their arguments first."""
+    from datasets import Dataset
+
+    import rag_dpo.train.dpo as dpo
+    import rag_dpo.train.sft as sft
+    order = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_args(*a, **kw):
+        order.append("args")
+        return None
+
+    def fake_load(*a, **kw):
+        order.append("model")
+        raise Stop
+
+    for mod in (sft, dpo):
+        monkeypatch.setattr(mod, "load_trainable", fake_load)
+    monkeypatch.setattr(sft, "hf_args", fake_args)
+    monkeypatch.setattr(dpo, "dpo_config", fake_args)
+    with pytest.raises(Stop):
+        sft.train_sft(sft.SFTSettings(wandb=False), Dataset.from_list([{"prompt": "p", "completion": "c"}]),
+                      tmp_path / "sft")
+    with pytest.raises(Stop):
+        dpo.build_dpo_trainer(dpo.DPOSettings(wandb=False),
+                              Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}]), tmp_path / "dpo")
+    assert order == ["args", "model", "args", "model"]
+
+
+@needs_gloo
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
+def test_two_rank_zero3_sft_on_cpu_equals_one_process(tmp_path, tiny_policy_dir):
+    """`accelerate launch` with recipes/accelerate/zero3.yaml on 2 CPU ranks: DeepSpeed ZeRO-3 trains the same LoRA
+    weights as one process (the shards are gathered for the save) and both ranks end equal."""
+    from safetensors.torch import load_file
+
+    from distributed_worker import run_sft
+    single = run_sft(tiny_policy_dir, tmp_path / "single")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(TESTS.parent / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2", "--main_process_port",
+           str(_free_port()), "--mixed_precision", "no", str(WORKER), str(tmp_path / "pooled"), "--sft",
+           str(tiny_policy_dir)]
+    r = subprocess.run(cmd, env=_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"pooled.rank{k}.safetensors")) for k in (0, 1)]
+    for name in single:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], single[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_eval_prints_its_table_on_rank_0_only(monkeypatch, tmp_path):
+    """`rag-dpo eval` under a multi-process launch: every rank returns the results, only rank 0 prints them."""
+    from typer.testing import CliRunner
+
+    import rag_dpo.eval.commands as commands
+    import rag_dpo.eval.evaluate as evaluate
+    from rag_dpo.cli import app
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **kw: {"agent": {"em": 0.5, "f1": 0.5, "n": 2}})
+    outs = {}
+    for main in (True, False):
+        monkeypatch.setattr(commands, "is_main", lambda main=main: main)
+        res = CliRunner().invoke(app, ["eval", "--data", "x.jsonl", "--out", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        outs[main] = res.output
+    assert "results.json" in outs[True] and "0.5" in outs[True]
+    assert "results.json" not in outs[False] and "0.5" not in outs[False]

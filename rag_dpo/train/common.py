@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_dpo.errors import InputError
+from rag_dpo.distributed import deepspeed_launch
 
 INFO_BLOCK = re.compile(r"\n<information>\n.*?\n</information>\n", re.S)
 
@@ -104,8 +105,10 @@ def hf_args(settings: TrainerSettings, out_dir: str | Path, config_cls, **specif
         save_strategy="steps", logging_first_step=True, disable_tqdm=False, dataloader_num_workers=0,
         logging_nan_inf_filter=False,   # a NaN loss must show (and stop the run: divergence_guard), not be averaged
 
-        use_cpu=not _cuda(),
+        use_cpu=not _cuda() and not deepspeed_launch(),   # DeepSpeed picks its own CPU accelerator
     )
+    if deepspeed_launch() and not _cuda():   # accelerate finds no backend for DeepSpeed on CPU: one process
+        kwargs["ddp_backend"] = "gloo"        # (world size 1) unless named
     # always explicit: TRL's configs default to True (slower; recomputes activations)
     kwargs["gradient_checkpointing"] = settings.gradient_checkpointing
     kwargs.update(specific)

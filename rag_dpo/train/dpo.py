@@ -184,9 +184,9 @@ def build_dpo_trainer(cfg: DPOSettings, dataset, out_dir: Path, model: str = "sm
         if len(dataset) == 0:
             raise InputError(f"every pair is at least {cfg.max_pair_similarity} similar; raise it",
                              field="trainer.max_pair_similarity")
+    args = dpo_config(cfg, out_dir / "checkpoints")   # before the model: ZeRO-3's zero.Init (see train_sft)
     policy, tok, peft_cfg = load_trainable(model, cfg)
     train = tokenize_pairs(dataset, tok)
-    args = dpo_config(cfg, out_dir / "checkpoints")
     if cfg.self_eval:
         from rag_dpo.train.self_eval import self_eval_dpo_trainer
         trainer = self_eval_dpo_trainer(cfg, policy, tok, peft_cfg, dataset, train, args, [divergence_guard()])

@@ -54,6 +54,7 @@ def train_prm(cfg: PRMSettings, dataset, out_dir: str | Path, model: str = "smol
         dataset = load_dataset_dir(dataset)
     base, adapter = resolve_policy_path(model)
     tok = load_tokenizer(model)
+    args = hf_args(cfg, out_dir / "checkpoints", TrainingArguments, remove_unused_columns=False)  # before the model: zero.Init
     backbone = AutoModelForTokenClassification.from_pretrained(base, num_labels=2, dtype=torch.float32)
     backbone.config.pad_token_id = tok.pad_token_id
     net = backbone
@@ -61,7 +62,6 @@ def train_prm(cfg: PRMSettings, dataset, out_dir: str | Path, model: str = "smol
         from peft import get_peft_model
         net = get_peft_model(backbone, lora_config(cfg, task_type="TOKEN_CLS"))
     train = encode_prm_rows(dataset, tok, cfg.max_length)
-    args = hf_args(cfg, out_dir / "checkpoints", TrainingArguments, remove_unused_columns=False)
     trainer = Trainer(model=net, args=args, train_dataset=train,
                       data_collator=DataCollatorForTokenClassification(tok, padding=True))
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))

@@ -46,9 +46,11 @@ def train_sft(cfg: SFTSettings, dataset, out_dir: str | Path, model: str = "smol
 
     if isinstance(dataset, (str, Path)):
         dataset = load_dataset_dir(dataset)
-    policy, tok, peft_cfg = load_trainable(model, cfg)
+    # the arguments first: under DeepSpeed ZeRO-3 creating them switches on transformers' zero.Init, so the model
+    # loaded next is partitioned across ranks (loaded before, every rank holds whole weights TRL cannot run)
     args = hf_args(cfg, out_dir / "checkpoints", SFTConfig, max_length=cfg.max_length, packing=False,
                    dataset_num_proc=None)
+    policy, tok, peft_cfg = load_trainable(model, cfg)
     from rag_dpo.train.self_eval import self_eval_sft_trainer, without_score_only_rows
     if cfg.self_eval:
         trainer = self_eval_sft_trainer(cfg, policy, tok, peft_cfg, dataset, args, [divergence_guard()])
