@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from rag_dpo.distributed import is_main
+
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
@@ -30,6 +32,8 @@ def eval_latest_cmd(runs: Path = typer.Option(Path("runs"), "--runs", help="Fold
     from rag_dpo.eval.latest import evaluate_latest
     from rag_dpo.eval.report import results_table
     sel, results = evaluate_latest(runs, method, methods, limit, out, device=device, dtype=dtype)
+    if not is_main():
+        return
     for name, res in results.items():
         print(f"\n## {name}: {sel.policies[name]}\n\n{results_table(res)}")
     print(f"\n{sel.describe()}\nwritten: {', '.join(str(out / n) for n in results)}")
@@ -87,5 +91,6 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
                        out_dir=out, retriever=retriever, k=k, seed=seed, manifest=manifest, rollout=rollout,
                        iter_rounds=iter_rounds, answer_tokens=answer_tokens, device=device, dtype=dtype, prm=prm, bon_n=bon_n, baseline_results=baseline,
                        baseline_name=compare_with.parent.name if compare_with else "baseline")
-    print(results_table(results, baseline, compare_with.parent.name if compare_with else "baseline"))
-    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'chains.jsonl'}")
+    if is_main():   # every rank has the results; one table
+        print(results_table(results, baseline, compare_with.parent.name if compare_with else "baseline"))
+        print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'chains.jsonl'}")
