@@ -240,9 +240,9 @@ def _sft_trainer_cls():
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = answer_loss + self.self_eval_weight * se_loss / steps
             n = amask.sum()
-            self._metrics[mode]["entropy"].append(float((out.entropy.detach() * amask).sum() / n) if n > 0 else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append(float((out.is_top1.detach() * amask).sum() / n)
-                                                              if n > 0 else 0.0)
+            if n > 0:   # a self-evaluation-only micro-batch has no answer token: no entry, not a 0 that dilutes
+                self._metrics[mode]["entropy"].append(float((out.entropy.detach() * amask).sum() / n))
+                self._metrics[mode]["mean_token_accuracy"].append(float((out.is_top1.detach() * amask).sum() / n))
             if smask.sum() > 0:
                 self._metrics[mode]["self_eval_loss"].append(float(se_loss.detach()))
             if mode == "train":
