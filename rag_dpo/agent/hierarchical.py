@@ -30,7 +30,7 @@ Design decisions:
   engine's `max_tokens_per_passage` (the same budget the planner saw).
 - Its turn starts with `<answer>` already written (`answer_prefix`, part of the prompt; the step's text keeps it):
   its only job is the answer, and a policy fine-tuned on the search protocol otherwise often starts a new search
-  instead (without the prefix the warm start did so in 13 of 40 test questions: docs/variants.md). A reply that
+  instead (without the prefix the warm start did so in 12 of 40 test questions: docs/variants.md). A reply that
   still does not close the tag counts as the answer as written, with a parse error recorded (the `rag` baseline's
   rule, `baselines.answer_step`).
 - Answer-level pairs for the synthesizer (`synthesizer_pairs`): n sampled synthesizer answers for one planner
