@@ -10,8 +10,8 @@ import pytest
 
 from rag_dpo.data import load_corpus
 from rag_dpo.records import ANSWER, SEARCH, Chain, Step
-from rag_dpo.retrieval.writeback import (Candidate, OverlapJudge, PolicyJudge, WritebackConfig, WritebackStore,
-                                         candidate_from_chain, chain_hash, written_passage)
+from rag_dpo.retrieval.writeback import (Candidate, OverlapJudge, PolicyJudge, ReaderJudge, WritebackConfig,
+                                         WritebackStore, candidate_from_chain, chain_hash, written_passage)
 
 PASSAGES = [
     ("Paris", "Paris is the capital and largest city of France."),
@@ -188,6 +188,30 @@ def test_policy_judge_plumbing(tiny_model_and_tokenizer):
     assert batched[0] == pytest.approx(float(yes / (yes + no)), abs=1e-5)
     assert "Gustave Eiffel was born in Dijon." in judge.prompt(*items[0])
     assert {tok.decode([i]).strip().lower() for i in judge.yes} == {"yes"}
+
+
+def test_reader_judge_plumbing(tiny_model_and_tokenizer):
+    from rag_dpo.agent import protocol
+    from rag_dpo.eval.writeback_stream import reader_render
+    from rag_dpo.records import Passage
+    model, tok = tiny_model_and_tokenizer
+    render = reader_render(tok)
+    p = [Passage("Gustave Eiffel", "Gustave Eiffel", "Gustave Eiffel was born in Dijon.")]
+    text = render(p, "Where was Gustave Eiffel born?")
+    # the reader sees the question and only the cited passage, and continues inside an answer tag
+    assert text.startswith(protocol.render_prompt(tok, "Where was Gustave Eiffel born?"))
+    assert "[1] Gustave Eiffel: Gustave Eiffel was born in Dijon." in text and text.endswith("<answer>")
+    judge = ReaderJudge(model, tok, render, max_new_tokens=6)
+    items = [(p, "Where was Gustave Eiffel born?", "Dijon"), (p * 2, "Who was born in Dijon?", "Eiffel")]
+    first = judge.read(items)
+    assert len(first) == 2 and judge.read(items[1:]) == first[1:]         # greedy, batch-independent
+    assert all("</answer>" not in a for a in first)
+    # the score is the F1 of the reader's answer against the candidate's (a random model reads noise, so the
+    # candidates are set to what it read: those that normalise to words score 1)
+    from rag_dpo.metrics import f1_score, normalize_answer
+    assert judge(items) == [f1_score(r, [a]) for r, (_, _, a) in zip(first, items)] and judge.answers == first
+    agree = [(ps, q, read) for (ps, q, _), read in zip(items, first)]
+    assert judge(agree) == [1.0 if normalize_answer(r) else 0.0 for r in first]
 
 
 def test_unknown_check_is_an_input_error():

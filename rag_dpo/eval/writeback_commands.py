@@ -20,7 +20,8 @@ def writeback_stream_cmd(
         out: Path = typer.Option(Path("runs/writeback"), "--out", help="Output folder (rerun to resume)."),
         retriever: str = typer.Option("bm25", "--retriever", help="bm25, bm25s, dense or hybrid."),
         judge: str = typer.Option("policy+overlap", "--judge", help="Entailment judge: policy (P(yes) of the "
-                                  "policy), overlap (answer words in the cited passages) or policy+overlap (both)."),
+                                  "policy), reader (the policy's answer from the cited passages alone agrees), "
+                                  "overlap (answer words in the cited passages), or two joined by + (both)."),
         modes: str = typer.Option("none,checked,unchecked", "--modes", help="Comma-separated: none, checked, "
                                   "unchecked."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

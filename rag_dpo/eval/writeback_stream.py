@@ -17,7 +17,7 @@ out once (`hop1.jsonl`) and shared.
 
 Every candidate's check scores are recorded in both write modes (`candidates.jsonl`), with its F1 against the gold
 sub-answer (wrong = F1 < 0.5), and with the support score of every judge in `judges` (so one run compares the
-policy judge with the lexical one). `results.json` holds, per mode, the composed questions' EM/F1, support recall
+policy judge with the lexical one and the reader). `results.json` holds, per mode, the composed questions' EM/F1, support recall
 (raw, and "resolved": a retrieved written passage counts as its cited passages) and the written/wrong counts, plus
 a table of written and wrong passages under each subset of checks, recomputed from the `unchecked` run's scores
 (novelty there is measured against everything written so far, a slightly stricter pool than a checked run's).
@@ -40,11 +40,11 @@ from rag_dpo.errors import InputError
 from rag_dpo.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl
 from rag_dpo.metrics import answer_scores, f1_score, support_recall
 from rag_dpo.records import Chain, Question, append_chains, read_chains
-from rag_dpo.retrieval.writeback import (CHECKS, MinJudge, OverlapJudge, PolicyJudge, WritebackConfig,
+from rag_dpo.retrieval.writeback import (CHECKS, MinJudge, OverlapJudge, PolicyJudge, ReaderJudge, WritebackConfig,
                                          WritebackStore, candidate_from_chain)
 
 MODES = ("none", "checked", "unchecked")
-JUDGES = ("policy+overlap", "policy", "overlap")    # policy+overlap: both must reach the threshold
+JUDGES = ("reader+overlap", "policy+overlap", "policy", "overlap", "reader")   # a+b: both must reach the threshold
 WRONG_F1 = 0.5
 
 
@@ -170,6 +170,21 @@ def _sub_questions(items: list[StreamItem], hop: int, answers: dict[str, list]) 
     return out
 
 
+def reader_render(tokenizer):
+    """The reader judge's input: the agent protocol's context after one search whose observation holds only the
+    cited passages, then the start of an answer step (so the policy answers from those passages alone)."""
+    from rag_dpo.agent import protocol
+    from rag_dpo.records import SEARCH, Step
+
+    def render(passages, question: str) -> str:
+        step = Step("0", None, protocol.format_step(f"I need to find information about {question}", SEARCH,
+                                                    question), SEARCH, query=question,
+                    observation=protocol.format_observation(passages, tokenizer))
+        return (protocol.render_context(tokenizer, question, [step])
+                + "<think>The retrieved passages contain the answer.</think>\n<answer>")
+    return render
+
+
 def run_mode(mode: str, items: list[StreamItem], engine, base, corpus, files: _ModeFiles,
              store: WritebackStore | None, extra_judges: dict, hop1: list[Chain] | None = None) -> None:
     """Answer the stream in one mode (see the module docstring), resuming after the hops `files` records."""
@@ -219,9 +234,12 @@ def _offer(store: WritebackStore, rows, chains: list[Chain], stage: str, files: 
     for cand, cited in zip(cands, store.cite([(c.question, c.answer) for c in cands])):
         cand.cited_ids = cited
     extra = {}
+    reads = []
     for name, judge in extra_judges.items():
         items = [([store.corpus[p] for p in c.cited_ids], c.question, c.answer) for c in cands]
         extra[name] = judge(items) if items else []
+        if name == "reader":
+            reads = list(judge.answers)
     verdicts = store.write(cands)
     out = []
     for i, (v, q) in enumerate(zip(verdicts, meta)):
@@ -230,7 +248,8 @@ def _offer(store: WritebackStore, rows, chains: list[Chain], stage: str, files: 
                     "gold": q.answers[0], "f1": f1, "wrong": f1 < WRONG_F1, "cited_ids": v.candidate.cited_ids,
                     "cites_gold_support": bool(set(v.candidate.cited_ids) & set(q.supporting_ids)),
                     "scores": v.scores, "passed": v.passed, "accepted": v.accepted, "passage_id": v.passage_id,
-                    "judge_scores": {name: float(s[i]) for name, s in extra.items()}})
+                    "judge_scores": {name: float(s[i]) for name, s in extra.items()},
+                    "reader_answer": reads[i] if i < len(reads) else None})
     append_jsonl(files.candidates, out)
 
 
@@ -271,8 +290,8 @@ def check_table(candidates: list[dict], cfg: WritebackConfig, judges: Sequence[s
     out = []
     for judge in judges:
         for subset in subsets:
-            if judge != judges[0] and "entailment" not in subset:
-                continue        # the judge only matters where entailment is enforced
+            if judge != judges[0] and subset not in (("entailment",), CHECKS):
+                continue        # other judges: entailment alone and all three checks
             kept = []
             for r in candidates:
                 entail = judge_score(r, judge)
@@ -339,8 +358,9 @@ def writeback_stream(data_path: str | Path, policy: str = "smollm2", limit: int 
         dev = resolve_device(device)
         model_and_tokenizer = load_policy(str(policy), device=dev, dtype=resolve_dtype(dtype, dev))
     model, tok = model_and_tokenizer
-    judges = {"policy": PolicyJudge(model, tok), "overlap": OverlapJudge()}
-    enforced = judges[judge] if judge in judges else MinJudge(judges["policy"], judges["overlap"])
+    judges = {"policy": PolicyJudge(model, tok), "overlap": OverlapJudge(),
+              "reader": ReaderJudge(model, tok, reader_render(tok))}
+    enforced = MinJudge(*(judges[j] for j in judge.split("+")))
     base = build_retriever(retriever, corpus)
     engine = RolloutEngine(model, tok, base, corpus, rcfg, model_name=str(policy), retriever_name=retriever)
 

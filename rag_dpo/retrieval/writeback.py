@@ -141,6 +141,50 @@ class OverlapJudge:
         return out
 
 
+class ReaderJudge:
+    """Answer agreement (a question-answering consistency check): the policy reads only the cited passages and
+    answers the question greedily; the score is the token F1 of its answer against the candidate's. A claim the
+    cited passages entail is what a reader of those passages answers.
+
+    render: (passages, question) -> the text the policy continues with its answer (the eval stage passes the
+    agent protocol's rendering, which this stage cannot import). max_new_tokens: the reader's answer budget.
+    """
+
+    name = "reader"
+
+    def __init__(self, model, tokenizer, render: Callable[[list[Passage], str], str], max_new_tokens: int = 24,
+                 batch_size: int = 8, stop: str = "</answer>"):
+        self.model, self.tokenizer, self.render = model, tokenizer, render
+        self.max_new_tokens, self.batch_size, self.stop = max_new_tokens, batch_size, stop
+        self.answers: list[str] = []          # the reader's answers of the last call (for reports)
+
+    def read(self, items: list[tuple[list[Passage], str, str]]) -> list[str]:
+        import torch
+        texts = [self.render(passages, question) for passages, question, _ in items]
+        out: list[str] = []
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            for b in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[b:b + self.batch_size], return_tensors="pt", padding=True,
+                                     add_special_tokens=False).to(self.model.device)
+                with torch.no_grad():
+                    gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                              pad_token_id=self.tokenizer.pad_token_id, stop_strings=[self.stop],
+                                              tokenizer=self.tokenizer)
+                for row in gen[:, enc["input_ids"].shape[1]:]:
+                    text = self.tokenizer.decode(row, skip_special_tokens=True)
+                    out.append(" ".join(text.split(self.stop)[0].split()))
+        finally:
+            self.tokenizer.padding_side = side
+        return out
+
+    def __call__(self, items: list[tuple[list[Passage], str, str]]) -> list[float]:
+        from rag_dpo.metrics import f1_score
+        self.answers = self.read(items)
+        return [f1_score(read, [answer]) for read, (_, _, answer) in zip(self.answers, items)]
+
+
 class MinJudge:
     """Several judges that must all agree: the lowest of their scores."""
 
