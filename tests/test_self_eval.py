@@ -183,6 +183,8 @@ def test_calibration_matches_a_hand_computation(tmp_path):
     assert cal["bins"][9]["score"] == pytest.approx(0.95) and cal["bins"][9]["label"] == pytest.approx(2 / 3)
     assert cal["ece"] == pytest.approx(0.2 * 0.05 + 0.2 * 0.85 + 0.6 * abs(2 / 3 - 0.95))
     assert cal["mae"] == pytest.approx((0.05 + 0.85 + 0.05 + 0.9 + 0.0) / 5)
+    # good steps score .15, .95, 1.0; bad ones .05, .9: 5 of the 6 (good, bad) pairs are ordered right
+    assert cal["auroc"] == pytest.approx(5 / 6)
     png = plot_reliability(cal, tmp_path / "rel.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -449,7 +449,7 @@ def score_chains(scorer, chains: Sequence[Chain], name: str = SELF_LABEL, progre
 def calibration(scores: Sequence[float], labels: Sequence[float], bins: int = 10) -> dict:
     """Reliability of `scores` (predicted values in [0, 1]) against `labels` (the annotator's values in [0, 1]):
     equal-width bins over [0, 1] (a score of 1.0 falls in the last); per bin its count, mean score and mean label;
-    `ece` = sum_b n_b / N * |mean label_b - mean score_b|; also the mean absolute error and the means."""
+    `ece` = sum_b n_b / N * |mean label_b - mean score_b|; also the mean absolute error, the means and `auroc`."""
     if len(scores) != len(labels):
         raise ValueError("scores and labels differ in length")
     n = len(scores)
@@ -468,7 +468,19 @@ def calibration(scores: Sequence[float], labels: Sequence[float], bins: int = 10
     return {"n": n, "ece": ece if n else 0.0, "bins": rows,
             "mae": sum(abs(float(s) - float(y)) for s, y in zip(scores, labels)) / n if n else 0.0,
             "mean_score": sum(map(float, scores)) / n if n else 0.0,
-            "mean_label": sum(map(float, labels)) / n if n else 0.0}
+            "mean_label": sum(map(float, labels)) / n if n else 0.0,
+            "auroc": auroc(scores, [float(y) >= 0.5 for y in labels])}
+
+
+def auroc(scores: Sequence[float], good: Sequence[bool]) -> float | None:
+    """Discrimination apart from calibration: the chance that a good step (label >= 0.5) scores above a bad one
+    (ties count half); None without both kinds."""
+    pos = [float(s) for s, g in zip(scores, good) if g]
+    neg = [float(s) for s, g in zip(scores, good) if not g]
+    if not pos or not neg:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
 
 
 def plot_reliability(cal: dict, path: str | Path, title: str = "") -> Path:
@@ -545,6 +557,9 @@ def self_eval_calibration(policy: str, labels_path: str | Path, out_dir: str | P
     from rag_dpo.pairs.builders import annotator_of
     from rag_dpo.records import read_chains, write_chains
     chains = read_chains(labels_path)[:limit]
+    if annotator is None:   # scores this function wrote (self, prm) are not the annotator's labels
+        names = {n for c in chains for s in c.steps for n in s.labels} - {SELF_LABEL, "prm", "random"}
+        annotator = next(iter(names)) if len(names) == 1 else None
     name = annotator_of(chains, annotator, str(labels_path))
     if not all(SELF_LABEL in s.labels for c in chains for s in c.steps):
         model, tok = load_policy(policy, device=resolve_device(device))

@@ -50,8 +50,9 @@ def self_eval_calibration_cmd(policy: str = typer.Option(..., "--policy", help="
     reliability.png into --out."""
     from rag_dpo.train.self_eval import self_eval_calibration
     cal = self_eval_calibration(policy, labels, out, annotator=annotator, limit=limit, device=device, prm=prm)
-    print(f"ECE {cal['ece']:.3f}  MAE {cal['mae']:.3f}  n {cal['n']}  (mean self-score {cal['mean_score']:.3f}, "
-          f"mean label {cal['mean_label']:.3f})")
+    auc = "n/a" if cal["auroc"] is None else f"{cal['auroc']:.3f}"
+    print(f"ECE {cal['ece']:.3f}  MAE {cal['mae']:.3f}  AUROC {auc}  n {cal['n']}  (mean self-score "
+          f"{cal['mean_score']:.3f}, mean label {cal['mean_label']:.3f})")
     for name, g in cal["choice"].items():
         print(f"best-of-group by {name}: mean label of the pick {g['picked']:.3f} over {g['groups']} groups")
     print(f"written: {out / 'calibration.json'}, {out / 'reliability.png'}")
