@@ -17,10 +17,11 @@ Design decisions:
   the best evidence for the claim is a passage the agent never retrieved, the answer was not read off the passages.
 - Judges: no PyPI package ships NLI weights that install offline in a safe format (the NLI packages found download
   a cross-encoder from a hub at run time, or ship a pickled bag-of-words model), so the entailment judge is the
-  policy itself (`PolicyJudge`: P(yes) / (P(yes) + P(no)) of the next token after a yes/no support prompt). A
-  lexical judge (`OverlapJudge`: share of the answer's words found in the cited passages) is kept as a cheap,
-  deterministic alternative, and `MinJudge` requires both (see docs/variants.md for which one the measurement
-  needed). Judges are plain callables, so tests use a stub.
+  policy itself, in two forms: `PolicyJudge` (P(yes) / (P(yes) + P(no)) of the next token after a yes/no support
+  prompt) and `ReaderJudge` (the policy answers from the cited passages alone; F1 against the candidate). A lexical
+  check (`OverlapJudge`: share of the answer's words, outside the question's, found in the cited passages) is
+  cheap and deterministic; `MinJudge` joins judges that must all pass. docs/variants.md has what each kept out on
+  MuSiQue (the yes/no judge passed everything). Judges are plain callables, so tests use a stub.
 - Every check's score is recorded for every candidate, also for checks that were not enforced, so one run tells
   what each check would have kept out (`Verdict.passed` vs `Verdict.accepted`).
 - Each written passage records its source (question id, chain hash, answer step id, question, answer, cited and
