@@ -228,7 +228,8 @@ def hierarchical(engine: RolloutEngine, questions: Sequence[Question], cfg: Synt
 def _duplicate_answers(a: Step, b: Step) -> bool:
     if a.text.strip() == b.text.strip():
         return True
-    return a.action == ANSWER and b.action == ANSWER and normalize_answer(a.answer or "") == normalize_answer(b.answer or "")
+    return (a.action == ANSWER and b.action == ANSWER
+            and normalize_answer(a.answer or "") == normalize_answer(b.answer or ""))
 
 
 def answer_value(step: Step, golds: Sequence[str]) -> float:
@@ -239,8 +240,9 @@ def answer_value(step: Step, golds: Sequence[str]) -> float:
 def synthesizer_pair_rows(chain: Chain, prompt: str, answers: Sequence[Step], margin: float = 0.1,
                           answer_prefix: str = "") -> list[dict]:
     """At most one TRL preference row for one synthesizer prompt: the highest-F1 answer over the lowest-F1 one
-    (ties: the earlier sample), when they differ by >= margin (and > 0) and are not the same answer. Columns are `pairs.builders`' step-pair
-    columns (prompt/chosen/rejected + spans, ends_turn and metadata), so the rows save with its `step` features.
+    (ties: the earlier sample), when they differ by >= margin (and > 0) and are not the same answer. Columns are
+    `pairs.builders`' step-pair columns (prompt/chosen/rejected + spans, ends_turn and metadata), so the rows save
+    with its `step` features.
     `prompt` ends with `answer_prefix`, which chosen and rejected then leave out (the prompt already holds it)."""
     scored = [(answer_value(s, chain.gold_answers), i, s) for i, s in enumerate(answers)]
     for hv, _, hi in sorted(scored, key=lambda x: (-x[0], x[1])):        # ties: the earlier sample
