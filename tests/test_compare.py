@@ -481,3 +481,14 @@ def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, to
         assert all(set(st.labels) == {"outcome"} and len(c.leaves()) == 1 for c in iid[s] for st in c.steps)
     # the tiny model answers nothing right: seeds 1-2 have no outcome data and are scored as the warm start
     assert all(runs[("sft", s)]["no_data"] for s in (1, 2))
+
+
+def test_an_arm_above_the_warm_start_but_not_after_holm_is_a_lead_not_a_finding():
+    from rag_dpo.pipeline.compare_report import above_warm_start_verdict
+    strong = {"a": "step-dpo", "diff": 0.04, "lo": 0.01, "hi": 0.07, "p_holm": 0.01}
+    weak = {"a": "sft", "diff": 0.03, "lo": 0.006, "hi": 0.056, "p_holm": 0.066}
+    lines = above_warm_start_verdict([strong, weak])
+    assert lines[0].startswith("Arms above the warm start") and "step-dpo" in lines[0] and "sft" in lines[0]
+    assert len(lines) == 2 and "sft is not significant after the Holm correction" in lines[1]
+    assert "step-dpo" not in lines[1]
+    assert len(above_warm_start_verdict([strong])) == 1

@@ -55,6 +55,15 @@ def test_score_only_rows_train_the_score_alone_and_flag_off_drops_them(tokenizer
     assert len(kept) == 1 and kept[0]["completion"] == ANSWER_STEP
 
 
+@pytest.fixture
+def own_tiny():
+    """A tiny model of this test's own: TRL's trainers patch the model they are given (its forward returns the
+    fused LM head's outputs afterwards), which would leak into every later test of the session-wide one."""
+    from conftest import TOKENIZER_DIR
+    from rag_dpo.agent.policy import tiny_policy
+    return tiny_policy(TOKENIZER_DIR)
+
+
 def _trainer(tmp_path, tiny, dataset, weight, self_eval=True):
     from trl import SFTConfig
 
@@ -78,7 +87,8 @@ def _nll(model, ids, labels):
     return float(-(lp * keep).sum() / keep.sum())
 
 
-def test_answer_loss_is_unchanged_and_the_self_eval_loss_covers_only_the_suffix(tmp_path, tiny_model_and_tokenizer):
+def test_answer_loss_is_unchanged_and_the_self_eval_loss_covers_only_the_suffix(tmp_path, own_tiny):
+    tiny_model_and_tokenizer = own_tiny
     model, tok = tiny_model_and_tokenizer
     ds = _rows(tok, score_only=(False, False)).select([0])
     losses = {}
@@ -264,8 +274,9 @@ def _dpo(tmp_path, tiny, weight, self_eval=True):
     return trainer
 
 
-def test_dpo_suffix_is_outside_every_dpo_loss_and_has_its_own_term(tmp_path, tiny_model_and_tokenizer, monkeypatch):
+def test_dpo_suffix_is_outside_every_dpo_loss_and_has_its_own_term(tmp_path, own_tiny, monkeypatch):
     import rag_dpo.train.dpo as dpo
+    tiny_model_and_tokenizer = own_tiny
     from rag_dpo.train.self_eval import suffix_ids
     model, tok = tiny_model_and_tokenizer
     monkeypatch.setattr(dpo, "load_trainable", lambda spec, settings: (model, tok, None))

@@ -248,9 +248,7 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
     add("")
     above = [t for t in vs_warm.values() if t["lo"] > 0]
     if above:
-        verdict.append("Arms above the warm start (95 % interval of ΔEM excludes 0): " + ", ".join(
-            f"{t['a']} ({t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}], Holm p={_fmt_p(t['p_holm'])})"
-            for t in above) + ".")
+        verdict.extend(above_warm_start_verdict(above))
     elif vs_warm:
         best = max(vs_warm.values(), key=lambda t: t["lo"])
         miss = (f"its lower bound misses 0 by {-best['lo']:.3f}" if best["lo"] < 0 else
@@ -387,6 +385,20 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
                      + [""] + body) + "\n"
     atomic_write_text(paths["report"], text)
     return paths, (columns, table)
+
+
+def above_warm_start_verdict(above: list[dict]) -> list[str]:
+    """Verdict lines for the arms whose ΔEM interval against the warm start excludes 0. The interval is per test;
+    the secondary tests as a family are what Holm controls, so an arm whose Holm p is not below 0.05 is named as a
+    lead, not a finding."""
+    lines = ["Arms above the warm start (95 % interval of ΔEM excludes 0): " + ", ".join(
+        f"{t['a']} ({t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}], Holm p={_fmt_p(t['p_holm'])})"
+        for t in above) + "."]
+    weak = [t["a"] for t in above if t["p_holm"] >= 0.05]
+    if weak:
+        lines.append(f"Of these, {', '.join(weak)} {'is' if len(weak) == 1 else 'are'} not significant after the "
+                     "Holm correction over the secondary tests (Holm p ≥ 0.05): a lead, not a finding.")
+    return lines
 
 
 def _sentence(a: str, b: str, label: str, res: dict, holm_p: float | None = None) -> str:
