@@ -119,19 +119,23 @@ def _masked_collator_cls():
         """TRL's preference collator, with completion_mask zeroed where chosen_mask/rejected_mask are 0."""
 
         def torch_call(self, examples):
-            import torch
             out = super().torch_call(examples)
-            width = out["completion_mask"].shape[1]
-            rows = [[0] * len(e["prompt_ids"]) + list(e["chosen_mask"]) for e in examples]
-            rows += [[0] * len(e["prompt_ids"]) + list(e["rejected_mask"]) for e in examples]
+            out["completion_mask"] = out["completion_mask"] * self.per_token(examples, "mask", out["completion_mask"])
+            return out
+
+        def per_token(self, examples, column: str, like):
+            """The rows' `chosen_<column>` then `rejected_<column>` token flags laid out (prompt as 0, truncated
+            as the collator truncates) in a tensor shaped like `like` (the completion_mask)."""
+            import torch
+            rows = [[0] * len(e["prompt_ids"]) + list(e[f"chosen_{column}"]) for e in examples]
+            rows += [[0] * len(e["prompt_ids"]) + list(e[f"rejected_{column}"]) for e in examples]
             if self.max_length is not None:
                 sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
                 rows = [r[sl] for r in rows]
-            keep = torch.zeros_like(out["completion_mask"])
+            flags = torch.zeros_like(like)
             for i, r in enumerate(rows):
-                keep[i, : len(r)] = torch.tensor(r[:width], dtype=keep.dtype)
-            out["completion_mask"] = out["completion_mask"] * keep
-            return out
+                flags[i, : len(r)] = torch.tensor(r[:like.shape[1]], dtype=flags.dtype)
+            return flags
 
     return MaskedPreferenceCollator
 

@@ -290,18 +290,8 @@ def _dpo_collator_cls():
         """The masked preference collator, plus `self_eval_mask` laid out like its completion_mask."""
 
         def torch_call(self, examples):
-            import torch
             out = super().torch_call(examples)
-            width = out["completion_mask"].shape[1]
-            rows = [[0] * len(e["prompt_ids"]) + list(e["chosen_se"]) for e in examples]
-            rows += [[0] * len(e["prompt_ids"]) + list(e["rejected_se"]) for e in examples]
-            if self.max_length is not None:
-                sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
-                rows = [r[sl] for r in rows]
-            se = torch.zeros_like(out["completion_mask"])
-            for i, r in enumerate(rows):
-                se[i, : len(r)] = torch.tensor(r[:width], dtype=se.dtype)
-            out["self_eval_mask"] = se
+            out["self_eval_mask"] = self.per_token(examples, "se", out["completion_mask"])
             return out
 
     return SelfEvalPreferenceCollator
