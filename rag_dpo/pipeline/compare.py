@@ -592,21 +592,9 @@ class PipelineBackend:
         return labels
 
     def _engine(self, recipe, seed: int):
-        """The same engine settings as the step pool's (`pipeline.run.collect_rollouts`: device, dtype, merged or
-        unmerged adapter, KV cache, backend, sampling), so the two pools sample the same policy the same way."""
-        from rag_dpo.agent.policy import load_policy
-        from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
+        """The step pool's engine settings (`pipeline.run.sampling_engine`), seeded by `seed`."""
         from rag_dpo.pipeline import run as steps
-        ro, w = recipe.rollout, steps.world(recipe)
-        device = resolve_device("auto")
-        model, tok = load_policy(self.start, device=device, dtype=resolve_dtype(ro.dtype, device),
-                                 merge_adapter="auto")
-        cfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
-                            temperature=ro.temperature, top_p=ro.top_p, do_sample=True, batch_size=ro.batch_size,
-                            seed=seed, max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage,
-                            cache=ro.cache, backend=ro.backend)
-        return RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(self.start),
-                             retriever_name=recipe.retrieval.name)
+        return steps.sampling_engine(recipe, self.start, seed)[0]
 
     def pool_budget(self, seed: int, question_ids: list[str]) -> dict[str, float]:
         from rag_dpo.pairs.builders import annotator_of, budget

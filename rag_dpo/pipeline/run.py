@@ -222,13 +222,30 @@ class _file_lock:
         self.fh.close()
 
 
+def sampling_engine(recipe: Recipe, policy: str, seed: int | None = None):
+    """The engine that samples `policy`'s pools (step pool, outcome pool, synthesizer answers), so every pool samples
+    the same policy the same way: device, dtype, merged or unmerged adapter, KV cache, backend, sampling; `seed`
+    (default the recipe's) seeds its draws. Returns (engine, model)."""
+    from rag_dpo.agent.policy import load_policy
+    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
+    ro, w = recipe.rollout, world(recipe)
+    # a merged LoRA generates ~2x faster on CPU; in bf16 the adapter stays unmerged (merging would round it away)
+    device = resolve_device("auto")
+    model, tok = load_policy(policy, device=device, dtype=resolve_dtype(ro.dtype, device), merge_adapter="auto")
+    cfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
+                        temperature=ro.temperature, top_p=ro.top_p, do_sample=True, batch_size=ro.batch_size,
+                        seed=recipe.seed if seed is None else seed,
+                        max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage, cache=ro.cache,
+                        backend=ro.backend)
+    return RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(policy),
+                         retriever_name=recipe.retrieval.name), model
+
+
 def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_ids: list[str] | None = None,
                      out_dir: str | Path | None = None) -> Path:
     """The labelled rollout pool of `policy` on the pool questions (or `question_ids`): tree search guided by the
     recipe's annotator, or `k` sampled chains per question then annotated. Returns the labelled chains file
     (out_dir/labels.jsonl, default run_dir/rollouts); resumable per question; done.json holds the budget."""
-    from rag_dpo.agent.policy import load_policy
-    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
     from rag_dpo.annotate import TreeSearchConfig, annotate_file, build_annotator, tree_search_to_file
     from rag_dpo.distributed import barrier, is_main
     from rag_dpo.pairs import budget
@@ -246,15 +263,7 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
         wanted = set(question_ids)
         qs = [q for q in w.train if q.id in wanted]
     ro = recipe.rollout
-    # a merged LoRA generates ~2x faster on CPU; in bf16 the adapter stays unmerged (merging would round it away)
-    device = resolve_device("auto")
-    model, tok = load_policy(policy, device=device, dtype=resolve_dtype(ro.dtype, device), merge_adapter="auto")
-    cfg = RolloutConfig(max_steps=ro.max_steps, k=recipe.retrieval.k, max_new_tokens=ro.max_new_tokens,
-                        temperature=ro.temperature, top_p=ro.top_p, do_sample=True, batch_size=ro.batch_size,
-                        seed=recipe.seed, max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage,
-                        cache=ro.cache, backend=ro.backend)
-    engine = RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(policy),
-                           retriever_name=recipe.retrieval.name)
+    engine, model = sampling_engine(recipe, policy)
     annotator = build_annotator(recipe.annotate.name, recipe.annotate.settings, engine=engine)
     t0 = time.perf_counter()
     if ro.search == "tree":
@@ -334,18 +343,10 @@ def add_synthesizer_pairs(recipe: Recipe, run_dir: str | Path, labels_path: str 
         from datasets import load_from_disk
 
         from rag_dpo.agent.hierarchical import synthesizer_pairs
-        from rag_dpo.agent.policy import load_policy
-        from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
         from rag_dpo.pairs.builders import save_dataset
         from rag_dpo.records import read_chains
-        w, ro, a = world(recipe), recipe.rollout, recipe.agent
-        device = resolve_device("auto")
-        model, tok = load_policy(policy, device=device, dtype=resolve_dtype(ro.dtype, device), merge_adapter="auto")
-        cfg = RolloutConfig(k=recipe.retrieval.k, temperature=ro.temperature, top_p=ro.top_p,
-                            batch_size=ro.batch_size, seed=recipe.seed, cache=ro.cache, backend=ro.backend,
-                            max_tokens_per_passage=recipe.retrieval.max_tokens_per_passage)
-        engine = RolloutEngine(model, tok, w.retriever, w.corpus, cfg, model_name=str(policy),
-                               retriever_name=recipe.retrieval.name)
+        a = recipe.agent
+        engine, model = sampling_engine(recipe, policy)   # the step pool's sampler (answer budget: the synthesizer's)
         rows, spent = synthesizer_pairs(engine, read_chains(labels_path), n=a.synthesizer_samples,
                                         margin=a.synthesizer_margin)
         step_rows = load_from_disk(str(step_data)).to_list()
