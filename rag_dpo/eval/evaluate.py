@@ -41,8 +41,8 @@ from rag_dpo.io import atomic_write_json
 from rag_dpo.metrics import answer_scores, support_recall
 from rag_dpo.records import Chain, Label, Question, append_chains, read_chains
 
-METHODS = ("direct", "rag", "iter-retgen", "agent", "agent-hier", "agent-prm-bon")
-METHODS += ("agent-self-bon", "agent-random-bon")   # best-of-N by self-score / random pick (train/self_eval.py)
+METHODS = ("direct", "rag", "iter-retgen", "agent", "agent-hier", "agent-prm-bon",
+           "agent-self-bon", "agent-random-bon")   # best-of-N by self-score / random pick (train/self_eval.py)
 DEFAULT_METHODS = ("direct", "rag", "iter-retgen", "agent")
 METRICS = ("em", "f1", "cover_em", "support_recall", "steps", "parse_error_rate", "n", "seconds")
 

@@ -89,6 +89,7 @@ def hf_args(settings: TrainerSettings, out_dir: str | Path, config_cls, **specif
     for key in settings.extra:
         if key not in known:
             raise InputError(f"not a field of {config_cls.__name__}", field=f"trainer.extra.{key}")
+    cuda, deepspeed = _cuda(), deepspeed_launch()
     report = "none"
     if settings.wandb:
         import os
@@ -105,10 +106,10 @@ def hf_args(settings: TrainerSettings, out_dir: str | Path, config_cls, **specif
         save_strategy="steps", logging_first_step=True, disable_tqdm=False, dataloader_num_workers=0,
         logging_nan_inf_filter=False,   # a NaN loss must show (and stop the run: divergence_guard), not be averaged
 
-        use_cpu=not _cuda() and not deepspeed_launch(),   # DeepSpeed picks its own CPU accelerator
+        use_cpu=not cuda and not deepspeed,   # DeepSpeed picks its own CPU accelerator
     )
-    if deepspeed_launch() and not _cuda():   # accelerate finds no backend for DeepSpeed on CPU: one process
-        kwargs["ddp_backend"] = "gloo"        # (world size 1) unless named
+    if deepspeed and not cuda:           # accelerate finds no backend for DeepSpeed on CPU: one process
+        kwargs["ddp_backend"] = "gloo"   # (world size 1) unless named
     # always explicit: TRL's configs default to True (slower; recomputes activations)
     kwargs["gradient_checkpointing"] = settings.gradient_checkpointing
     kwargs.update(specific)
