@@ -398,9 +398,9 @@ def _mode_results(files: _ModeFiles, store: WritebackStore | None, cfg: Writebac
         return res
     cands = [r for _, r in iter_jsonl(files.candidates)] if files.candidates.exists() else []
     subs = [c for c in chains if c.meta.get("stage", "").startswith("hop")]
-    res["sub_questions"] = {"n": len(subs),
-                            "em": sum(answer_scores(c.final_answer, c.gold_answers)["em"] for c in subs) / len(subs),
-                            "f1": sum(answer_scores(c.final_answer, c.gold_answers)["f1"] for c in subs) / len(subs)}
+    scores = [answer_scores(c.final_answer, c.gold_answers) for c in subs]
+    res["sub_questions"] = {"n": len(subs), "em": sum(x["em"] for x in scores) / len(subs),
+                            "f1": sum(x["f1"] for x in scores) / len(subs)}
     acc = [r for r in cands if r["accepted"]]
     res["written"] = {"candidates": len(cands), "written": len(acc), "wrong": sum(r["wrong"] for r in acc)}
     res["checks"] = check_table(cands, cfg, judges)
