@@ -109,3 +109,13 @@ def breakdown(rows: Sequence[dict], key: str, metrics: Sequence[str] | None = No
         groups.setdefault(r.get(key), []).append(r)
     return {("unknown" if v is None else str(v)): average(groups[v], metrics)
             for v in sorted(groups, key=_group_order)}
+
+
+def auroc(scores: Sequence[float], good: Sequence[bool]) -> float | None:
+    """The chance that a good item scores above a bad one (ties count half): discrimination apart from
+    calibration; None without both kinds. Used for the self-score against step labels and for write-back judges."""
+    pos = [float(s) for s, g in zip(scores, good) if g]
+    neg = [float(s) for s, g in zip(scores, good) if not g]
+    if not pos or not neg:
+        return None
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))

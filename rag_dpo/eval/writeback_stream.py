@@ -38,7 +38,7 @@ from typing import Sequence
 
 from rag_dpo.errors import InputError
 from rag_dpo.io import append_jsonl, atomic_write_json, atomic_write_text, iter_jsonl
-from rag_dpo.metrics import answer_scores, f1_score, support_recall
+from rag_dpo.metrics import answer_scores, auroc, f1_score, support_recall
 from rag_dpo.records import Chain, Question, append_chains, read_chains
 from rag_dpo.retrieval.writeback import (CHECKS, MinJudge, OverlapJudge, PolicyJudge, ReaderJudge, WritebackConfig,
                                          WritebackStore, candidate_from_chain)
@@ -277,11 +277,7 @@ def judge_score(row: dict, judge: str) -> float:
 
 def judge_auc(candidates: list[dict], judge: str) -> float | None:
     """P(a correct candidate scores above a wrong one) under `judge` (ties count half); None without both kinds."""
-    right = [judge_score(r, judge) for r in candidates if not r["wrong"]]
-    wrong = [judge_score(r, judge) for r in candidates if r["wrong"]]
-    if not right or not wrong:
-        return None
-    return sum((a > b) + 0.5 * (a == b) for a in right for b in wrong) / (len(right) * len(wrong))
+    return auroc([judge_score(r, judge) for r in candidates], [not r["wrong"] for r in candidates])
 
 
 def check_table(candidates: list[dict], cfg: WritebackConfig, judges: Sequence[str]) -> list[dict]:

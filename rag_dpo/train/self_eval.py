@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rag_dpo.errors import InputError
+from rag_dpo.metrics import auroc
 from rag_dpo.records import Chain, Label, Step
 
 SCORE_OPEN, SCORE_CLOSE = "<score>", "</score>"
@@ -460,17 +461,6 @@ def calibration(scores: Sequence[float], labels: Sequence[float], bins: int = 10
             "mean_score": sum(map(float, scores)) / n if n else 0.0,
             "mean_label": sum(map(float, labels)) / n if n else 0.0,
             "auroc": auroc(scores, [float(y) >= 0.5 for y in labels])}
-
-
-def auroc(scores: Sequence[float], good: Sequence[bool]) -> float | None:
-    """Discrimination apart from calibration: the chance that a good step (label >= 0.5) scores above a bad one
-    (ties count half); None without both kinds."""
-    pos = [float(s) for s, g in zip(scores, good) if g]
-    neg = [float(s) for s, g in zip(scores, good) if not g]
-    if not pos or not neg:
-        return None
-    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
-    return wins / (len(pos) * len(neg))
 
 
 def plot_reliability(cal: dict, path: str | Path, title: str = "") -> Path:
