@@ -333,3 +333,13 @@ Run `rag-dpo pairs --labels L --rulez x` with [the recipe](../recipes/nope.yaml)
                      "rollout.kk", "has no option --rulez", "link to a missing file ../recipes/nope.yaml",
                      "no such file recipes/gpu/nope.yaml", "--k five: does not parse"]:
         assert expected in problems, f"{expected!r} not reported in:\n{problems}"
+
+
+def test_each_subcommand_is_registered_once():
+    """Two stages registering one name would leave only the last one reachable, silently."""
+    from collections import Counter
+
+    from rag_dpo.cli import app
+    names = Counter(c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands)
+    assert names["compare"] == 1 and names["train"] == 1
+    assert [n for n, k in names.items() if k > 1] == []

@@ -1,5 +1,5 @@
-"""`rag-dpo train RECIPE [key=value ...]`: run a recipe end to end (pipeline.run.run_recipe). Also registers
-`rag-dpo compare` (pipeline/compare_commands.py) so the pipeline stage has one entry point for cli.py."""
+"""`rag-dpo train RECIPE [key=value ...]`: run a recipe end to end (pipeline.run.run_recipe). `rag-dpo compare`
+lives in pipeline/compare_commands.py (cli.STAGE_COMMANDS registers it)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,3 @@ def register(app: typer.Typer) -> None:
             run_retriever_recipe(r, run_dir or Path("runs") / r.name, restart=restart)
             return
         run_recipe(r, run_dir or Path("runs") / r.name, restart=restart)
-
-    try:
-        from rag_dpo.pipeline import compare_commands
-    except ModuleNotFoundError as e:
-        if e.name != "rag_dpo.pipeline.compare_commands":
-            raise
-        return
-    compare_commands.register(app)
