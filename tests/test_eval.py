@@ -75,6 +75,31 @@ def test_eval_resumes_without_duplicates(data_file, tmp_path, tiny_model_and_tok
         _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=["direct"], k=5)
 
 
+def test_eval_resume_refuses_a_changed_prompt_or_retrained_weights(data_file, tmp_path, tiny_model_and_tokenizer,
+                                                                   monkeypatch):
+    from rag_dpo.agent import protocol
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights v1")
+    out = tmp_path / "eval"
+    run = lambda: evaluate(data_file, policy=str(policy), split="all", limit=2, out_dir=out, methods=["direct"],
+                           rollout=RolloutConfig(max_new_tokens=4, max_steps=2, batch_size=4, progress=False),
+                           model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False)
+    run()
+    run()                                              # same prompts and weights: resumes
+    (policy / "model.safetensors").write_bytes(b"weights v2")
+    with pytest.raises(InputError, match="fingerprint.weights"):
+        run()
+    (policy / "model.safetensors").write_bytes(b"weights v1")
+    monkeypatch.setattr(protocol, "SYSTEM_PROMPT", protocol.SYSTEM_PROMPT + " Be brief.")
+    with pytest.raises(InputError, match="fingerprint.prompts"):
+        run()
+    config = json.loads((out / "config.json").read_text())
+    del config["fingerprint"]                          # a folder from before the fingerprint still resumes
+    (out / "config.json").write_text(json.dumps(config))
+    run()
+
+
 def test_eval_refuses_trained_on_questions(data_file, tmp_path, tiny_model_and_tokenizer):
     from rag_dpo.data import load_dataset, write_manifest
     ids = [q.id for q in load_dataset(data_file).questions]

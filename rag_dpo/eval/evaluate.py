@@ -4,8 +4,9 @@
 - `chains.jsonl`: every chain (`method` set), appended per batch, so a killed eval resumes where it stopped;
 - `results.json`: method -> {em, f1, cover_em, support_recall, steps, parse_error_rate, n, seconds};
 - `results.md` (the same as a table, with deltas against `baseline_results` when given), `results.png`;
-- `config.json`: the settings that produced them (a rerun with other settings into the same folder is refused,
-  so results never mix two configurations);
+- `config.json`: the settings that produced them, with a fingerprint of the prompts and of the policy folder's
+  weights (a rerun with other settings, prompts or weights into the same folder is refused, so results never mix
+  two configurations);
 and logs the metrics, the plot and a table of chains (with their steps) to wandb (offline by default).
 
 Metrics are computed on each chain's selected path: answer metrics on its final answer (none = 0), support recall
@@ -152,13 +153,39 @@ def _policy_manifest(policy: str) -> Path | None:
     return p if p.is_dir() else None
 
 
+def fingerprint(policy: str) -> dict:
+    """What the settings do not show but the chains depend on: the prompts' text and, for a policy folder, its
+    weights' bytes (retraining into the same folder, or editing a prompt, must not resume the old chains)."""
+    import hashlib
+
+    from rag_dpo.agent import baselines, hierarchical, protocol
+    prompts = hashlib.blake2b(digest_size=8)
+    for text in (protocol.SYSTEM_PROMPT, baselines.BASELINE_PROMPT, hierarchical.SYNTHESIZER_PROMPT):
+        prompts.update(text.encode() + b"\0")
+    weights = None
+    folder = _policy_manifest(policy)
+    if folder is not None:
+        h = hashlib.blake2b(digest_size=8)
+        for f in sorted(folder.glob("*.safetensors")):
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+        weights = h.hexdigest()
+    return {"prompts": prompts.hexdigest(), "weights": weights}
+
+
 def _check_config(out_dir: Path, cfg: dict) -> None:
     path = out_dir / "config.json"
     if path.exists() and (out_dir / "chains.jsonl").exists():
         import json
         old = json.loads(path.read_text())
-        keys = ("data", "corpus", "policy", "split", "limit", "retriever", "iter_rounds", "answer_tokens", "dtype", "bon_n", "prm", "rollout")
+        keys = ("data", "corpus", "policy", "split", "limit", "retriever", "iter_rounds", "answer_tokens", "dtype",
+                "bon_n", "prm", "rollout")
         diff = [k for k in keys if old.get(k) != cfg.get(k)]
+        # folders written before the fingerprint existed lack it: only a fingerprint that is there can differ
+        diff += [f"fingerprint.{k}" for k, v in old.get("fingerprint", {}).items()
+                 if v != cfg.get("fingerprint", {}).get(k)]
         if diff:
             raise InputError(f"{out_dir} holds an eval with other settings ({', '.join(diff)} differ); use another "
                              "--out or delete the folder", file=str(path), field=diff[0])
@@ -185,6 +212,7 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
                      answer_tokens=answer_tokens, dtype=dtype, bon_n=bon_n, prm=prm if isinstance(prm, (str, type(None))) else type(prm).__name__,
                      rollout=asdict(rcfg))
     cfg_dict = asdict(cfg)
+    cfg_dict["fingerprint"] = fingerprint(str(policy))
 
     ds = load_dataset(data_path, corpus=corpus_path)
     if ds.corpus is None:
