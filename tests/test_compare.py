@@ -76,8 +76,9 @@ class FakeBackend:
         p = 0.4 + (self.OFFSET[fam] if fam else 0.0)
         seed = int(name.split("__s")[1].split("__")[0]) if "__s" in name else 0
         em = (np.random.default_rng(seed + 17).random(len(TEST_QIDS)) < p).astype(float)
-        return [{"question_id": q, "em": e, "f1": min(1.0, e + 0.1), "recall": 0.5, "steps": 2.0 + e,
-                 "parse_error": 0.0} for q, e in zip(TEST_QIDS, em)]
+        found = 0.3 if fam == "step-dpo" else 0.0      # step labels raise recall, not EM
+        return [{"question_id": q, "em": e, "f1": min(1.0, e + 0.1), "recall": min(1.0, 0.4 + 0.2 * e + found),
+                 "steps": 2.0 + e, "parse_error": 0.0} for q, e in zip(TEST_QIDS, em)]
 
     def describe(self):
         return {"model": "fake", "data": "fake"}
@@ -190,7 +191,7 @@ def test_budgets_are_checked_against_each_seeds_step_pool_and_the_check_can_fail
 
 
 def test_primary_comparison_holm_and_mde_in_report_and_json(tmp_path):
-    cfg = _cfg(tmp_path, seeds=[0, 1, 2], budget_fractions=[1.0])
+    cfg = _cfg(tmp_path, seeds=[0, 1, 2], budget_fractions=[1.0], n_boot=2000)   # p down to 5e-4 before Holm
     run_compare(cfg, FakeBackend(), progress=False)
     report = (tmp_path / "results" / "t.md").read_text()
     verdict = report.split("## Verdict")[1].split("## What was run")[0]
@@ -205,6 +206,12 @@ def test_primary_comparison_holm_and_mde_in_report_and_json(tmp_path):
     assert [t["p_holm"] for t in secondary] == pytest.approx(holm([t["p"] for t in secondary]))
     assert any(t["kind"] == "vs-warm-start" for t in secondary) and any(t["metric"] == "f1" for t in secondary)
     assert all(t["p_holm"] >= t["p"] for t in secondary)
+    recall = {(t["a"], t["b"]): t for t in secondary if t["metric"] == "recall"}
+    assert ("step-dpo[best-vs-worst]+nll", "outcome-dpo+nll") in recall
+    step_recall = recall[("step-dpo[best-vs-worst]+nll", "warm-start")]
+    assert step_recall["kind"] == "vs-warm-start" and step_recall["lo"] > 0 and step_recall["p_holm"] < 0.05
+    assert "Secondary, support recall (significant after Holm): step-dpo[best-vs-worst]+nll above" in verdict
+    assert "sft above" not in verdict                 # sft's recall equals the warm start's in the fake
     for t in tests:   # the MDE next to every test is the stats function's on the same matrices
         assert t["mde"] != t["mde"] or 0 < t["mde"] <= 1
     assert f"| {prim[0]['label']} |" in report and "| primary |" in report

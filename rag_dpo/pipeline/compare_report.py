@@ -181,6 +181,7 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
     if pa and pb:
         prim = add_test(f"PRIMARY: {primary[0]} vs {primary[1]} (main variants)", pa, pb, "em", "pair", True)
         add_test(f"{primary[0]} vs {primary[1]} (main variants)", pa, pb, "f1", "pair")
+        add_test(f"{primary[0]} vs {primary[1]} (main variants)", pa, pb, "recall", "pair")
     for w in cfg.get("nll_weights", []):
         s_, o_ = _main(full, "step-dpo", w), _main(full, "outcome-dpo", w)
         if s_ and o_ and not (s_ is pa and o_ is pb) and not (s_ is pb and o_ is pa):
@@ -199,6 +200,9 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
                 t = add_test(f"{m.name} vs warm start", m, warm, "em", "vs-warm-start")
                 if t:
                     vs_warm[m.name] = t
+        for m in full.values():       # step labels reward retrieval: does an arm find more supporting passages?
+            if m.kind == "arm":
+                add_test(f"{m.name} vs warm start", m, warm, "recall", "vs-warm-start")
     for frac in sorted(curve):
         if frac == 1.0:
             continue
@@ -251,8 +255,9 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
         verdict.extend(above_warm_start_verdict(above))
     elif vs_warm:
         best = max(vs_warm.values(), key=lambda t: t["lo"])
-        miss = (f"its lower bound misses 0 by {-best['lo']:.3f}" if best["lo"] < 0 else
-                "its interval touches 0")
+        gap = -best["lo"]
+        miss = (f"its lower bound misses 0 by {gap:.3f}" if gap >= 0.0005 else
+                f"its lower bound misses 0 by {gap:.1e}" if gap > 0 else "its interval touches 0")
         verdict.append(f"No arm is above the warm start with a 95 % interval excluding 0; the closest, {best['a']}, "
                        f"has ΔEM {best['diff']:+.3f} [{best['lo']:+.3f}, {best['hi']:+.3f}] ({miss}).")
     if below:
@@ -291,6 +296,7 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
     for t in tests:
         if t["kind"] == "pair" and t["metric"] == "em" and not t["primary"] and not t["no_data"]:
             verdict.append("Secondary " + _sentence(t["a"], t["b"], t["label"], t, holm_p=t["p_holm"]))
+    verdict.extend(recall_verdict([t for t in tests if t["metric"] == "recall" and not t["no_data"]]))
 
     # ---- budgets and training rows --------------------------------------------------------------------------
     add("## Training data and budgets\n")
@@ -399,6 +405,17 @@ def above_warm_start_verdict(above: list[dict]) -> list[str]:
         lines.append(f"Of these, {', '.join(weak)} {'is' if len(weak) == 1 else 'are'} not significant after the "
                      "Holm correction over the secondary tests (Holm p ≥ 0.05): a lead, not a finding.")
     return lines
+
+
+def recall_verdict(tests: list[dict]) -> list[str]:
+    """One line for the support-recall tests that are significant after Holm (secondary tests: a difference in
+    what the agent retrieves is not a difference in answers, so it never speaks for the primary question)."""
+    hits = [t for t in tests if t.get("p_holm") is not None and t["p_holm"] < 0.05]
+    if not hits:
+        return []
+    return ["Secondary, support recall (significant after Holm): " + "; ".join(
+        f"{t['a']} {'above' if t['diff'] > 0 else 'below'} {t['b']} ({t['diff']:+.3f} [{t['lo']:+.3f}, "
+        f"{t['hi']:+.3f}], Holm p={_fmt_p(t['p_holm'])})" for t in hits) + "."]
 
 
 def _sentence(a: str, b: str, label: str, res: dict, holm_p: float | None = None) -> str:
