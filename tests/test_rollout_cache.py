@@ -326,3 +326,27 @@ def test_batch_cache_rows_leave_in_place_and_siblings_repeat():
     assert cache.valid[:, 0].tolist() == [False, False]
     cache.select(torch.tensor([0, 0, 1]))                   # siblings: repeated rows
     torch.testing.assert_close(cache.kv, before[:, :, [1, 1, 3]])
+
+
+def test_prefill_split_by_tail_length_gives_the_same_steps(tiny_model_and_tokenizer, monkeypatch):
+    """Tails of very different lengths are prefilled in several forwards (less padding) and stacked into one batch;
+    the steps equal one padded forward's, and identical contexts still expand from one prefill."""
+    model, tok = tiny_model_and_tokenizer
+    cfg = RolloutConfig(max_new_tokens=6, batch_size=64)
+    contexts = _contexts(tok, 10, seed=5)
+    contexts = contexts + [contexts[3], contexts[3]]             # siblings of one context
+    forwards = {}
+    outs = {}
+    for name, pad, min_rows in (("one", 10.0, 64), ("split", 0.0, 1), ("split3", 0.0, 3)):
+        monkeypatch.setattr(CachedHFBackend, "PREFILL_PAD", pad)
+        monkeypatch.setattr(CachedHFBackend, "PREFILL_MIN_ROWS", min_rows)
+        backend = CachedHFBackend(model, tok)
+        calls = []
+        real = backend._prefill_part
+        backend._prefill_part = lambda ctxs, hits, m, _r=real, _c=calls: _c.append(len(ctxs)) or _r(ctxs, hits, m)
+        outs[name] = backend.generate(contexts, list(range(len(contexts))), False, cfg)
+        forwards[name] = calls
+        assert backend.timing["prefill_tokens"] == sum(len(c) for c in contexts[:10])   # siblings prefilled once
+    assert forwards["one"] == [10] and len(forwards["split"]) > 3 and sum(forwards["split"]) == 10
+    assert outs["split"] == outs["one"] == outs["split3"]
+    assert forwards["split3"] == [3, 3, 4]                   # a last part under PREFILL_MIN_ROWS joins the one before

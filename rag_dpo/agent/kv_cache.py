@@ -141,12 +141,20 @@ class BatchCache:
     @staticmethod
     def concat(a: "BatchCache", b: "BatchCache", capacity: int) -> "BatchCache":
         """a's rows then b's, both right-aligned to the same next column, in a new cache of `capacity` columns."""
-        width = max(a.length, b.length)
-        layers, _, _, heads, _, dim = a.kv.shape
-        out = BatchCache(layers, a.kv.shape[2] + b.kv.shape[2], heads, capacity, dim, a.kv.dtype, a.kv.device)
-        for rows, src in ((slice(0, a.kv.shape[2]), a), (slice(a.kv.shape[2], None), b)):
-            lo = width - src.length
+        return BatchCache.stack([a, b], capacity)
+
+    @staticmethod
+    def stack(parts: Sequence["BatchCache"], capacity: int) -> "BatchCache":
+        """The parts' rows in order, right-aligned to the same next column, in a new cache of `capacity` columns."""
+        width = max(p.length for p in parts)
+        layers, _, _, heads, _, dim = parts[0].kv.shape
+        out = BatchCache(layers, sum(p.kv.shape[2] for p in parts), heads, capacity, dim, parts[0].kv.dtype,
+                         parts[0].kv.device)
+        row = 0
+        for src in parts:
+            rows, lo = slice(row, row + src.kv.shape[2]), width - src.length
             out.kv[:, :, rows, :, lo:width] = src.kv[:, :, :, :, :src.length]
             out.valid[rows, lo:width] = src.valid[:, :src.length]
+            row += src.kv.shape[2]
         out.length = width
         return out
