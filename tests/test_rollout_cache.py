@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 
 import pytest
@@ -350,3 +351,19 @@ def test_prefill_split_by_tail_length_gives_the_same_steps(tiny_model_and_tokeni
     assert forwards["one"] == [10] and len(forwards["split"]) > 3 and sum(forwards["split"]) == 10
     assert outs["split"] == outs["one"] == outs["split3"]
     assert forwards["split3"] == [3, 3, 4]                   # a last part under PREFILL_MIN_ROWS joins the one before
+
+
+def test_a_prefix_every_context_shares_is_encoded_once(tiny_model_and_tokenizer):
+    """A fresh engine's first batch: every question starts with the same system prompt, which is prefilled once
+    (whole blocks) and reused by every row, with the same steps as without the store's help."""
+    model, tok = tiny_model_and_tokenizer
+    cfg = RolloutConfig(max_new_tokens=6, batch_size=64)
+    prompt = tok("You answer multi-hop questions by searching a corpus of passages. Think inside tags, then "
+                 "search with a query or answer the question in a few words.", add_special_tokens=False)["input_ids"]
+    contexts = [prompt + c for c in _contexts(tok, 8, seed=7)]        # _contexts' own head follows: longer shared
+    backend = CachedHFBackend(model, tok)
+    shared = min(len(os.path.commonprefix(contexts)), min(map(len, contexts)) - 1) // 16 * 16
+    assert shared >= 32
+    out = backend.generate(contexts, list(range(8)), False, cfg)
+    assert backend.timing["prefill_tokens"] == sum(len(c) for c in contexts) - 7 * shared
+    assert out == HFBackend(model, tok).generate(contexts, list(range(8)), False, cfg)

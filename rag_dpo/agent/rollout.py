@@ -384,6 +384,10 @@ class CachedHFBackend:
         row_of = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
         ctxs = list(unique)
         hits = [self.store.lookup(c) for c in ctxs]
+        shared = self._shared_prefix(ctxs, hits)
+        if shared:          # e.g. the system prompt of a fresh engine: encode it once, then every row reuses it
+            self._prefill_part([tuple(ctxs[0][:shared])], [self.store.lookup(ctxs[0][:shared])], 0)
+            hits = [self.store.lookup(c) for c in ctxs]
         tails = [len(c) - n for c, (n, _) in zip(ctxs, hits)]
         parts: list[list[int]] = []
         for i in sorted(range(len(ctxs)), key=lambda i: (tails[i], i)):
@@ -413,6 +417,21 @@ class CachedHFBackend:
             cache.select(sel)
             logits, pos = logits[sel], pos[sel.cpu()]
         return logits, cache, pos
+
+    def _shared_prefix(self, ctxs: list[tuple], hits: list) -> int:
+        """Tokens (whole blocks) that every context begins with but at least two of them would each prefill; 0
+        when encoding them once first saves nothing."""
+        if len(ctxs) < 2:
+            return 0
+        block, first = self.store.block, ctxs[0]
+        n = min(len(c) for c in ctxs) - 1                  # the last token of a context is always prefilled
+        for c in ctxs[1:]:
+            i = 0
+            while i < n and c[i] == first[i]:
+                i += 1
+            n = i
+        n = n // block * block
+        return n if sum(h < n for h, _ in hits) >= 2 else 0
 
     def _prefill_part(self, ctxs: list[tuple], hits: list, max_new: int):
         """One forward over the uncached tails of distinct contexts; (last logits, cache) in their order."""
