@@ -101,6 +101,14 @@ class BatchCache:
         self.length = 0          # columns written so far (the same for every row)
         self.keep = None         # [batch, 1, q, 1] bool during a prefill: columns that already hold cached keys
 
+    def view(self, rows: slice, offset: int) -> "BatchCache":
+        """A cache over some rows and the columns from `offset` on, sharing this one's storage: a prefill of a few
+        rows writes straight into their place in the batch (no second allocation, no copy)."""
+        out = BatchCache.__new__(BatchCache)
+        out.kv, out.valid = self.kv[:, :, rows, :, offset:], self.valid[rows, offset:]
+        out.length, out.keep = 0, None
+        return out
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         s, q = self.length, key_states.shape[2]
         k, v = self.kv[layer_idx, 0, :, :, s:s + q], self.kv[layer_idx, 1, :, :, s:s + q]
@@ -141,20 +149,12 @@ class BatchCache:
     @staticmethod
     def concat(a: "BatchCache", b: "BatchCache", capacity: int) -> "BatchCache":
         """a's rows then b's, both right-aligned to the same next column, in a new cache of `capacity` columns."""
-        return BatchCache.stack([a, b], capacity)
-
-    @staticmethod
-    def stack(parts: Sequence["BatchCache"], capacity: int) -> "BatchCache":
-        """The parts' rows in order, right-aligned to the same next column, in a new cache of `capacity` columns."""
-        width = max(p.length for p in parts)
-        layers, _, _, heads, _, dim = parts[0].kv.shape
-        out = BatchCache(layers, sum(p.kv.shape[2] for p in parts), heads, capacity, dim, parts[0].kv.dtype,
-                         parts[0].kv.device)
-        row = 0
-        for src in parts:
-            rows, lo = slice(row, row + src.kv.shape[2]), width - src.length
+        width = max(a.length, b.length)
+        layers, _, _, heads, _, dim = a.kv.shape
+        out = BatchCache(layers, a.kv.shape[2] + b.kv.shape[2], heads, capacity, dim, a.kv.dtype, a.kv.device)
+        for rows, src in ((slice(0, a.kv.shape[2]), a), (slice(a.kv.shape[2], None), b)):
+            lo = width - src.length
             out.kv[:, :, rows, :, lo:width] = src.kv[:, :, :, :, :src.length]
             out.valid[rows, lo:width] = src.valid[:, :src.length]
-            row += src.kv.shape[2]
         out.length = width
         return out

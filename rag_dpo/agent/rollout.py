@@ -386,7 +386,9 @@ class CachedHFBackend:
         hits = [self.store.lookup(c) for c in ctxs]
         shared = self._shared_prefix(ctxs, hits)
         if shared:          # e.g. the system prompt of a fresh engine: encode it once, then every row reuses it
-            self._prefill_part([tuple(ctxs[0][:shared])], [self.store.lookup(ctxs[0][:shared])], 0)
+            self._prefill_part([tuple(ctxs[0][:shared])], [self.store.lookup(ctxs[0][:shared])],
+                               BatchCache(self.layers, 1, self.heads, shared, self.head_dim, self.model.dtype,
+                                          self.model.device))
             hits = [self.store.lookup(c) for c in ctxs]
         tails = [len(c) - n for c, (n, _) in zip(ctxs, hits)]
         parts: list[list[int]] = []
@@ -402,13 +404,18 @@ class CachedHFBackend:
             last = parts.pop()
             parts[-1] += last
         parts = [sorted(part) for part in parts]       # one part = the contexts' own order (the same rounding)
-        done = [self._prefill_part([ctxs[i] for i in part], [hits[i] for i in part], max_new) for part in parts]
+        width = max(len(c) for c in ctxs)
+        cache = BatchCache(self.layers, len(ctxs), self.heads, width + max_new, self.head_dim, self.model.dtype,
+                           self.model.device)
+        logits, row = [], 0
+        for part in parts:      # each part right-aligned in its own rows of the batch cache, as narrow as it is
+            part_width = max(len(ctxs[i]) for i in part)
+            logits.append(self._prefill_part([ctxs[i] for i in part], [hits[i] for i in part],
+                                              cache.view(slice(row, row + len(part)), width - part_width)))
+            row += len(part)
+        cache.length = width
+        logits = torch.cat(logits)
         order = [i for part in parts for i in part]
-        if len(done) == 1:
-            logits, cache = done[0]
-        else:
-            logits = torch.cat([lg for lg, _ in done])
-            cache = BatchCache.stack([c for _, c in done], max(len(c) for c in ctxs) + max_new)
         pos = torch.tensor([len(ctxs[i]) for i in order], dtype=torch.long)
         where = {i: k for k, i in enumerate(order)}
         rows = [where[r] for r in row_of]
@@ -433,16 +440,14 @@ class CachedHFBackend:
         n = n // block * block
         return n if sum(h < n for h, _ in hits) >= 2 else 0
 
-    def _prefill_part(self, ctxs: list[tuple], hits: list, max_new: int):
-        """One forward over the uncached tails of distinct contexts; (last logits, cache) in their order."""
+    def _prefill_part(self, ctxs: list[tuple], hits: list, cache):
+        """One forward over the uncached tails of distinct contexts, right-aligned in `cache` (one row each, at
+        least as many columns as the longest context); their last logits, in their order."""
         import torch
 
-        from rag_dpo.agent.kv_cache import BatchCache
         width = max(len(c) for c in ctxs)
         q = max(len(c) - n for c, (n, _) in zip(ctxs, hits))
         start = width - q
-        cache = BatchCache(self.layers, len(ctxs), self.heads, width + max_new, self.head_dim, self.model.dtype,
-                           self.model.device)
         ids = torch.full((len(ctxs), q), self.pad, dtype=torch.long)
         positions = torch.zeros((len(ctxs), q), dtype=torch.long)
         keep = torch.zeros((len(ctxs), q), dtype=torch.bool)
@@ -462,7 +467,7 @@ class CachedHFBackend:
         cache.keep = None
         for i, (c, (n, _)) in enumerate(zip(ctxs, hits)):
             self.store.insert(c, cache.kv[:, :, i, :, width - (len(c) - n):width], n)
-        return logits, cache
+        return logits
 
     def _stopped(self, tokens: list[int]) -> bool:
         tail = self.tokenizer.decode(tokens[-12:], skip_special_tokens=True)
