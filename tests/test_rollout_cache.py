@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ToyRetriever
 
+from rag_dpo.agent import kv_cache
 from rag_dpo.agent.kv_cache import PrefixStore
 from rag_dpo.agent.rollout import (CachedHFBackend, HFBackend, RolloutConfig, RolloutEngine, _nucleus_pick,
                                    seeded_sample)
@@ -289,7 +290,6 @@ def test_rows_stop_at_their_stop_string_while_others_go_on(tiny_model_and_tokeni
 def test_continuous_batching_joins_groups_into_the_running_batch(tiny_model_and_tokenizer, monkeypatch):
     """Groups admitted while other rows still decode (right-aligned to one column, some with stored prefixes that a
     prefill must not overwrite) generate what each row generates alone."""
-    from rag_dpo.agent import kv_cache
     model, tok = tiny_model_and_tokenizer
     cfg = RolloutConfig(max_new_tokens=10, batch_size=2, decode_rows=2)
     first = _contexts(tok, 6, seed=1)
@@ -309,8 +309,9 @@ def test_continuous_batching_joins_groups_into_the_running_batch(tiny_model_and_
     assert got == [HFBackend(model, tok).generate([r], [0], False, cfg)[0] for r in rows]
     assert backend.timing["cached_tokens"] > backend.timing["prefill_tokens"]
     with torch.inference_mode():                    # the prefill's logits themselves, against a full forward
-        logits, _, pos = backend._prefill(rows, 4)
-        for row, lg, p in zip(rows, logits, pos.tolist()):
+        logits, _, pos, order = backend._prefill(rows, 4)
+        assert sorted(order) == list(range(len(rows)))
+        for row, lg, p in zip([rows[r] for r in order], logits, pos.tolist()):
             assert p == len(row)
             torch.testing.assert_close(lg, model(input_ids=torch.tensor([row])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
@@ -350,6 +351,12 @@ def test_prefill_split_by_tail_length_gives_the_same_steps(tiny_model_and_tokeni
         assert backend.timing["prefill_tokens"] == sum(len(c) for c in contexts[:10])   # siblings prefilled once
     assert forwards["one"] == [10] and len(forwards["split"]) > 3 and sum(forwards["split"]) == 10
     assert outs["split"] == outs["one"] == outs["split3"]
+    # distinct contexts come back in part order with the request each row belongs to: no reordering copy
+    monkeypatch.setattr(kv_cache.BatchCache, "select", lambda self, rows: pytest.fail("rows were reordered"))
+    with torch.inference_mode():
+        logits, cache, pos, order = CachedHFBackend(model, tok)._prefill(contexts[:10], 6)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    assert pos.tolist() == [len(contexts[r]) for r in order] and cache.kv.shape[2] == 10
     assert forwards["split3"] == [3, 3, 4]                   # a last part under PREFILL_MIN_ROWS joins the one before
 
 

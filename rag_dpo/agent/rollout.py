@@ -297,7 +297,9 @@ class CachedHFBackend:
                     admit = []
                     while groups and (not admit and not live or len(live) + len(admit) + len(groups[0]) <= room):
                         admit += groups.pop(0)
-                    new_logits, new_cache, new_pos = self._prefill([contexts[r] for r in admit], cfg.max_new_tokens)
+                    new_logits, new_cache, new_pos, rows = self._prefill([contexts[r] for r in admit],
+                                                                         cfg.max_new_tokens)
+                    admit = [admit[j] for j in rows]     # the prefill's batch rows, in its order
                     if cache is None:
                         cache, logits, pos = new_cache, new_logits, new_pos
                     else:
@@ -376,7 +378,8 @@ class CachedHFBackend:
         """The uncached tail of every distinct context, right-aligned (see `kv_cache`); identical contexts are
         prefilled once and expanded. Tails are sorted by length and fed in as few forwards as keep padding under
         `PREFILL_PAD` (one forward pads every row to the longest tail: 16 % of the eval's prefilled tokens were
-        padding). Returns (last logits, cache, next position) per row and stores the contexts' new full blocks."""
+        padding). Returns (last logits, cache, next position) per batch row, the context each row belongs to, and
+        stores the contexts' new full blocks."""
         import torch
 
         from rag_dpo.agent.kv_cache import BatchCache
@@ -415,15 +418,17 @@ class CachedHFBackend:
             row += len(part)
         cache.length = width
         logits = torch.cat(logits)
-        order = [i for part in parts for i in part]
+        order = [i for part in parts for i in part]     # batch row -> distinct context
         pos = torch.tensor([len(ctxs[i]) for i in order], dtype=torch.long)
+        # Rows stay in part order (reordering them would copy the whole cache); identical contexts expand in place.
         where = {i: k for k, i in enumerate(order)}
-        rows = [where[r] for r in row_of]
+        requests = sorted(range(len(contexts)), key=lambda r: where[row_of[r]])
+        rows = [where[row_of[r]] for r in requests]
         if rows != list(range(len(order))):
             sel = torch.tensor(rows, device=logits.device)
             cache.select(sel)
             logits, pos = logits[sel], pos[sel.cpu()]
-        return logits, cache, pos
+        return logits, cache, pos, requests
 
     def _shared_prefix(self, ctxs: list[tuple], hits: list) -> int:
         """Tokens (whole blocks) that every context begins with but at least two of them would each prefill; 0
