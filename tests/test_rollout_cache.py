@@ -345,7 +345,8 @@ def test_prefill_split_by_tail_length_gives_the_same_steps(tiny_model_and_tokeni
         backend = CachedHFBackend(model, tok)
         calls = []
         real = backend._prefill_part
-        backend._prefill_part = lambda ctxs, hits, m, _r=real, _c=calls: _c.append(len(ctxs)) or _r(ctxs, hits, m)
+        backend._prefill_part = (lambda ctxs, hits, cache, _r=real, _c=calls:
+                                 _c.append(len(ctxs)) or _r(ctxs, hits, cache))
         outs[name] = backend.generate(contexts, list(range(len(contexts))), False, cfg)
         forwards[name] = calls
         assert backend.timing["prefill_tokens"] == sum(len(c) for c in contexts[:10])   # siblings prefilled once

@@ -396,13 +396,14 @@ class CachedHFBackend:
         tails = [len(c) - n for c, (n, _) in zip(ctxs, hits)]
         parts: list[list[int]] = []
         for i in sorted(range(len(ctxs)), key=lambda i: (tails[i], i)):
-            part = parts[-1] if parts else None
-            if part is not None and (len(part) < self.PREFILL_MIN_ROWS or
-                                     tails[i] * (len(part) + 1) - sum(tails[j] for j in part) - tails[i]
-                                     <= self.PREFILL_PAD * tails[i] * (len(part) + 1)):
-                part.append(i)
-            else:
-                parts.append([i])
+            if parts:
+                part = parts[-1]
+                padded = tails[i] * (len(part) + 1)       # the part's tails padded to this one, its longest
+                padding = padded - sum(tails[j] for j in part) - tails[i]
+                if len(part) < self.PREFILL_MIN_ROWS or padding <= self.PREFILL_PAD * padded:
+                    part.append(i)
+                    continue
+            parts.append([i])
         if len(parts) > 1 and len(parts[-1]) < self.PREFILL_MIN_ROWS:   # a short last part joins the one before
             last = parts.pop()
             parts[-1] += last

@@ -235,8 +235,8 @@ def _offer(store: WritebackStore, rows, chains: list[Chain], stage: str, files: 
         cand.cited_ids = cited
     extra = {}
     reads = []
+    items = [([store.corpus[p] for p in c.cited_ids], c.question, c.answer) for c in cands]
     for name, judge in extra_judges.items():
-        items = [([store.corpus[p] for p in c.cited_ids], c.question, c.answer) for c in cands]
         extra[name] = judge(items) if items else []
         if name == "reader":
             reads = list(judge.answers)
