@@ -175,7 +175,7 @@ def test_baselines_run_the_method_with_the_warm_start_and_the_base_model_plainly
 
 def test_a_cached_warm_start_is_evaluated_once_per_eval_setting(tmp_path, tiny_policy_dir, monkeypatch):
     """Two run folders evaluating the same cached warm start with the same eval settings: the second links the
-    first's eval (no generation); another eval setting is a separate eval."""
+    first's eval (no generation); another eval setting or an edited prompt is a separate eval."""
     import rag_dpo.eval.evaluate as ev
     from rag_dpo.pipeline.run import evaluate_policies, warm_start
     monkeypatch.setenv("RAG_DPO_CACHE", str(tmp_path / "cache"))
@@ -199,3 +199,9 @@ def test_a_cached_warm_start_is_evaluated_once_per_eval_setting(tmp_path, tiny_p
     r2 = load_recipe(RECIPES / "dpo_step.yaml", over[:-1] + ["rollout.max_new_tokens=5"])
     evaluate_policies(r2, tmp_path / "c", {"warm_start": str(warm_start(r2, tmp_path / "c"))})
     assert len(calls) == 2
+    # an edited prompt is another eval, not the finished one reused (it would never reach evaluate's own check)
+    from rag_dpo.agent import protocol
+    monkeypatch.setattr(protocol, "SYSTEM_PROMPT", protocol.SYSTEM_PROMPT + " Be brief.")
+    evaluate_policies(r, tmp_path / "a", {"warm_start": str(warm_start(r, tmp_path / "a"))})
+    assert len(calls) == 3
+    assert (tmp_path / "a" / "eval" / "warm_start").resolve() != (tmp_path / "b" / "eval" / "warm_start").resolve()

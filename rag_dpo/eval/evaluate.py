@@ -153,15 +153,21 @@ def _policy_manifest(policy: str) -> Path | None:
     return p if p.is_dir() else None
 
 
-def fingerprint(policy: str) -> dict:
-    """What the settings do not show but the chains depend on: the prompts' text and, for a policy folder, its
-    weights' bytes (retraining into the same folder, or editing a prompt, must not resume the old chains)."""
+def prompts_fingerprint() -> str:
+    """Hash of every prompt text an eval's chains depend on (system, baseline, synthesizer)."""
     import hashlib
 
     from rag_dpo.agent import baselines, hierarchical, protocol
     prompts = hashlib.blake2b(digest_size=8)
     for text in (protocol.SYSTEM_PROMPT, baselines.BASELINE_PROMPT, hierarchical.SYNTHESIZER_PROMPT):
         prompts.update(text.encode() + b"\0")
+    return prompts.hexdigest()
+
+
+def fingerprint(policy: str) -> dict:
+    """What the settings do not show but the chains depend on: the prompts' text and, for a policy folder, its
+    weights' bytes (retraining into the same folder, or editing a prompt, must not resume the old chains)."""
+    import hashlib
     weights = None
     folder = _policy_manifest(policy)
     if folder is not None:
@@ -172,7 +178,7 @@ def fingerprint(policy: str) -> dict:
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
                     h.update(chunk)
         weights = h.hexdigest()
-    return {"prompts": prompts.hexdigest(), "weights": weights}
+    return {"prompts": prompts_fingerprint(), "weights": weights}
 
 
 def _check_config(out_dir: Path, cfg: dict) -> None:

@@ -442,7 +442,9 @@ def baseline_eval(recipe: Recipe, name: str, warm_start: str | None) -> tuple[st
 def _cached_eval_dir(recipe: Recipe, spec: str | None, methods: list[str], split: str, rcfg) -> Path | None:
     """Where the eval of a cached warm start lives (inside its cache entry, keyed by everything the eval depends
     on), so `make train-dpo` reruns and other recipes with the same eval settings score it once. None for any
-    policy that is not a warm-start cache entry."""
+    policy that is not a warm-start cache entry. The prompts' fingerprint is in the key: a finished eval is reused
+    without calling `evaluate` (whose own resume check would see a prompt edit)."""
+    from rag_dpo.eval.evaluate import prompts_fingerprint
     from rag_dpo.io import stable_hash
     from rag_dpo.paths import cache_dir
     if not spec or not Path(spec).is_dir():
@@ -453,7 +455,8 @@ def _cached_eval_dir(recipe: Recipe, spec: str | None, methods: list[str], split
     w = world(recipe)
     key = stable_hash({"data": file_sha256(w.data_path), "corpus": recipe.data.corpus, "split": split,
                        "fractions": recipe.data.fractions, "limit": recipe.eval.limit, "methods": sorted(methods),
-                       "retriever": recipe.retrieval.name, "rollout": dataclasses.asdict(rcfg)})
+                       "retriever": recipe.retrieval.name, "rollout": dataclasses.asdict(rcfg),
+                       "prompts": prompts_fingerprint()})
     d = entry / "eval" / key
     d.mkdir(parents=True, exist_ok=True)
     return d
