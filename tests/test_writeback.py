@@ -10,7 +10,7 @@ import pytest
 
 from rag_dpo.data import load_corpus
 from rag_dpo.records import ANSWER, SEARCH, Chain, Step
-from rag_dpo.retrieval.writeback import (Candidate, OverlapJudge, PolicyJudge, ReaderJudge, WritebackConfig,
+from rag_dpo.retrieval.writeback import (Candidate, MinJudge, OverlapJudge, PolicyJudge, ReaderJudge, WritebackConfig,
                                          WritebackStore, candidate_from_chain, chain_hash, written_passage)
 
 PASSAGES = [
@@ -177,7 +177,7 @@ def test_policy_judge_plumbing(tiny_model_and_tokenizer):
     p = [Passage("Gustave Eiffel", "Gustave Eiffel", "Gustave Eiffel was born in Dijon.")]
     items = [(p, "Where was Gustave Eiffel born?", "Dijon"), (p * 2, "Who built the tower in Paris?", "a company")]
     batched = judge(items)
-    one = [judge([it])[0] for it in items]
+    one = [PolicyJudge(model, tok)([it])[0] for it in items]          # fresh judges: no remembered scores
     assert batched == pytest.approx(one, abs=1e-5)          # left padding: the last position is every row's next token
     assert all(0.0 < s < 1.0 for s in batched) and tok.padding_side == side    # the tokenizer is left as it was
     # the score is P(yes) / (P(yes) + P(no)) of the token after the chat prompt
@@ -188,6 +188,13 @@ def test_policy_judge_plumbing(tiny_model_and_tokenizer):
     assert batched[0] == pytest.approx(float(yes / (yes + no)), abs=1e-5)
     assert "Gustave Eiffel was born in Dijon." in judge.prompt(*items[0])
     assert {tok.decode([i]).strip().lower() for i in judge.yes} == {"yes"}
+    calls = []
+    real = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:      # a candidate scored once is not scored again (the store re-asks the joined judge it enforces)
+        assert judge(items[::-1]) == batched[::-1] and calls == []
+    finally:
+        del model.forward
 
 
 def test_reader_judge_plumbing(tiny_model_and_tokenizer):
@@ -204,7 +211,7 @@ def test_reader_judge_plumbing(tiny_model_and_tokenizer):
     judge = ReaderJudge(model, tok, render, max_new_tokens=6)
     items = [(p, "Where was Gustave Eiffel born?", "Dijon"), (p * 2, "Who was born in Dijon?", "Eiffel")]
     first = judge.read(items)
-    assert len(first) == 2 and judge.read(items[1:]) == first[1:]         # greedy, batch-independent
+    assert len(first) == 2 and ReaderJudge(model, tok, render, max_new_tokens=6).read(items[1:]) == first[1:]  # greedy, batch-independent
     assert all("</answer>" not in a for a in first)
     # the score is the F1 of the reader's answer against the candidate's (a random model reads noise, so the
     # candidates are set to what it read: those that normalise to words score 1)
@@ -212,6 +219,18 @@ def test_reader_judge_plumbing(tiny_model_and_tokenizer):
     assert judge(items) == [f1_score(r, [a]) for r, (_, _, a) in zip(first, items)] and judge.answers == first
     agree = [(ps, q, read) for (ps, q, _), read in zip(items, first)]
     assert judge(agree) == [1.0 if normalize_answer(r) else 0.0 for r in first]
+    # what it read is remembered: a joined judge (reader+overlap) scoring the same candidates again when the store
+    # enforces it, or another claim on the same passages and question, generates nothing new
+    calls = []
+    real = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        MinJudge(judge, OverlapJudge())(agree)
+        assert calls == [] and judge.answers == first
+        judge([(p, "Where was Gustave Eiffel born?", "Paris"), (p, "Who built it?", "x")])
+        assert len(calls) == 1 and judge.answers[0] == first[0]      # one batch, only the new question
+    finally:
+        del model.generate
 
 
 def test_unknown_check_is_an_input_error():

@@ -41,8 +41,6 @@ class PrefixStore:
         self.max_bytes = max_bytes
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.bytes = 0
-        self.hits = 0      # tokens served from the store
-        self.misses = 0    # tokens that had to be prefilled
 
     def digests(self, tokens: Sequence[int], n_blocks: int) -> list[bytes]:
         """Chained digests of the first `n_blocks` full blocks: block i's key covers tokens[: (i + 1) * block]."""
@@ -55,7 +53,8 @@ class PrefixStore:
 
     def lookup(self, tokens: Sequence[int]) -> tuple[int, list[torch.Tensor]]:
         """(number of cached leading tokens, their blocks). At least one token is always left to prefill, since the
-        next token's logits come from the last context position."""
+        next token's logits come from the last context position. Counts of served and prefilled tokens are the
+        engine's (`time_split`: cached_tokens, prefill_tokens), where each context is counted once."""
         found = []
         for h in self.digests(tokens, (len(tokens) - 1) // self.block):
             t = self.blocks.get(h)
@@ -64,8 +63,6 @@ class PrefixStore:
             self.blocks.move_to_end(h)
             found.append(t)
         n = len(found) * self.block
-        self.hits += n
-        self.misses += len(tokens) - n
         return n, found
 
     def insert(self, tokens: Sequence[int], kv: torch.Tensor, start: int) -> None:

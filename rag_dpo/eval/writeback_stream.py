@@ -238,7 +238,7 @@ def _offer(store: WritebackStore, rows, chains: list[Chain], stage: str, files: 
     items = [([store.corpus[p] for p in c.cited_ids], c.question, c.answer) for c in cands]
     for name, judge in extra_judges.items():
         extra[name] = judge(items) if items else []
-        if name == "reader":
+        if isinstance(judge, ReaderJudge):
             reads = list(judge.answers)
     verdicts = store.write(cands)
     out = []

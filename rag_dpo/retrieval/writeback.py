@@ -124,6 +124,21 @@ Judge = Callable[[list[tuple[list[Passage], str, str]]], list[float]]
 """(cited passages, question, answer) per item -> support score in [0, 1] per item."""
 
 
+def _passages_key(passages: list[Passage]) -> tuple:
+    return tuple((p.id, p.text) for p in passages)
+
+
+def _memoised(memo: dict, keys: list, items: list, compute: Callable[[list], list]) -> list:
+    """Values for `keys` (one per item), computing only the items whose key is not in `memo`, each once. Why: a
+    joined judge (`reader+overlap`) scores every candidate once for the record and again when the store enforces
+    it; the second call must not generate again."""
+    by_key = dict(zip(keys, items))
+    missing = [k for k in by_key if k not in memo]
+    if missing:
+        memo.update(zip(missing, compute([by_key[k] for k in missing])))
+    return [memo[k] for k in keys]
+
+
 class OverlapJudge:
     """Lexical support: the share of the answer's (normalised) words that occur in the cited passages, counting only
     words the question does not already contain; an answer that only repeats the question scores 0 (the agent's
@@ -158,8 +173,13 @@ class ReaderJudge:
         self.model, self.tokenizer, self.render = model, tokenizer, render
         self.max_new_tokens, self.batch_size, self.stop = max_new_tokens, batch_size, stop
         self.answers: list[str] = []          # the reader's answers of the last call (for reports)
+        self._read: dict = {}                 # (passages, question) -> answer: it does not depend on the claim
 
     def read(self, items: list[tuple[list[Passage], str, str]]) -> list[str]:
+        keys = [(_passages_key(passages), question) for passages, question, _ in items]
+        return _memoised(self._read, keys, items, self._generate)
+
+    def _generate(self, items: list[tuple[list[Passage], str, str]]) -> list[str]:
         import torch
         texts = [self.render(passages, question) for passages, question, _ in items]
         out: list[str] = []
@@ -218,6 +238,7 @@ class PolicyJudge:
         self.yes, self.no = self._word_ids(("yes", "Yes", "YES")), self._word_ids(("no", "No", "NO"))
         if not self.yes or not self.no:
             raise InputError("the judge's tokenizer has no single token for yes/no", field="judge")
+        self._scores: dict = {}
 
     def _word_ids(self, words) -> list[int]:
         ids = set()
@@ -241,6 +262,10 @@ class PolicyJudge:
         return f"{user}\nAnswer: "
 
     def __call__(self, items: list[tuple[list[Passage], str, str]]) -> list[float]:
+        keys = [(_passages_key(passages), question, answer) for passages, question, answer in items]
+        return _memoised(self._scores, keys, items, self._score)
+
+    def _score(self, items: list[tuple[list[Passage], str, str]]) -> list[float]:
         import torch
         prompts = [self.prompt(*item) for item in items]
         out: list[float] = []
