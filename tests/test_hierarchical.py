@@ -141,15 +141,27 @@ def test_chains_feed_annotators_and_pair_builders(tiny_model_and_tokenizer, monk
     save_dataset(rows, "stepwise", tmp_path / "stepwise", {})
 
 
-def test_agent_hier_runs_through_evaluate(tiny_model_and_tokenizer, tmp_path):
+def test_agent_hier_runs_through_evaluate(tiny_model_and_tokenizer, tmp_path, monkeypatch):
     from rag_dpo.eval.evaluate import evaluate
     from rag_dpo.records import read_chains
     data = tmp_path / "hotpot3.jsonl"
     data.write_text("".join(HOTPOT_DEV.read_text().splitlines(keepends=True)[:3]))
     cfg = RolloutConfig(max_new_tokens=4, max_steps=2, batch_size=4, progress=False)
-    res = evaluate(data, policy="tiny", methods="agent,agent-hier", split="all", limit=2, out_dir=tmp_path / "ev",
-                   rollout=cfg, model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False, answer_tokens=3)
+    kw = dict(policy="tiny", split="all", limit=2, rollout=cfg, model_and_tokenizer=tiny_model_and_tokenizer,
+              use_wandb=False, answer_tokens=3)
+    alone = evaluate(data, methods="agent-hier", out_dir=tmp_path / "alone", **kw)
+    rolled = []
+    real = RolloutEngine.rollout
+    monkeypatch.setattr(RolloutEngine, "rollout", lambda self, qs, *a, **k: rolled.append(len(qs)) or
+                        real(self, qs, *a, **k))
+    # listed after agent-hier on purpose: agent runs first, and agent-hier synthesizes on its chains
+    res = evaluate(data, methods="agent-hier,agent", out_dir=tmp_path / "ev", **kw)
     assert res["agent-hier"]["n"] == 2 and res["agent"]["n"] == 2
+    assert rolled == [2]                     # the planner was rolled out once, for agent
+    assert res["agent-hier"]["em"] == alone["agent-hier"]["em"] and res["agent-hier"]["f1"] == alone["agent-hier"]["f1"]
+    one = {c.question_id: c.path()[-1].text for c in read_chains(tmp_path / "alone" / "chains.jsonl")}
+    assert {c.question_id: c.path()[-1].text for c in read_chains(tmp_path / "ev" / "chains.jsonl")
+            if c.method == "agent-hier"} == one
     chains = [c for c in read_chains(tmp_path / "ev" / "chains.jsonl") if c.method == "agent-hier"]
     assert len(chains) == 2
     flat = {c.question_id: c for c in read_chains(tmp_path / "ev" / "chains.jsonl") if c.method == "agent"}
