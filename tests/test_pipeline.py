@@ -205,3 +205,17 @@ def test_a_cached_warm_start_is_evaluated_once_per_eval_setting(tmp_path, tiny_p
     evaluate_policies(r, tmp_path / "a", {"warm_start": str(warm_start(r, tmp_path / "a"))})
     assert len(calls) == 3
     assert (tmp_path / "a" / "eval" / "warm_start").resolve() != (tmp_path / "b" / "eval" / "warm_start").resolve()
+
+
+def test_warm_start_key_is_pinned_and_follows_settings(tmp_path):
+    """The shipped recipe's warm-start key is pinned: a new trainer setting (or any change to the key's recipe)
+    would silently invalidate every cached warm start (a 75-min CPU rebuild). Add such a setting to
+    `run.WARM_START_LATER_SETTINGS` (hashed only away from its default), or bump WARM_START_FORMAT on purpose and
+    update the pinned key. Changing a setting still changes the key."""
+    from rag_dpo.pipeline.run import warm_start_key
+    chains = tmp_path / "oracle.jsonl"
+    chains.write_text('{"fixed": "content"}\n')
+    r = load_recipe(RECIPES / "dpo_step.yaml")
+    assert warm_start_key(r, chains) == "23aaed360aa34917"
+    for override in ("warm_start.trainer.self_eval=true", "warm_start.trainer.learning_rate=1e-4", "seed=1"):
+        assert warm_start_key(load_recipe(RECIPES / "dpo_step.yaml", [override]), chains) != "23aaed360aa34917", override
