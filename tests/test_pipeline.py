@@ -219,3 +219,14 @@ def test_warm_start_key_is_pinned_and_follows_settings(tmp_path):
     assert warm_start_key(r, chains) == "23aaed360aa34917"
     for override in ("warm_start.trainer.self_eval=true", "warm_start.trainer.learning_rate=1e-4", "seed=1"):
         assert warm_start_key(load_recipe(RECIPES / "dpo_step.yaml", [override]), chains) != "23aaed360aa34917", override
+
+
+def test_later_settings_are_recorded_only_when_set():
+    """A run folder's recipe.yaml leaves out trainer settings added later (recipe.LATER_SETTINGS) while they are at
+    their default, so folders written before they existed still resume; set, they are recorded."""
+    from rag_dpo.pipeline.recipe import LATER_SETTINGS, resolved_dict
+    plain = resolved_dict(load_recipe(RECIPES / "dpo_step.yaml"))
+    assert not set(LATER_SETTINGS) & (set(plain["trainer"]) | set(plain["warm_start"]["trainer"]))
+    assert "learning_rate" in plain["trainer"] and "learning_rate" in plain["warm_start"]["trainer"]
+    on = resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["trainer.self_eval=true"]))
+    assert on["trainer"]["self_eval"] is True and "self_eval_weight" not in on["trainer"]

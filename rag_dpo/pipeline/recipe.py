@@ -169,10 +169,27 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return validate(recipe, str(path))
 
 
+# Trainer settings added after run folders and cache keys were first written (self-evaluation's two, 3aa41e2): a
+# run's recipe.yaml and the warm-start cache key record them only when set away from their default, so adding one
+# does not make every earlier run folder refuse to resume or orphan every cached warm start (a 75-min rebuild on the
+# CPU; both happened, unnoticed). A new trainer setting goes here; tests/test_pipeline.py pins the shipped key.
+LATER_SETTINGS = ("self_eval", "self_eval_weight")
+
+
+def without_later_defaults(values: dict, settings) -> dict:
+    """`values` (the asdict of `settings`) less the LATER_SETTINGS that are at their default."""
+    default = type(settings)()
+    return {k: v for k, v in values.items()
+            if not (k in LATER_SETTINGS and hasattr(default, k) and v == getattr(default, k))}
+
+
 def resolved_dict(recipe: Recipe) -> dict:
-    """The recipe as a plain dict with the trainer section filled in with every default (what a run records)."""
+    """The recipe as a plain dict with the trainer section filled in with every default (what a run records; the
+    LATER_SETTINGS only when set)."""
     out = to_dict(recipe)
-    out["trainer"] = dataclasses.asdict(trainer_settings(recipe))
+    ts = trainer_settings(recipe)
+    out["trainer"] = without_later_defaults(dataclasses.asdict(ts), ts)
+    out["warm_start"]["trainer"] = without_later_defaults(out["warm_start"]["trainer"], recipe.warm_start.trainer)
     if out["agent"] == to_dict(AgentSection()):   # the flat agent: recipe.yaml as before the section existed, so
         out.pop("agent")                          # run folders made then still resume
     return out

@@ -113,23 +113,16 @@ def _tokenizer(spec: str):
 # ---- steps ------------------------------------------------------------------------------------------------------
 
 WARM_START_FORMAT = 1   # bump when the warm-start training code changes what a cached entry holds
-# Trainer settings added after format 1 was fixed: hashed only when set away from their default, so adding a setting
-# does not invalidate every cached warm start (a 75-min rebuild on the CPU; self-evaluation's two did, unnoticed).
-# A new SFTSettings field goes here (tests/test_pipeline.py pins the key of the shipped recipe's settings).
-WARM_START_LATER_SETTINGS = ("self_eval", "self_eval_weight")
 
 
 def warm_start_key(recipe: Recipe, chains_path: Path) -> str:
     """The cache key of a warm start: the model, the exact oracle chains it trains on (their sha256: question set,
     retrieval settings and split are all in there), the resolved SFT settings and the seed."""
     from rag_dpo.io import stable_hash
-    trainer = recipe.warm_start.trainer
-    settings = dataclasses.asdict(dataclasses.replace(trainer, seed=recipe.seed))
+    from rag_dpo.pipeline.recipe import without_later_defaults
+    trainer = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed)
+    settings = without_later_defaults(dataclasses.asdict(trainer), trainer)   # recipe.LATER_SETTINGS: at default, unhashed
     settings.pop("wandb", None)                     # reporting does not change the weights
-    default = type(trainer)()
-    for name in WARM_START_LATER_SETTINGS:
-        if name in settings and settings[name] == getattr(default, name):
-            settings.pop(name)
     return stable_hash({"format": WARM_START_FORMAT, "model": recipe.model, "chains": file_sha256(chains_path),
                         "trainer": settings})
 
