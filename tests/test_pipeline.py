@@ -217,8 +217,12 @@ def test_warm_start_key_is_pinned_and_follows_settings(tmp_path):
     chains.write_text('{"fixed": "content"}\n')
     r = load_recipe(RECIPES / "dpo_step.yaml")
     assert warm_start_key(r, chains) == "23aaed360aa34917"
-    for override in ("warm_start.trainer.self_eval=true", "warm_start.trainer.learning_rate=1e-4", "seed=1"):
+    for override in ("warm_start.trainer.self_eval=true", "warm_start.trainer.learning_rate=1e-4", "seed=1",
+                     "warm_start.seed=1"):
         assert warm_start_key(load_recipe(RECIPES / "dpo_step.yaml", [override]), chains) != "23aaed360aa34917", override
+    # a recipe seed with the warm start's own seed fixed shares the seed-0 warm start (seeds of one recipe)
+    assert warm_start_key(load_recipe(RECIPES / "dpo_step.yaml", ["seed=1", "warm_start.seed=0"]),
+                          chains) == "23aaed360aa34917"
 
 
 def test_later_settings_are_recorded_only_when_set():
@@ -230,3 +234,5 @@ def test_later_settings_are_recorded_only_when_set():
     assert "learning_rate" in plain["trainer"] and "learning_rate" in plain["warm_start"]["trainer"]
     on = resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["trainer.self_eval=true"]))
     assert on["trainer"]["self_eval"] is True and "self_eval_weight" not in on["trainer"]
+    assert "seed" not in plain["warm_start"]          # warm_start.seed, added later, likewise
+    assert resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["warm_start.seed=0"]))["warm_start"]["seed"] == 0

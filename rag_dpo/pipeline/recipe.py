@@ -53,6 +53,11 @@ class WarmStartSection:
     enabled: bool = True               # SFT on oracle chains of the train split before anything else
     questions: int | None = 120        # train questions whose oracle chains form the SFT data (None = all)
     trainer: SFTSettings = field(default_factory=SFTSettings)
+    seed: int | None = None            # the warm start's own seed (None: the recipe's `seed`); fix it to run seeds of
+                                       # a recipe from one shared warm start, as `make compare` does
+
+    def seed_for(self, recipe_seed: int) -> int:
+        return recipe_seed if self.seed is None else self.seed
 
 
 @dataclass
@@ -190,6 +195,8 @@ def resolved_dict(recipe: Recipe) -> dict:
     ts = trainer_settings(recipe)
     out["trainer"] = without_later_defaults(dataclasses.asdict(ts), ts)
     out["warm_start"]["trainer"] = without_later_defaults(out["warm_start"]["trainer"], recipe.warm_start.trainer)
+    if out["warm_start"].get("seed") is None:     # added later too: recipe.yaml as before unless it is set
+        out["warm_start"].pop("seed", None)
     if out["agent"] == to_dict(AgentSection()):   # the flat agent: recipe.yaml as before the section existed, so
         out.pop("agent")                          # run folders made then still resume
     return out

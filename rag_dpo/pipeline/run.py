@@ -120,7 +120,7 @@ def warm_start_key(recipe: Recipe, chains_path: Path) -> str:
     retrieval settings and split are all in there), the resolved SFT settings and the seed."""
     from rag_dpo.io import stable_hash
     from rag_dpo.pipeline.recipe import without_later_defaults
-    trainer = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed)
+    trainer = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.warm_start.seed_for(recipe.seed))
     settings = without_later_defaults(dataclasses.asdict(trainer), trainer)   # recipe.LATER_SETTINGS: at default, unhashed
     settings.pop("wandb", None)                     # reporting does not change the weights
     return stable_hash({"format": WARM_START_FORMAT, "model": recipe.model, "chains": file_sha256(chains_path),
@@ -177,7 +177,7 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
                 build_dataset(chains_path, "sft", sft_dir, tok, PairConfig(level="chain"))
             barrier("warm start")
             building = root / f"{key}.building"
-            settings = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.seed)
+            settings = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.warm_start.seed_for(recipe.seed))
             log(f"warm start: SFT on {_rows(sft_dir)} oracle chains -> cache {entry}")
             t0 = time.perf_counter()
             train_sft(settings, sft_dir, building, model=recipe.model)
