@@ -56,9 +56,6 @@ class WarmStartSection:
     seed: int | None = None            # the warm start's own seed (None: the recipe's `seed`); fix it to run seeds of
                                        # a recipe from one shared warm start, as `make compare` does
 
-    def seed_for(self, recipe_seed: int) -> int:
-        return recipe_seed if self.seed is None else self.seed
-
 
 @dataclass
 class RolloutSection:

@@ -27,7 +27,7 @@ from typing import Any
 from rag_dpo.errors import InputError
 from rag_dpo.io import atomic_write_json, atomic_write_text, file_sha256
 from rag_dpo.paths import REPO_ROOT
-from rag_dpo.pipeline.recipe import Recipe, resolved_dict, trainer_settings
+from rag_dpo.pipeline.recipe import Recipe, resolved_dict, trainer_settings, without_later_defaults
 
 
 def log(msg: str) -> None:
@@ -115,12 +115,17 @@ def _tokenizer(spec: str):
 WARM_START_FORMAT = 1   # bump when the warm-start training code changes what a cached entry holds
 
 
+def warm_start_settings(recipe: Recipe):
+    """The warm start's SFT settings, seeded with `warm_start.seed` (default: the recipe's seed)."""
+    ws = recipe.warm_start
+    return dataclasses.replace(ws.trainer, seed=recipe.seed if ws.seed is None else ws.seed)
+
+
 def warm_start_key(recipe: Recipe, chains_path: Path) -> str:
     """The cache key of a warm start: the model, the exact oracle chains it trains on (their sha256: question set,
     retrieval settings and split are all in there), the resolved SFT settings and the seed."""
     from rag_dpo.io import stable_hash
-    from rag_dpo.pipeline.recipe import without_later_defaults
-    trainer = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.warm_start.seed_for(recipe.seed))
+    trainer = warm_start_settings(recipe)
     settings = without_later_defaults(dataclasses.asdict(trainer), trainer)   # recipe.LATER_SETTINGS: at default, unhashed
     settings.pop("wandb", None)                     # reporting does not change the weights
     return stable_hash({"format": WARM_START_FORMAT, "model": recipe.model, "chains": file_sha256(chains_path),
@@ -177,7 +182,7 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
                 build_dataset(chains_path, "sft", sft_dir, tok, PairConfig(level="chain"))
             barrier("warm start")
             building = root / f"{key}.building"
-            settings = dataclasses.replace(recipe.warm_start.trainer, seed=recipe.warm_start.seed_for(recipe.seed))
+            settings = warm_start_settings(recipe)
             log(f"warm start: SFT on {_rows(sft_dir)} oracle chains -> cache {entry}")
             t0 = time.perf_counter()
             train_sft(settings, sft_dir, building, model=recipe.model)
