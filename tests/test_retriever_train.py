@@ -78,11 +78,11 @@ def _cfg(**kw) -> RetrieverSettings:
     return RetrieverSettings(**base)
 
 
-def _rank_of(model_dir: Path, queries: list[str], pid: str = "p2") -> float:
+def _rank_of(model_dir: Path, queries: list[str], pid: str = "p2", corpus: Corpus = CORPUS) -> float:
     from rag_dpo.retrieval import build_retriever
-    r = build_retriever(f"dense:{model_dir}", CORPUS, cache=False, show_progress=False)
+    r = build_retriever(f"dense:{model_dir}", corpus, cache=False, show_progress=False)
     ranks = []
-    for hits in r.search(queries, 4):
+    for hits in r.search(queries, len(corpus)):
         ranks.append([h for h, _ in hits].index(pid))
     return sum(ranks) / len(ranks)
 
@@ -166,6 +166,59 @@ def test_distillation_raises_the_useful_passage_rank(tmp_path, tiny_encoder_dirs
     assert trained.from_cache and np.array_equal(trained.embeddings, base.embeddings)
 
 
+def test_corpus_target_is_the_candidate_posterior_on_candidates_and_the_prior_elsewhere():
+    import torch
+
+    from rag_dpo.train.retriever import corpus_target
+    torch.manual_seed(0)
+    corpus = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    q0 = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1)
+    cands, u = torch.tensor([[4, 1, 6]]), torch.tensor([[0.5, 6.0, -0.2]])
+    t = corpus_target(q0, cands, u, corpus, temperature=1.0, prior_weight=1.0, student_temperature=0.05)[0]
+    assert abs(float(t.sum()) - 1.0) < 1e-6
+    prior = (q0 @ corpus.T)[0] / 0.05
+    post = torch.softmax(prior[cands[0]] + u[0], -1)          # the candidate-only posterior target
+    assert torch.allclose(t[cands[0]] / t[cands[0]].sum(), post, atol=1e-6)
+    rest = [i for i in range(7) if i not in cands[0].tolist()]
+    assert torch.allclose(t[rest] / t[rest].sum(), torch.softmax(prior[rest], -1), atol=1e-6)
+    with pytest.raises(InputError, match="prior_weight"):
+        RetrieverSettings(corpus_softmax=True, prior_weight=0.0)
+
+
+def test_corpus_softmax_distillation_raises_the_useful_passage_over_the_whole_corpus(tmp_path, tiny_encoder_dirs):
+    """The candidates are 4 of a 6-passage corpus: the loss sees all 6 (the 2 unscored ones at their prior)."""
+    _, st = tiny_encoder_dirs
+    corpus = Corpus(PASSAGES + [Passage("p4", "Rome", "Rome is the capital city of Italy."),
+                                Passage("p5", "Moon", "The Moon is the natural satellite of the Earth.")],
+                    name="hand-built-6")
+    records = _records(_train_ids(8), good=2)
+    queries = sorted({r["query"] for r in records})
+    before = _rank_of(st, queries, corpus=corpus)
+    out = train_retriever("dense", records, corpus, _cfg(prior_weight=1.0, corpus_softmax=True), tmp_path / "dense",
+                          base_model=str(st))
+    after = _rank_of(out, queries, corpus=corpus)
+    assert before > 0 and after < before
+    assert json.loads((out / "train_done.json").read_text())["rows"] == 8
+
+
+def test_frozen_passage_table_reads_the_index_only_when_it_is_the_document_side(tiny_encoder_dirs):
+    import numpy as np
+
+    from rag_dpo.retrieval import build_retriever
+    from rag_dpo.train.retriever import frozen_passage_table, query_tuned_encoder
+    hf, st = tiny_encoder_dirs
+    model = query_tuned_encoder(str(st), 64)
+    records = _records(_train_ids(2))
+    encoded = frozen_passage_table(records, CORPUS, 4, model, whole_corpus=True)
+    index = build_retriever(f"dense:{st}", CORPUS, cache=False, show_progress=False)
+    looked_up = frozen_passage_table(records, CORPUS, 4, model, index=index)
+    assert np.allclose(looked_up["passages"].numpy(), encoded["passages"].numpy(), atol=1e-5)
+    assert np.allclose(looked_up["query0"].numpy(), encoded["query0"].numpy(), atol=1e-5)
+    index.embeddings = np.asarray(index.embeddings)[::-1].copy()   # not this model's document side: not used
+    assert np.allclose(frozen_passage_table(records, CORPUS, 4, model, index=index)["passages"].numpy(),
+                       encoded["passages"].numpy(), atol=1e-5)
+
+
 def test_end_to_end_gradient_reaches_the_retriever_with_the_right_sign(tiny_encoder_dirs):
     import torch
     # on the scores: raising the score of the passage that makes the answer likely lowers the loss
@@ -178,20 +231,23 @@ def test_end_to_end_gradient_reaches_the_retriever_with_the_right_sign(tiny_enco
     assert abs(float(w.sum()) - 2) < 1e-5 and float(w.max()) <= 1.0
 
     # through the encoder: the query side gets a non-zero gradient, the frozen document side none
-    from rag_dpo.train.retriever import _loss_module, query_tuned_encoder
+    # (the passages' embeddings are read from the frozen document side, as training does)
+    from rag_dpo.retrieval.base import index_text
+    from rag_dpo.train.retriever import _frozen_side_loss, frozen_passage_table, query_tuned_encoder
     _, st = tiny_encoder_dirs
     model = query_tuned_encoder(str(st), 64)
-    loss_fn = _loss_module(model, k=2, temperature=0.05)
-    texts = ["capital of france"] + [p.text for p in PASSAGES]
-    feats = []
-    for i, t in enumerate(texts):
-        f = model.preprocess([t])
-        f["task"] = "query" if i == 0 else "document"
-        feats.append(f)
-    loss = loss_fn(feats, ll)
+    rec = {"query": "capital of france", "candidates": [p.id for p in PASSAGES], "usefulness": [7.0, 0, 0, 0],
+           "ll": ll[0].tolist()}
+    table = frozen_passage_table([rec], CORPUS, 4, model)
+    loss_fn = _frozen_side_loss(model, table, _cfg(e2e_k=2), "e2e")
+    texts = ["capital of france"] + [index_text(p) for p in PASSAGES]
+    f = model.preprocess([texts[0]])
+    f["task"] = "query"
+    loss = loss_fn([f], torch.tensor([0]))
     loss.backward()
     q_grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert q_grads and any(g is not None and float(g.abs().sum()) > 0 for g in q_grads)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)     # the document side: none
     # one small step against the gradient raises the useful passage's score
     with torch.no_grad():
         before = _e2e_scores(model, texts)
@@ -307,8 +363,9 @@ def test_reranker_at_the_recipe_settings_beats_its_input_order(tmp_path):
     reranker passes this toy too; what it lacked is checked by test_an_untrained_reranker_returns_its_input_order and
     by the run's fit check on its own training questions.)"""
     from rag_dpo.retrieval import build_retriever
-    records = _records(_train_ids(16), good=2)       # 16 rows, batch 8: 2 steps an epoch, x 8 = the recipe's 16 steps
-    cfg = _recipe_settings(candidates=4, rerank_epochs=8, save_steps=1000, logging_steps=1, prior_weight=0.0)
+    records = _records(_train_ids(16), good=2)       # 16 rows, batch 8: 2 steps an epoch, x 8 ~ the recipe's 15 steps
+    cfg = _recipe_settings(candidates=4, rerank_epochs=8, save_steps=1000, logging_steps=1, prior_weight=0.0,
+                           corpus_softmax=False)
     assert cfg.rerank_epochs * 2 == 16 and cfg.per_device_train_batch_size == 8
     out = train_retriever("rerank", records, CORPUS, cfg, tmp_path / "rerank")
     queries = ["the capital of france or a fruit", "capital city of france, fruit", "france capital ocean fruit"]
@@ -357,6 +414,22 @@ def test_fit_check_table():
     lines = fit_markdown({"fit": {"dense": m, "dense-trained": {**m, "recall@5": 0.52}}})
     assert "96 train questions" in lines[0] and any("usefulness-trained" in x and "0.520" in x for x in lines)
     assert fit_markdown({"metrics": {}}) == []
+
+
+def test_targets_are_stated_on_each_held_out_split_and_not_on_the_transfer_set(tmp_path):
+    from rag_dpo.pipeline.retriever_run import retriever_specs, targets_markdown
+    specs = retriever_specs(tmp_path, ["dense", "e2e"])
+    assert specs["hybrid-trained"] == f"hybrid:{tmp_path / 'retrievers' / 'dense'}" and "rerank" not in specs
+
+    def row(r5):
+        return {"recall@1": 0.3, "recall@3": 0.5, "recall@5": r5, "questions": 65}
+    table = {"dense": row(0.74), "hybrid": row(0.78), "dense-trained": row(0.775)}
+    lines = targets_markdown({"metrics": {"f (test)": table, "f (dev, held out too)": {**table, "dense-trained":
+                                                                                          row(0.70)},
+                                          "m (transfer, all)": table}}, {})
+    assert "met by 0.5 points" in lines[2] and "missed by 0.5 points" in lines[3]    # test: the target's split
+    assert "missed by 7.0 points (f (dev, held out too), not the target's split)" in lines[4]
+    assert not any("transfer" in x for x in lines)
 
 
 def test_an_untrained_reranker_returns_its_input_order(tmp_path, tiny_encoder_dirs):

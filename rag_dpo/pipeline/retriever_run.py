@@ -32,7 +32,8 @@ from rag_dpo.pipeline.run import log, release_memory, resolve_path
 
 KS = (1, 3, 5)
 LABELS = {"bm25": "BM25", "dense": "dense (untuned)", "hybrid": "hybrid (untuned)", "dense-trained":
-          "dense (usefulness-trained)", "rerank": "reranker (BM25 top-m)", "e2e": "dense (end-to-end soft top-k)"}
+          "dense (usefulness-trained)", "hybrid-trained": "hybrid (BM25 + usefulness-trained dense)",
+          "rerank": "reranker (BM25 top-m)", "e2e": "dense (end-to-end soft top-k)"}
 
 
 def retriever_specs(run_dir: Path, variants: list[str]) -> dict[str, str]:
@@ -41,6 +42,7 @@ def retriever_specs(run_dir: Path, variants: list[str]) -> dict[str, str]:
     specs = {"bm25": "bm25", "dense": f"dense:{r / 'untuned'}", "hybrid": f"hybrid:{r / 'untuned'}"}
     if "dense" in variants:
         specs["dense-trained"] = f"dense:{r / 'dense'}"
+        specs["hybrid-trained"] = f"hybrid:{r / 'dense'}"
     if "rerank" in variants:
         specs["rerank"] = f"rerank:{r / 'rerank'}"
     if "e2e" in variants:
@@ -236,13 +238,15 @@ def fit_markdown(retrieval: dict) -> list[str]:
 def targets_markdown(retrieval: dict, agent: dict) -> list[str]:
     """Issue 15's targets, stated with the margin by which each is met or missed."""
     out = ["## Targets", ""]
-    first = next(iter(retrieval["metrics"].values()), {})
-    if "dense-trained" in first:
-        t, d, h = (first[n]["recall@5"] for n in ("dense-trained", "dense", "hybrid"))
+    for i, (dname, table) in enumerate(retrieval["metrics"].items()):
+        if "dense-trained" not in table or "(transfer" in dname:
+            continue
+        t, d, h = (table[n]["recall@5"] for n in ("dense-trained", "dense", "hybrid"))
+        where = "" if i == 0 else f" ({dname}, not the target's split)"
         out.append(f"- trained dense recall@5 {t:.3f} vs untuned dense + 3 points {d + 0.03:.3f}: "
-                   f"{'met' if t >= d + 0.03 else 'missed'} by {100 * abs(t - d - 0.03):.1f} points")
+                   f"{'met' if t >= d + 0.03 else 'missed'} by {100 * abs(t - d - 0.03):.1f} points{where}")
         out.append(f"- trained dense recall@5 {t:.3f} vs hybrid {h:.3f}: {'met' if t >= h else 'missed'} by "
-                   f"{100 * abs(t - h):.1f} points")
+                   f"{100 * abs(t - h):.1f} points{where}")
     if agent and "dense-trained" in agent and "bm25" in agent:
         t, b = agent["dense-trained"]["support_recall"], agent["bm25"]["support_recall"]
         out.append(f"- agent support recall with trained dense {t:.3f} vs with BM25 {b:.3f}: "
@@ -290,7 +294,7 @@ def run_retriever_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = Fa
 
     from rag_dpo import tracking
     from rag_dpo.agent.policy import load_policy
-    from rag_dpo.data import load_dataset
+    from rag_dpo.data import load_dataset, split_questions
     from rag_dpo.pipeline.run import prepare_run_dir, warm_start, world
     from rag_dpo.retrieval import build_retriever
     from rag_dpo.train.retriever import (DONE, candidate_lists, check_train_split, prior_similarities,
@@ -354,6 +358,12 @@ def run_retriever_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = Fa
 
         specs = retriever_specs(run_dir, cfg.variants)
         datasets = {f"{w.data_path.name} ({recipe.data.eval_split})": (w.eval, w.corpus)}
+        for split in ("dev", "test"):    # the other held-out split too: one test passage is ~0.8 points of recall
+            if split not in (recipe.data.train_split, recipe.data.eval_split):
+                held = split_questions(load_dataset(w.data_path, format=recipe.data.format, corpus=w.corpus).questions, split,
+                                       recipe.data.fractions)
+                if held:
+                    datasets[f"{w.data_path.name} ({split}, held out too)"] = (held, w.corpus)
         if cfg.transfer:
             tds = load_dataset(resolve_path(cfg.transfer), corpus=resolve_path(cfg.transfer_corpus)
                                if cfg.transfer_corpus else None)

@@ -76,7 +76,10 @@ class RetrieverSettings:
     score_batch_size: int = 16          # (query, passage) rows per policy forward
     target_temperature: float = 1.0     # T of the target softmax(u / T + prior_weight * cos0 / student_temperature)
     prior_weight: float = 1.0           # 1: the posterior target (untuned retriever x usefulness), 0: usefulness alone
-    learning_rate: float = 3.0e-5       # bi-encoder and e2e
+    corpus_softmax: bool = False        # dense: KL over the whole corpus (unscored passages keep their prior), not
+                                        # over the m candidates alone; needs prior_weight > 0
+    learning_rate: float = 3.0e-5       # bi-encoder (and e2e unless e2e_learning_rate is set)
+    e2e_learning_rate: float | None = None
     rerank_learning_rate: float = 5.0e-5
     rerank_head_learning_rate: float = 1.0e-3   # the new scoring head (RERANK_HEAD); set it to
                                                # rerank_learning_rate when starting from a trained cross-encoder
@@ -102,6 +105,9 @@ class RetrieverSettings:
                              field="trainer.variants")
         if self.candidates < 2:
             raise InputError("a distribution over candidates needs at least 2", field="trainer.candidates")
+        if self.corpus_softmax and not self.prior_weight:
+            raise InputError("corpus_softmax spreads the untuned prior over the corpus; it needs prior_weight > 0",
+                             field="trainer.corpus_softmax")
 
 
 # ---- queries ----------------------------------------------------------------------------------------------------
@@ -351,25 +357,81 @@ def soft_top_k_answer_loss(scores, answer_ll, k: int):
     return -log_mix.mean()
 
 
-def _loss_module(model, k: int, temperature: float):
+def frozen_passage_table(records: Sequence[dict], corpus: Corpus, m: int, model, index=None,
+                         whole_corpus: bool = False) -> dict:
+    """What the query-side losses read instead of encoding passages at every step (the document side is frozen, so
+    a passage's embedding never changes): `passages` (P x d, normalised) and per record its first m candidates' rows
+    in it, their usefulness, answer log-likelihoods, and the untuned query embedding `query0` (the prior). The
+    passages are the corpus `index`'s embeddings when it is given (the untuned index the recipe already has: no
+    encoding), else the frozen side's encoding of every corpus passage (`whole_corpus`) or of the distinct candidates."""
+    import numpy as np
     import torch
 
-    class SoftTopKAnswerLoss(torch.nn.Module):
-        """sentence-transformers loss: (query, passage_1..m) columns, label = the generator's answer log-likelihood
-        per passage; scores = cosine similarity / temperature."""
+    from rag_dpo.retrieval.base import index_text
+
+    def encode_document(texts):
+        return np.asarray(model.encode_document(texts, normalize_embeddings=True, convert_to_numpy=True,
+                                                show_progress_bar=False), dtype=np.float32)
+    if index is not None:      # only if the index is this model's document side (checked on a few passages)
+        probe = list(range(0, len(index.ids), max(1, len(index.ids) // 4)))[:4]
+        mine = encode_document([index_text(corpus[index.ids[i]]) for i in probe])
+        if not np.allclose(mine, np.asarray(index.embeddings, dtype=np.float32)[probe], atol=1e-4):
+            index = None
+    if index is not None:
+        ids, emb = list(index.ids), np.asarray(index.embeddings, dtype=np.float32)
+        query0 = np.asarray(index.encode_queries([r["query"] for r in records]), dtype=np.float32)
+    else:
+        ids = [p.id for p in corpus] if whole_corpus else \
+            list(dict.fromkeys(pid for r in records for pid in r["candidates"][:m]))
+        emb = encode_document([index_text(corpus[pid]) for pid in ids])
+        query0 = encode_document([r["query"] for r in records])     # the untuned query side is the frozen one
+    row = {pid: i for i, pid in enumerate(ids)}
+    return {"candidates": torch.tensor([[row[p] for p in r["candidates"][:m]] for r in records]),
+            "usefulness": torch.tensor([r["usefulness"][:m] for r in records], dtype=torch.float32),
+            "ll": torch.tensor([r["ll"][:m] for r in records], dtype=torch.float32),
+            "query0": torch.from_numpy(query0), "passages": torch.from_numpy(emb)}
+
+
+def corpus_target(query0, candidates, usefulness, corpus, temperature: float, prior_weight: float,
+                  student_temperature: float):
+    """The posterior over the whole corpus: softmax(prior_weight * cos0 / student_temperature + u / T), u = 0 for
+    passages that were not scored (taken as neither helping nor hurting). On the candidates it is the candidate
+    target's logits; elsewhere the untuned order."""
+    import torch
+    logits = prior_weight * (query0 @ corpus.T) / student_temperature
+    logits = logits.scatter_add(1, candidates, usefulness / temperature)
+    return torch.softmax(logits, -1)
+
+
+def _frozen_side_loss(model, table: dict, cfg: RetrieverSettings, objective: str):
+    import torch
+
+    class FrozenSideLoss(torch.nn.Module):
+        """sentence-transformers loss over (query, label = the record's row in `table`): only the query is encoded;
+        the passages' embeddings come from the frozen document side (`frozen_passage_table`), which is exact.
+        objective `corpus_kl`: KL(corpus_target || softmax(cos(q, every passage) / student_temperature)). Why the
+        whole corpus: a KL over the 6 candidates alone is blind to the other passages, and the query embedding
+        drifted towards non-candidates (first run: train-question recall@5 0.703 -> 0.521); here every passage's
+        score is in the loss. objective `e2e`: the soft top-k answer loss over the candidates' cos / temperature."""
 
         def __init__(self):
             super().__init__()
             self.model = model
+            for name, value in table.items():
+                self.register_buffer(name, value, persistent=False)
 
         def forward(self, sentence_features, labels):
-            emb = [self.model(f)["sentence_embedding"] for f in sentence_features]
-            q = torch.nn.functional.normalize(emb[0], dim=-1)
-            docs = [torch.nn.functional.normalize(e, dim=-1) for e in emb[1:]]
-            scores = torch.stack([(q * d).sum(-1) for d in docs], dim=1) / temperature
-            return soft_top_k_answer_loss(scores, labels.float(), k)
+            rows = labels.long().to(self.candidates.device)
+            q = torch.nn.functional.normalize(self.model(sentence_features[0])["sentence_embedding"], dim=-1)
+            if objective == "e2e":
+                scores = torch.einsum("bd,bmd->bm", q, self.passages[self.candidates[rows]]) / cfg.student_temperature
+                return soft_top_k_answer_loss(scores, self.ll[rows], cfg.e2e_k)
+            target = corpus_target(self.query0[rows], self.candidates[rows], self.usefulness[rows], self.passages,
+                                   cfg.target_temperature, cfg.prior_weight, cfg.student_temperature)
+            student = torch.log_softmax((q @ self.passages.T) / cfg.student_temperature, -1)
+            return torch.nn.functional.kl_div(student, target, reduction="batchmean")
 
-    return SoftTopKAnswerLoss()
+    return FrozenSideLoss()
 
 
 def _residual_listnet(model):
@@ -599,13 +661,19 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
         from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
 
         model = query_tuned_encoder(base_model or "all-MiniLM-L6-v2", cfg.max_seq_length)
-        ds = datasets.Dataset.from_dict(cols)
-        if variant == "dense":
-            loss = DistillKLDivLoss(model, student_temperature=cfg.student_temperature, teacher_temperature=1.0)
+        if variant == "e2e" or cfg.corpus_softmax:          # passages from the frozen side, queries encoded
+            rows = [r for r in records if len(r["candidates"]) >= m]
+            table = frozen_passage_table(rows, corpus, m, model, index=prior_retriever,
+                                         whole_corpus=variant == "dense")
+            ds = datasets.Dataset.from_dict({"query": [r["query"] for r in rows], "label": list(range(len(rows)))})
+            loss = _frozen_side_loss(model, table, cfg, "e2e" if variant == "e2e" else "corpus_kl")
+            routes = {"query": "query"}
         else:
-            loss = _loss_module(model, cfg.e2e_k, cfg.student_temperature)
-        args = _st_args(cfg, ckpt, cfg.learning_rate,
-                        router_mapping={"query": "query", **{f"passage_{i}": "document" for i in range(m)}})
+            ds = datasets.Dataset.from_dict(cols)
+            loss = DistillKLDivLoss(model, student_temperature=cfg.student_temperature, teacher_temperature=1.0)
+            routes = {"query": "query", **{f"passage_{i}": "document" for i in range(m)}}
+        lr = cfg.e2e_learning_rate if variant == "e2e" and cfg.e2e_learning_rate is not None else cfg.learning_rate
+        args = _st_args(cfg, ckpt, lr, router_mapping=routes)
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds, loss=loss)
     trainer.train(resume_from_checkpoint=_last_checkpoint(ckpt))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,12 @@ train questions it trained on (the fit check) and on the test split. Variants ar
     prior_weight      target softmax(u/T + prior_weight * cos0 / student_temperature): 1 = posterior, 0 = usefulness
     neighbours        add the untuned top passages outside the candidates as extra candidates with u = 0
     anchor            + anchor * (1 - cos(q, q_untuned)): keep the query embedding near the untuned one
+    corpus_softmax    the KL over the whole corpus (unscored passages at their prior), as `corpus_softmax` trains
+    m                 use only each record's first m candidates (default: all of them)
     seed
+
+Recall@5 is reported on the fit (train) questions, the test split and the dev split (held out from training too:
+two held-out sets, because one test passage is 0.8 points). ABLATION_THREADS=1 when another job shares the CPU.
 
     nice -n 19 .venv/bin/python -m rag_dpo.train.retriever_ablation runs/retriever "prior_weight=0, lr=5e-5" \
         "prior_weight=1, lr=1e-5"
@@ -24,6 +29,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -44,7 +50,7 @@ class Ablation:
     train (fit) and test questions."""
 
     def __init__(self, run_dir: str | Path, data: str = "data/hotpotqa/ircot_hotpotqa_dev_subsampled_500.jsonl",
-                 m: int = 6, max_seq_length: int = 128):
+                 m: int | None = None, max_seq_length: int = 128):
         import torch
 
         from rag_dpo.data import load_dataset, split_questions
@@ -53,9 +59,11 @@ class Ablation:
         ds = load_dataset(data)
         by_id = {q.id: q for q in ds.questions}
         records = [json.loads(line) for line in (run_dir / "scores" / "scores.jsonl").open(encoding="utf-8")]
+        m = m or min(len(r["candidates"]) for r in records)      # default: as many as every record has
         self.rows = [r for r in records if len(r["candidates"]) >= m]
         self.fit_questions = [by_id[r["question_id"]] for r in records if r["source"] == "question"]
         self.test_questions = [q for q in split_questions(ds.questions, "test") if q.supporting_ids]
+        self.dev_questions = [q for q in split_questions(ds.questions, "dev") if q.supporting_ids]   # held out too
         self.untuned = str(run_dir / "retrievers" / "untuned")
         self.max_seq_length, self.m = max_seq_length, m
         self.base = build_retriever(f"dense:{self.untuned}", ds.corpus, show_progress=False)
@@ -90,7 +98,7 @@ class Ablation:
 
     def run(self, lr: float = 5e-5, epochs: int = 3, batch_size: int = 8, student_temperature: float = 0.05,
             target_temperature: float = 1.0, prior_weight: float = 0.0, neighbours: int = 0, anchor: float = 0.0,
-            seed: int = 0) -> dict:
+            corpus_softmax: bool = False, m: int | None = None, seed: int = 0) -> dict:
         import torch
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -98,14 +106,18 @@ class Ablation:
         with torch.no_grad():
             model.eval()
             q0 = self.encode(model, [r["query"] for r in self.rows])
-        cand, useful = self.cand, self.useful
+        cand, useful = self.cand[:, :m], self.useful[:, :m]      # m: the first m candidates only
         if neighbours:
-            top = (q0 @ self.emb.T).topk(self.m + neighbours, dim=-1).indices.tolist()
+            top = (q0 @ self.emb.T).topk(cand.shape[1] + neighbours, dim=-1).indices.tolist()
             extra = [[j for j in t if j not in set(c)][:neighbours] for t, c in zip(top, cand.tolist())]
             cand = torch.cat([cand, torch.tensor(extra)], 1)
             useful = torch.cat([useful, torch.zeros(len(self.rows), neighbours)], 1)
         prior = torch.einsum("bd,bmd->bm", q0, self.emb[cand])
         target = torch.softmax(useful / target_temperature + prior_weight * prior / student_temperature, -1)
+        if corpus_softmax:   # over the whole corpus: unscored passages keep their prior (u = 0)
+            full = prior_weight * (q0 @ self.emb.T) / student_temperature
+            full.scatter_add_(1, cand, useful / target_temperature)
+            target = torch.softmax(full, -1)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         steps = math.ceil(len(self.rows) / batch_size) * epochs
@@ -120,7 +132,8 @@ class Ablation:
                 model.train()
                 ib = order[b:b + batch_size]
                 q = self.encode(model, [self.rows[i]["query"] for i in ib])
-                logits = torch.einsum("bd,bmd->bm", q, self.emb[cand[ib]]) / student_temperature
+                logits = (q @ self.emb.T if corpus_softmax
+                          else torch.einsum("bd,bmd->bm", q, self.emb[cand[ib]])) / student_temperature
                 loss = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target[ib], reduction="batchmean")
                 if anchor:
                     loss = loss + anchor * (1 - (q * q0[ib]).sum(-1)).mean()
@@ -130,20 +143,22 @@ class Ablation:
                 sched.step()
         return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
                 "fit_recall@5": self.recall(model, self.fit_questions),
-                "test_recall@5": self.recall(model, self.test_questions)}
+                "test_recall@5": self.recall(model, self.test_questions),
+                "dev_recall@5": self.recall(model, self.dev_questions)}
 
 
 def main(argv: list[str]) -> None:
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("ABLATION_THREADS", "2")))   # 1 beside another job
     ab = Ablation(argv[0])
     untuned = ab.model()
     print(f"{'untuned':44s} fit R@5 {ab.recall(untuned, ab.fit_questions):.3f}  "
-          f"test R@5 {ab.recall(untuned, ab.test_questions):.3f}", flush=True)
+          f"test R@5 {ab.recall(untuned, ab.test_questions):.3f}  dev R@5 {ab.recall(untuned, ab.dev_questions):.3f}",
+          flush=True)
     for text in argv[1:]:
         r = ab.run(**parse_variant(text))
         print(f"{text:44s} fit R@5 {r['fit_recall@5']:.3f}  test R@5 {r['test_recall@5']:.3f}  "
-              f"({r['steps']} steps, {r['seconds']} s)", flush=True)
+              f"dev R@5 {r['dev_recall@5']:.3f}  ({r['steps']} steps, {r['seconds']} s)", flush=True)
 
 
 if __name__ == "__main__":
