@@ -432,6 +432,25 @@ def test_targets_are_stated_on_each_held_out_split_and_not_on_the_transfer_set(t
     assert not any("transfer" in x for x in lines)
 
 
+def test_report_tests_each_retriever_against_its_baseline_per_split_and_pooled(tmp_path):
+    """Paired recall@5 differences per held-out split and pooled over them (not over the transfer set)."""
+    from rag_dpo.pipeline.retriever_run import _retrieval_eval, results_markdown
+    from rag_dpo.pipeline.recipe import load_recipe
+    qs = [Question(id=f"t{i}", question=q, answers=["x"], supporting_ids=[pid]) for i, (q, pid) in enumerate(
+        [("capital of france", "p0"), ("edible fruit", "p2"), ("seventy percent surface", "p3")])]
+    specs = {"dense": "bm25", "dense-trained": "bm25s", "hybrid": "bm25", "bm25": "bm25"}
+    data = {"f (test)": (qs, CORPUS), "f (dev, held out too)": (qs[:2], CORPUS), "m (transfer, all)": (qs, CORPUS)}
+    out = _retrieval_eval(specs, data, tmp_path, RetrieverSettings())
+    paired = out["paired"]
+    assert set(paired) == {*data, "held-out splits pooled"}
+    assert set(paired["f (test)"]) == {"dense-trained - dense", "dense-trained - hybrid"}
+    assert paired["f (test)"]["dense-trained - dense"]["diff"] == 0.0          # the same ranking on these queries
+    assert len(json.loads((tmp_path / "retrieval.json").read_text())["paired"]) == 4
+    md = results_markdown(load_recipe(Path(__file__).parent.parent / "recipes" / "retriever.yaml"), out, {},
+                          {}, {})
+    assert "| dense-trained - dense | +0.0 [+0.0, +0.0] p 1.00 |" in md and "held-out splits pooled" in md
+
+
 def test_an_untrained_reranker_returns_its_input_order(tmp_path, tiny_encoder_dirs):
     """The reranker built from a bi-encoder mean-pools the pair under a zero head: before training every score ties
     and BM25's order comes back unchanged, so a reranker that learns nothing cannot fall below its first stage (the

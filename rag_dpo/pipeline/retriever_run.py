@@ -36,6 +36,12 @@ LABELS = {"bm25": "BM25", "dense": "dense (untuned)", "hybrid": "hybrid (untuned
           "rerank": "reranker (BM25 top-m)", "e2e": "dense (end-to-end soft top-k)"}
 
 
+# The paired comparisons the report tests (recall@5 per question, paired bootstrap): each trained retriever against
+# what it started from, and the trained dense against the target's other bar, the untuned hybrid.
+PAIRED = (("dense-trained", "dense"), ("hybrid-trained", "hybrid"), ("dense-trained", "hybrid"), ("e2e", "dense"),
+          ("rerank", "bm25"))
+
+
 def retriever_specs(run_dir: Path, variants: list[str]) -> dict[str, str]:
     """Short name -> retriever spec for every retriever the run compares."""
     r = run_dir / "retrievers"
@@ -124,7 +130,10 @@ def _retrieval_eval(specs: dict[str, str], datasets: dict[str, tuple], run_dir: 
     if path.exists():
         import json
         return json.loads(path.read_text())
+    from rag_dpo.eval.stats import paired_bootstrap
+    from rag_dpo.metrics import support_recall
     out: dict = {"metrics": {}, "rank_changes": {}}
+    per_question: dict[str, dict[str, list[float]]] = {}     # data set -> retriever -> recall@5 per question
     untuned = run_dir / "retrievers" / "untuned"
     for dname, (questions, corpus) in datasets.items():
         ranked = {}
@@ -144,6 +153,16 @@ def _retrieval_eval(specs: dict[str, str], datasets: dict[str, tuple], run_dir: 
             if variant in ranked:
                 out["rank_changes"].setdefault(dname, {})[variant] = rank_changes(
                     questions, corpus, ranked["dense"], ranked[variant])
+        scored = [q for q in questions if q.supporting_ids]
+        per_question[dname] = {name: [support_recall(rk[q.id], q.supporting_ids, 5) for q in scored]
+                               for name, rk in ranked.items()}
+    held_out = [d for d in per_question if "(transfer" not in d]
+    if len(held_out) > 1:       # every held-out split of the data file, pooled: twice the questions
+        per_question["held-out splits pooled"] = {name: sum((per_question[d][name] for d in held_out), [])
+                                                  for name in per_question[held_out[0]]}
+    out["paired"] = {dname: {f"{a} - {b}": paired_bootstrap(rows[a], rows[b], n_boot=10000)
+                             for a, b in PAIRED if a in rows and b in rows}
+                     for dname, rows in per_question.items()}
     if fit is not None:
         questions, corpus = fit
         for name, spec in specs.items():     # the training questions on purpose: no manifest check
@@ -193,6 +212,18 @@ def results_markdown(recipe: Recipe, retrieval: dict, agent: dict, cost: dict, t
             lines.append(f"| {LABELS.get(name, name)} | {_fmt(m['recall@1'])} | {_fmt(m['recall@3'])} | "
                          f"{_fmt(m['recall@5'])} | {m['questions']} |")
         lines.append("")
+    if retrieval.get("paired"):
+        lines += ["## Paired differences in recall@5 (per question; 95 % paired bootstrap interval, p-value)", "",
+                  "| comparison | " + " | ".join(retrieval["paired"]) + " |",
+                  "|---|" + "---|" * len(retrieval["paired"])]
+        for pair in dict.fromkeys(p for table in retrieval["paired"].values() for p in table):
+            cells = []
+            for table in retrieval["paired"].values():
+                r = table.get(pair)
+                cells.append(f"{100 * r['diff']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] p {r['p_value']:.2f}"
+                             if r else "")
+            lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+        lines += ["", "Points of recall@5. A gain is shown only where the interval excludes 0.", ""]
     if agent:
         lines += [f"## The agent with each retriever ({recipe.data.eval_split} split, {recipe.eval.limit} questions, "
                   "greedy)", "", "| retriever | EM | F1 | support recall | parse errors | steps |",
@@ -385,6 +416,8 @@ def run_retriever_recipe(recipe: Recipe, run_dir: str | Path, restart: bool = Fa
                    "specs": specs, "policy": str(policy), "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_json(run_dir / "results.json", results)
         atomic_write_text(run_dir / "results.md", md + "\n")
+        for dname, table in retrieval.get("paired", {}).items():
+            tracking.log(run, {f"paired_recall@5/{dname}/{pair}": r["diff"] for pair, r in table.items()})
         for dname, table in retrieval["metrics"].items():
             tracking.log_table(run, f"recall/{dname}", ["retriever", *[f"recall@{k}" for k in KS]],
                                [[n, *[m[f"recall@{k}"] for k in KS]] for n, m in table.items()])

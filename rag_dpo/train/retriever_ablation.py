@@ -21,6 +21,9 @@ two held-out sets, because one test passage is 0.8 points). ABLATION_THREADS=1 w
     nice -n 19 .venv/bin/python -m rag_dpo.train.retriever_ablation runs/retriever "prior_weight=0, lr=5e-5" \
         "prior_weight=1, lr=1e-5"
 
+`... retriever_ablation RUN --ceiling` prints what a perfect learner of the target would score instead (the
+candidates reordered by usefulness / posterior / gold support; see docs/retriever.md).
+
 It is a diagnostic, not a trainer: the shipped retrievers come from `train_retriever`.
 """
 
@@ -147,10 +150,50 @@ class Ablation:
                 "dev_recall@5": self.recall(model, self.dev_questions)}
 
 
+    def ceiling(self, student_temperature: float = 0.05) -> dict:
+        """What a retriever that learnt its target perfectly would score on the fit questions: each question-query's
+        scored candidates reordered by usefulness alone / by the posterior target / by gold support, the rest of the
+        untuned ranking after them (recall@5), and the share of supporting passages among the candidates."""
+        import torch
+
+        from rag_dpo.metrics import support_recall
+        rows = [r for r in self.rows if r["source"] == "question"]
+        by_id = {q.id: q for q in self.fit_questions}
+        qs = [by_id[r["question_id"]] for r in rows]
+        model = self.model()
+        model.eval()
+        with torch.no_grad():
+            q0 = self.encode(model, [r["query"] for r in rows])
+        untuned = (q0 @ self.emb.T).topk(50, dim=-1).indices.tolist()
+        row = {pid: i for i, pid in enumerate(self.base.ids)}
+        out = {"candidates": len(rows[0]["candidates"]), "questions": len(rows)}
+        inside = sum(s in r["candidates"] for r, q in zip(rows, qs) for s in q.supporting_ids)
+        out["supporting_among_candidates"] = inside / sum(len(q.supporting_ids) for q in qs)
+        orders = {
+            "usefulness": lambda r, q, j: r["usefulness"][j],
+            "posterior": lambda r, q, j: r["usefulness"][j] + float(q0[i_of[id(r)]] @ self.emb[row[r["candidates"][j]]])
+            / student_temperature,
+            "gold": lambda r, q, j: float(r["candidates"][j] in q.supporting_ids)}
+        i_of = {id(r): i for i, r in enumerate(rows)}
+        for name, key in orders.items():
+            total = 0.0
+            for r, q, top in zip(rows, qs, untuned):
+                cands = [r["candidates"][j] for j in sorted(range(len(r["candidates"])), key=lambda j: -key(r, q, j))]
+                rest = [self.base.ids[j] for j in top if self.base.ids[j] not in cands]
+                total += support_recall(cands + rest, q.supporting_ids, 5)
+            out[f"recall@5_by_{name}"] = total / len(rows)
+        out["recall@5_untuned"] = sum(support_recall([self.base.ids[j] for j in t], q.supporting_ids, 5)
+                                      for t, q in zip(untuned, qs)) / len(rows)
+        return out
+
+
 def main(argv: list[str]) -> None:
     import torch
     torch.set_num_threads(int(os.environ.get("ABLATION_THREADS", "2")))   # 1 beside another job
     ab = Ablation(argv[0])
+    if argv[1:] == ["--ceiling"]:
+        print(json.dumps(ab.ceiling(), indent=1))
+        return
     untuned = ab.model()
     print(f"{'untuned':44s} fit R@5 {ab.recall(untuned, ab.fit_questions):.3f}  "
           f"test R@5 {ab.recall(untuned, ab.test_questions):.3f}  dev R@5 {ab.recall(untuned, ab.dev_questions):.3f}",
