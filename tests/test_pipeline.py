@@ -207,10 +207,33 @@ def test_a_cached_warm_start_is_evaluated_once_per_eval_setting(tmp_path, tiny_p
     assert (tmp_path / "a" / "eval" / "warm_start").resolve() != (tmp_path / "b" / "eval" / "warm_start").resolve()
 
 
+def test_cached_eval_key_is_pinned_and_follows_rollout_settings(monkeypatch):
+    """The key of a cached warm start's eval is pinned (prompts fixed here; a prompt edit changes it on purpose): a
+    new RolloutConfig field would otherwise re-run every cached eval (~5 min each on the CPU) without a word. Add
+    such a field to `recipe.LATER_SETTINGS` (hashed only when set away from its default)."""
+    import dataclasses
+
+    from rag_dpo.eval import evaluate as ev
+    from rag_dpo.pipeline import recipe as rec
+    from rag_dpo.pipeline.run import cached_eval_key, eval_rollout_config
+    monkeypatch.setattr(ev, "prompts_fingerprint", lambda: "fixed")
+    r = load_recipe(RECIPES / "dpo_step.yaml")
+    rcfg = eval_rollout_config(r)
+    assert cached_eval_key(r, ["agent"], "test", rcfg) == "453af72cb7f2bd1c"
+    assert cached_eval_key(r, ["agent"], "test", dataclasses.replace(rcfg, k=rcfg.k + 1)) != "453af72cb7f2bd1c"
+    # a field listed as added later leaves the hash at its default and enters it when set (max_steps stands in)
+    default = dataclasses.replace(rcfg, max_steps=type(rcfg)().max_steps)
+    changed = dataclasses.replace(default, max_steps=default.max_steps + 1)
+    before = [cached_eval_key(r, ["agent"], "test", c) for c in (default, changed)]
+    monkeypatch.setattr(rec, "LATER_SETTINGS", rec.LATER_SETTINGS + ("max_steps",))
+    after = [cached_eval_key(r, ["agent"], "test", c) for c in (default, changed)]
+    assert after[0] != before[0] and after[1] == before[1]
+
+
 def test_warm_start_key_is_pinned_and_follows_settings(tmp_path):
     """The shipped recipe's warm-start key is pinned: a new trainer setting (or any change to the key's recipe)
     would silently invalidate every cached warm start (a 75-min CPU rebuild). Add such a setting to
-    `run.WARM_START_LATER_SETTINGS` (hashed only away from its default), or bump WARM_START_FORMAT on purpose and
+    `recipe.LATER_SETTINGS` (hashed only away from its default), or bump WARM_START_FORMAT on purpose and
     update the pinned key. Changing a setting still changes the key."""
     from rag_dpo.pipeline.run import warm_start_key
     chains = tmp_path / "oracle.jsonl"

@@ -174,8 +174,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 # Trainer settings added after run folders and cache keys were first written (self-evaluation's two, 3aa41e2; the
 # retriever's corpus_softmax and e2e_learning_rate): a run's recipe.yaml and the warm-start cache key record them only
 # when set away from their default, so adding one does not make every earlier run folder refuse to resume or orphan
-# every cached warm start (a 75-min rebuild on the CPU; both happened, unnoticed). A new trainer setting goes here;
-# tests/test_pipeline.py pins the shipped key.
+# every cached warm start (a 75-min rebuild on the CPU; both happened, unnoticed). A new trainer setting goes here,
+# and so does a new RolloutConfig field (the cached warm-start eval's key, `run.cached_eval_key`, hashes it the same
+# way); tests/test_pipeline.py pins both keys.
 LATER_SETTINGS = ("self_eval", "self_eval_weight", "corpus_softmax", "e2e_learning_rate")
 
 

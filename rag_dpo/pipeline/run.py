@@ -446,25 +446,32 @@ def baseline_eval(recipe: Recipe, name: str, warm_start: str | None) -> tuple[st
     return (str(warm_start) if who == "warm_start" and warm_start else recipe.model), method
 
 
-def _cached_eval_dir(recipe: Recipe, spec: str | None, methods: list[str], split: str, rcfg) -> Path | None:
-    """Where the eval of a cached warm start lives (inside its cache entry, keyed by everything the eval depends
-    on), so `make train-dpo` reruns and other recipes with the same eval settings score it once. None for any
-    policy that is not a warm-start cache entry. The prompts' fingerprint is in the key: a finished eval is reused
-    without calling `evaluate` (whose own resume check would see a prompt edit)."""
+def cached_eval_key(recipe: Recipe, methods: list[str], split: str, rcfg) -> str:
+    """Everything the eval of a cached warm start depends on, hashed. The rollout settings enter as the recipe's
+    trainer settings do (`recipe.without_later_defaults`): a RolloutConfig field added later goes into
+    LATER_SETTINGS, so it changes the key only when set, and the cached evals (~5 min each) stay valid."""
     from rag_dpo.eval.evaluate import prompts_fingerprint
     from rag_dpo.io import stable_hash
+    w = world(recipe)
+    return stable_hash({"data": file_sha256(w.data_path), "corpus": recipe.data.corpus, "split": split,
+                        "fractions": recipe.data.fractions, "limit": recipe.eval.limit, "methods": sorted(methods),
+                        "retriever": recipe.retrieval.name,
+                        "rollout": without_later_defaults(dataclasses.asdict(rcfg), rcfg),
+                        "prompts": prompts_fingerprint()})
+
+
+def _cached_eval_dir(recipe: Recipe, spec: str | None, methods: list[str], split: str, rcfg) -> Path | None:
+    """Where the eval of a cached warm start lives (inside its cache entry, keyed by `cached_eval_key`), so
+    `make train-dpo` reruns and other recipes with the same eval settings score it once. None for any policy that
+    is not a warm-start cache entry. The prompts' fingerprint is in the key: a finished eval is reused without
+    calling `evaluate` (whose own resume check would see a prompt edit)."""
     from rag_dpo.paths import cache_dir
     if not spec or not Path(spec).is_dir():
         return None
     entry = Path(spec).resolve()
     if entry.parent != cache_dir("warm_starts").resolve():
         return None
-    w = world(recipe)
-    key = stable_hash({"data": file_sha256(w.data_path), "corpus": recipe.data.corpus, "split": split,
-                       "fractions": recipe.data.fractions, "limit": recipe.eval.limit, "methods": sorted(methods),
-                       "retriever": recipe.retrieval.name, "rollout": dataclasses.asdict(rcfg),
-                       "prompts": prompts_fingerprint()})
-    d = entry / "eval" / key
+    d = entry / "eval" / cached_eval_key(recipe, methods, split, rcfg)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
