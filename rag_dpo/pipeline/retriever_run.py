@@ -220,8 +220,8 @@ def results_markdown(recipe: Recipe, retrieval: dict, agent: dict, cost: dict, t
             cells = []
             for table in retrieval["paired"].values():
                 r = table.get(pair)
-                cells.append(f"{100 * r['diff']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] p {r['p_value']:.2f}"
-                             if r else "")
+                p = "p < 0.01" if r and r["p_value"] < 0.01 else f"p {r['p_value']:.2f}" if r else ""
+                cells.append(f"{100 * r['diff']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] {p}" if r else "")
             lines.append(f"| {pair} | " + " | ".join(cells) + " |")
         lines += ["", "Points of recall@5. A gain is shown only where the interval excludes 0.", ""]
     if agent:

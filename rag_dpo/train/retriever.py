@@ -18,8 +18,11 @@ the BM25 and the untuned dense top `candidates` (BM25's are the hard negatives).
 record per query, appended per batch, so a killed run continues; `cost.json` records passages scored per second.
 
 Training (sentence-transformers' own trainers and losses):
-- `dense`: the MiniLM bi-encoder with `DistillKLDivLoss` (KL between the student's softmax over the candidates'
-  similarities / `student_temperature` and the target).
+- `dense`: the MiniLM bi-encoder, query side tuned. With `corpus_softmax` (the recipe) the KL runs over every passage
+  of the corpus: the target is the posterior on the scored candidates and the untuned prior elsewhere
+  (`corpus_target`), the passages' embeddings read from the frozen document side (`frozen_passage_table`); without
+  it, `DistillKLDivLoss` (KL between the student's softmax over the candidates' similarities / `student_temperature`
+  and the target).
 - `rerank`: a `CrossEncoder` from the same MiniLM weights (new 1-logit head) with `ListNetLoss`, which is the cross
   entropy between the target softmax and the reranker's softmax over the candidates (the same KL up to a constant).
   It mean-pools the pair's tokens as the bi-encoder does, under a zero-initialised head trained at
