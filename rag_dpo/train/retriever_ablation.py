@@ -13,6 +13,7 @@ train questions it trained on (the fit check) and on the test split. Variants ar
     anchor            + anchor * (1 - cos(q, q_untuned)): keep the query embedding near the untuned one
     corpus_softmax    the KL over the whole corpus (unscored passages at their prior), as `corpus_softmax` trains
     m                 use only each record's first m candidates (default: all of them)
+    clip              clip the gradient norm to this (0: no clipping; the trainers clip at 1.0)
     seed
 
 Recall@5 is reported on the fit (train) questions, the test split and the dev split (held out from training too:
@@ -101,7 +102,7 @@ class Ablation:
 
     def run(self, lr: float = 5e-5, epochs: int = 3, batch_size: int = 8, student_temperature: float = 0.05,
             target_temperature: float = 1.0, prior_weight: float = 0.0, neighbours: int = 0, anchor: float = 0.0,
-            corpus_softmax: bool = False, m: int | None = None, seed: int = 0) -> dict:
+            corpus_softmax: bool = False, m: int | None = None, clip: float = 0.0, seed: int = 0) -> dict:
         import torch
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -142,6 +143,8 @@ class Ablation:
                     loss = loss + anchor * (1 - (q * q0[ib]).sum(-1)).mean()
                 opt.zero_grad()
                 loss.backward()
+                if clip:       # as the trainers do (transformers' max_grad_norm, default 1.0)
+                    torch.nn.utils.clip_grad_norm_(params, clip)
                 opt.step()
                 sched.step()
         return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
