@@ -146,6 +146,16 @@ def write_prior(model_dir: str | Path, encoder: str, weight: float) -> None:
     atomic_write_json(Path(model_dir) / PRIOR, {"encoder": stored, "weight": weight})
 
 
+def document_side_reproduces(encoder, passages, embeddings, atol: float = 1e-4) -> bool:
+    """Whether `encoder`'s document side gives `embeddings` (normalised) for `passages`: the check that lets a
+    query-tuned bi-encoder use its base model's corpus embeddings instead of encoding the corpus again."""
+    import numpy as np
+    mine = np.asarray(encoder.encode_document([index_text(p) for p in passages], normalize_embeddings=True,
+                                              convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    return mine.shape == embeddings.shape and bool(np.allclose(mine, embeddings, atol=atol))
+
+
 def share_document_index(model_dir: str | Path, reference: str | Path, corpus: Corpus, check: int = 16,
                          atol: float = 1e-4) -> bool:
     """Give a query-tuned bi-encoder (document side frozen) the corpus embeddings of `reference` (the model its
@@ -167,11 +177,8 @@ def share_document_index(model_dir: str | Path, reference: str | Path, corpus: C
     if not is_built(ref):
         return False
     emb = np.load(ref / EMBEDDINGS, allow_pickle=False)
-    encoder = load_encoder(str(model_dir))
-    sample = [index_text(p) for p in list(corpus)[:check]]
-    mine = np.asarray(encoder.encode_document(sample, normalize_embeddings=True, convert_to_numpy=True,
-                                              show_progress_bar=False), dtype=np.float32)
-    if mine.shape != emb[:len(sample)].shape or not np.allclose(mine, emb[:len(sample)], atol=atol):
+    passages = list(corpus)[:check]
+    if not document_side_reproduces(load_encoder(str(model_dir)), passages, emb[:len(passages)], atol):
         return False
     write_index(target, lambda d: np.save(d / EMBEDDINGS, emb, allow_pickle=False),
                 meta={"retriever": DenseRetriever.name, "settings": key(model_dir), "passages": len(corpus),

@@ -376,9 +376,10 @@ def frozen_passage_table(records: Sequence[dict], corpus: Corpus, m: int, model,
         return np.asarray(model.encode_document(texts, normalize_embeddings=True, convert_to_numpy=True,
                                                 show_progress_bar=False), dtype=np.float32)
     if index is not None:      # only if the index is this model's document side (checked on a few passages)
+        from rag_dpo.retrieval.trained import document_side_reproduces
         probe = list(range(0, len(index.ids), max(1, len(index.ids) // 4)))[:4]
-        mine = encode_document([index_text(corpus[index.ids[i]]) for i in probe])
-        if not np.allclose(mine, np.asarray(index.embeddings, dtype=np.float32)[probe], atol=1e-4):
+        if not document_side_reproduces(model, [corpus[index.ids[i]] for i in probe],
+                                        np.asarray(index.embeddings)[probe]):
             index = None
     if index is not None:
         ids, emb = list(index.ids), np.asarray(index.embeddings, dtype=np.float32)
@@ -624,17 +625,18 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
         records = first_stage_lists(records, first_stage, cfg.rerank_depth)
     prior_encoder = prior_retriever.model_name if prior_retriever is not None else \
         (base_model if variant != "rerank" and base_model else "all-MiniLM-L6-v2")
-    if variant != "e2e" and cfg.prior_weight and any("prior" not in r for r in records):
+    # e2e and the whole-corpus KL read what they need from `frozen_passage_table` (its query0 is the prior)
+    frozen_side = variant == "e2e" or (variant == "dense" and cfg.corpus_softmax)
+    rows = [r for r in records if len(r["candidates"]) >= m]
+    if not rows:
+        raise InputError(f"no scored query has {m} candidates to train on", field="trainer.candidates")
+    if not frozen_side and cfg.prior_weight and any("prior" not in r for r in rows):
         if prior_retriever is not None:
-            priors = prior_similarities(records, corpus, retriever=prior_retriever)
+            priors = prior_similarities(rows, corpus, retriever=prior_retriever)
         else:
             from rag_dpo.retrieval.dense import load_encoder
-            priors = prior_similarities(records, corpus, load_encoder(prior_encoder, max_seq_length=cfg.max_seq_length))
-        records = [{**r, "prior": p} for r, p in zip(records, priors)]
-    cols = training_rows(records, corpus, m, cfg.target_temperature, "ll" if variant == "e2e" else "target",
-                         cfg.prior_weight, cfg.student_temperature)
-    if not cols["query"]:
-        raise InputError(f"no scored query has {m} candidates to train on", field="trainer.candidates")
+            priors = prior_similarities(rows, corpus, load_encoder(prior_encoder, max_seq_length=cfg.max_seq_length))
+        rows = [{**r, "prior": p} for r, p in zip(rows, priors)]
     ckpt = out_dir.with_name(out_dir.name + ".checkpoints")
     t0 = time.perf_counter()
     if variant == "rerank":
@@ -645,7 +647,6 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
         if getattr(model, "num_labels", 1) != 1:
             raise InputError("the reranker needs a 1-logit cross-encoder", field="model")
         from rag_dpo.retrieval.base import index_text
-        rows = [r for r in records if len(r["candidates"]) >= m]
         weight = cfg.prior_weight / cfg.student_temperature      # the residual reranker's prior, in logit units
         labels = [target_logits(r, cfg.target_temperature, cfg.prior_weight, cfg.student_temperature)
                   + ([weight * c for c in r["prior"]] if weight else []) for r in rows]
@@ -664,15 +665,15 @@ def train_retriever(variant: str, records: Sequence[dict], corpus: Corpus, cfg: 
         from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss
 
         model = query_tuned_encoder(base_model or "all-MiniLM-L6-v2", cfg.max_seq_length)
-        if variant == "e2e" or cfg.corpus_softmax:          # passages from the frozen side, queries encoded
-            rows = [r for r in records if len(r["candidates"]) >= m]
+        if frozen_side:          # passages from the frozen side, queries encoded
             table = frozen_passage_table(rows, corpus, m, model, index=prior_retriever,
                                          whole_corpus=variant == "dense")
             ds = datasets.Dataset.from_dict({"query": [r["query"] for r in rows], "label": list(range(len(rows)))})
             loss = _frozen_side_loss(model, table, cfg, "e2e" if variant == "e2e" else "corpus_kl")
             routes = {"query": "query"}
         else:
-            ds = datasets.Dataset.from_dict(cols)
+            ds = datasets.Dataset.from_dict(training_rows(rows, corpus, m, cfg.target_temperature, "target",
+                                                          cfg.prior_weight, cfg.student_temperature))
             loss = DistillKLDivLoss(model, student_temperature=cfg.student_temperature, teacher_temperature=1.0)
             routes = {"query": "query", **{f"passage_{i}": "document" for i in range(m)}}
         lr = cfg.e2e_learning_rate if variant == "e2e" and cfg.e2e_learning_rate is not None else cfg.learning_rate

@@ -118,10 +118,9 @@ class Ablation:
             useful = torch.cat([useful, torch.zeros(len(self.rows), neighbours)], 1)
         prior = torch.einsum("bd,bmd->bm", q0, self.emb[cand])
         target = torch.softmax(useful / target_temperature + prior_weight * prior / student_temperature, -1)
-        if corpus_softmax:   # over the whole corpus: unscored passages keep their prior (u = 0)
-            full = prior_weight * (q0 @ self.emb.T) / student_temperature
-            full.scatter_add_(1, cand, useful / target_temperature)
-            target = torch.softmax(full, -1)
+        if corpus_softmax:   # over the whole corpus: unscored passages keep their prior (u = 0), as trained
+            from rag_dpo.train.retriever import corpus_target
+            target = corpus_target(q0, cand, useful, self.emb, target_temperature, prior_weight, student_temperature)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         steps = math.ceil(len(self.rows) / batch_size) * epochs
@@ -152,7 +151,6 @@ class Ablation:
                 "test_recall@5": self.recall(model, self.test_questions),
                 "dev_recall@5": self.recall(model, self.dev_questions)}
 
-
     def ceiling(self, student_temperature: float = 0.05) -> dict:
         """What a retriever that learnt its target perfectly would score on the fit questions: each question-query's
         scored candidates reordered by usefulness alone / by the posterior target / by gold support, the rest of the
@@ -172,16 +170,14 @@ class Ablation:
         out = {"candidates": len(rows[0]["candidates"]), "questions": len(rows)}
         inside = sum(s in r["candidates"] for r, q in zip(rows, qs) for s in q.supporting_ids)
         out["supporting_among_candidates"] = inside / sum(len(q.supporting_ids) for q in qs)
-        orders = {
-            "usefulness": lambda r, q, j: r["usefulness"][j],
-            "posterior": lambda r, q, j: r["usefulness"][j] + float(q0[i_of[id(r)]] @ self.emb[row[r["candidates"][j]]])
-            / student_temperature,
-            "gold": lambda r, q, j: float(r["candidates"][j] in q.supporting_ids)}
-        i_of = {id(r): i for i, r in enumerate(rows)}
-        for name, key in orders.items():
+        keys = {"usefulness": [r["usefulness"] for r in rows],      # per row, one sort key per candidate
+                "posterior": [[u + float(q0[i] @ self.emb[row[pid]]) / student_temperature
+                               for u, pid in zip(r["usefulness"], r["candidates"])] for i, r in enumerate(rows)],
+                "gold": [[float(pid in q.supporting_ids) for pid in r["candidates"]] for r, q in zip(rows, qs)]}
+        for name, key in keys.items():
             total = 0.0
-            for r, q, top in zip(rows, qs, untuned):
-                cands = [r["candidates"][j] for j in sorted(range(len(r["candidates"])), key=lambda j: -key(r, q, j))]
+            for r, q, top, k in zip(rows, qs, untuned, key):
+                cands = [pid for _, pid in sorted(zip(k, r["candidates"]), key=lambda x: -x[0])]
                 rest = [self.base.ids[j] for j in top if self.base.ids[j] not in cands]
                 total += support_recall(cands + rest, q.supporting_ids, 5)
             out[f"recall@5_by_{name}"] = total / len(rows)
