@@ -287,9 +287,11 @@ def test_rows_stop_at_their_stop_string_while_others_go_on(tiny_model_and_tokeni
     assert out[4] == (tok.decode(script[3:stop]), stop - 3)
 
 
-def test_continuous_batching_joins_groups_into_the_running_batch(tiny_model_and_tokenizer, monkeypatch):
+@pytest.mark.parametrize("whole", [False, True])
+def test_continuous_batching_joins_groups_into_the_running_batch(tiny_model_and_tokenizer, monkeypatch, whole):
     """Groups admitted while other rows still decode (right-aligned to one column, some with stored prefixes that a
-    prefill must not overwrite) generate what each row generates alone."""
+    prefill must not overwrite) generate what each row generates alone. `whole`: the caches the bf16 CPU attention
+    gets (every column read, unwritten ones masked), here in float32 where its attention falls back to SDPA."""
     model, tok = tiny_model_and_tokenizer
     cfg = RolloutConfig(max_new_tokens=10, batch_size=2, decode_rows=2)
     first = _contexts(tok, 6, seed=1)
@@ -299,6 +301,7 @@ def test_continuous_batching_joins_groups_into_the_running_batch(tiny_model_and_
     monkeypatch.setattr(kv_cache.BatchCache, "concat",
                         staticmethod(lambda a, b, cap: joins.append((a.length, b.length)) or real_concat(a, b, cap)))
     backend = CachedHFBackend(model, tok, block=4)
+    backend.cpu_attention = whole
     texts = backend.generate(first, list(range(6)), False, cfg)
     assert texts == [HFBackend(model, tok).generate([c], [0], False, cfg)[0] for c in first]
     assert len({n for _, n in texts}) > 1 and joins and any(a != b for a, b in joins)
@@ -375,3 +378,49 @@ def test_a_prefix_every_context_shares_is_encoded_once(tiny_model_and_tokenizer)
     out = backend.generate(contexts, list(range(8)), False, cfg)
     assert backend.timing["prefill_tokens"] == sum(len(c) for c in contexts) - 7 * shared
     assert out == HFBackend(model, tok).generate(contexts, list(range(8)), False, cfg)
+
+
+def _teacher_forced(model, ids: list[int], prefix: int, whole: bool, fast: bool) -> torch.Tensor:
+    """Logits after a prefill of ids[:prefix] then one decode step per remaining token, through a BatchCache."""
+    import contextlib
+
+    from rag_dpo.agent import cpu_attention
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    cache = kv_cache.BatchCache(c.num_hidden_layers, 1, c.num_key_value_heads, len(ids) + 7, c.head_dim, dtype, "cpu")
+    cache.whole = whole
+    out = []
+    with torch.inference_mode(), cpu_attention.using(model) if fast else contextlib.nullcontext():
+        for lo, hi in [(0, prefix)] + [(i, i + 1) for i in range(prefix, len(ids))]:
+            cache.valid[0, lo:hi] = True
+            logits = model(input_ids=torch.tensor([ids[lo:hi]]), attention_mask=cache.mask(hi - lo, dtype),
+                           position_ids=torch.arange(lo, hi)[None], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits
+            cache.length = hi
+            out.append(logits[0, -1].float())
+    return torch.stack(out)
+
+
+def test_cpu_attention_equals_sdpa_in_bf16_and_is_used_only_there(tiny_model_and_tokenizer):
+    """The engine's bf16 CPU attention (matmuls for a decode step, grouped-head SDPA for a prefill, every cache
+    column read and the unwritten ones masked) gives SDPA's logits; float32 keeps SDPA and the exact old path."""
+    from rag_dpo.agent import cpu_attention
+    model, tok = tiny_model_and_tokenizer
+    assert model.config.num_attention_heads != model.config.num_key_value_heads      # grouped heads exercised
+    ids = tok("Which city is the capital of France? <search>capital of France</search> Paris is.")["input_ids"]
+    ref32 = _teacher_forced(model, ids, 6, whole=False, fast=False)
+    assert torch.allclose(_teacher_forced(model, ids, 6, whole=True, fast=False), ref32, atol=1e-5)   # masked columns
+    assert not CachedHFBackend(model, tok).cpu_attention
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert CachedHFBackend(bf16, tok).cpu_attention
+    sdpa16 = _teacher_forced(bf16, ids, 6, whole=False, fast=False)
+    fast16 = _teacher_forced(bf16, ids, 6, whole=True, fast=True)
+    assert model.config._attn_implementation != cpu_attention.NAME                    # restored after the block
+    scale = float(ref32.abs().max())
+    assert float((fast16 - ref32).abs().max()) <= 2 * float((sdpa16 - ref32).abs().max()) + 0.01 * scale
+    assert float((fast16 - sdpa16).abs().max()) < 0.05 * scale
+    with torch.enable_grad():      # training (gradients on) never takes the fast path
+        q, k = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16), torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+        attn = bf16.model.layers[0].self_attn
+        a, _ = cpu_attention.cpu_attention_forward(attn, q, k, k, torch.zeros(1, 1, 1, 5, dtype=torch.bfloat16))
+        assert a.shape == (1, 1, 4, 16)

@@ -97,13 +97,14 @@ class BatchCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0          # columns written so far (the same for every row)
         self.keep = None         # [batch, 1, q, 1] bool during a prefill: columns that already hold cached keys
+        self.whole = False       # attention reads every column, written or not (masked): no strided slice to copy
 
     def view(self, rows: slice, offset: int) -> "BatchCache":
         """A cache over some rows and the columns from `offset` on, sharing this one's storage: a prefill of a few
         rows writes straight into their place in the batch (no second allocation, no copy)."""
         out = BatchCache.__new__(BatchCache)
         out.kv, out.valid = self.kv[:, :, rows, :, offset:], self.valid[rows, offset:]
-        out.length, out.keep = 0, None
+        out.length, out.keep, out.whole = 0, None, self.whole
         return out
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -113,18 +114,23 @@ class BatchCache:
             key_states, value_states = torch.where(self.keep, k, key_states), torch.where(self.keep, v, value_states)
         k.copy_(key_states)
         v.copy_(value_states)
+        if self.whole:
+            return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
         return self.kv[layer_idx, 0, :, :, :s + q], self.kv[layer_idx, 1, :, :, :s + q]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
     def mask(self, q: int, dtype) -> torch.Tensor:
-        """Additive 4D mask [batch, 1, q, length + q] for the next q columns: a query sees valid keys up to its own
-        column. A padding query sees nothing; it gets a finite minimum, not -inf, so no row turns NaN."""
+        """Additive 4D mask [batch, 1, q, length + q] for the next q columns (every column when `whole`): a query
+        sees valid keys up to its own column. A padding query sees nothing; it gets a finite minimum, not -inf, so no
+        row turns NaN."""
         s = self.length
-        allowed = self.valid[:, None, : s + q].expand(-1, q, -1).clone()
+        width = self.kv.shape[4] if self.whole else s + q
+        allowed = self.valid[:, None, :width].expand(-1, q, -1).clone()
+        allowed[:, :, s + q:] = False
         if q > 1:
-            allowed[:, :, s:] &= torch.ones(q, q, dtype=torch.bool, device=allowed.device).tril()
+            allowed[:, :, s:s + q] &= torch.ones(q, q, dtype=torch.bool, device=allowed.device).tril()
         m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         m.masked_fill_(~allowed, torch.finfo(dtype).min)
         return m[:, None]
@@ -153,5 +159,5 @@ class BatchCache:
             lo = width - src.length
             out.kv[:, :, rows, :, lo:width] = src.kv[:, :, :, :, :src.length]
             out.valid[rows, lo:width] = src.valid[:, :src.length]
-        out.length = width
+        out.length, out.whole = width, a.whole
         return out

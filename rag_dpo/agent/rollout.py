@@ -23,6 +23,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -252,6 +253,7 @@ class CachedHFBackend:
     def __init__(self, model, tokenizer, cache_mb: int = 1024, block: int = 16):
         import inspect
 
+        from rag_dpo.agent import cpu_attention
         from rag_dpo.agent.kv_cache import PrefixStore
         self.model, self.tokenizer = model, tokenizer
         self.store = PrefixStore(block, int(cache_mb) << 20)
@@ -269,6 +271,7 @@ class CachedHFBackend:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         # rows decoding together unless `decode_rows` says: the same batch-cache bytes, half the rows in float32
         self.default_rows = 32 if next(model.parameters()).element_size() > 2 else 64
+        self.cpu_attention = cpu_attention.applies(model)      # half precision on a CPU: SDPA is the slow part
         self.timing = new_timing()
 
     def clear(self) -> None:
@@ -363,11 +366,14 @@ class CachedHFBackend:
         return groups
 
     def _forward(self, ids, positions, cache, q: int):
-        """Logits of the last column after feeding q new columns to every row."""
+        """Logits of the last column after feeding q new columns to every row (half precision on a CPU: through
+        `cpu_attention`)."""
+        from rag_dpo.agent import cpu_attention
         dev = self.model.device
         mask = cache.mask(q, self.model.dtype)
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
-                         use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+        with cpu_attention.using(self.model) if self.cpu_attention else contextlib.nullcontext():
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask, position_ids=positions.to(dev),
+                             use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         cache.length += q
         return out.logits[:, -1].float()
 
@@ -382,7 +388,6 @@ class CachedHFBackend:
         stores the contexts' new full blocks."""
         import torch
 
-        from rag_dpo.agent.kv_cache import BatchCache
         unique: dict[tuple, int] = {}
         row_of = [unique.setdefault(tuple(c), len(unique)) for c in contexts]
         ctxs = list(unique)
@@ -390,8 +395,7 @@ class CachedHFBackend:
         shared = self._shared_prefix(ctxs, hits)
         if shared:          # e.g. the system prompt of a fresh engine: encode it once, then every row reuses it
             self._prefill_part([tuple(ctxs[0][:shared])], [self.store.lookup(ctxs[0][:shared])],
-                               BatchCache(self.layers, 1, self.heads, shared, self.head_dim, self.model.dtype,
-                                          self.model.device))
+                               self._batch_cache(1, shared))
             hits = [self.store.lookup(c) for c in ctxs]
         tails = [len(c) - n for c, (n, _) in zip(ctxs, hits)]
         parts: list[list[int]] = []
@@ -409,8 +413,7 @@ class CachedHFBackend:
             parts[-1] += last
         parts = [sorted(part) for part in parts]       # one part = the contexts' own order (the same rounding)
         width = max(len(c) for c in ctxs)
-        cache = BatchCache(self.layers, len(ctxs), self.heads, width + max_new, self.head_dim, self.model.dtype,
-                           self.model.device)
+        cache = self._batch_cache(len(ctxs), width + max_new)
         logits, row = [], 0
         for part in parts:      # each part right-aligned in its own rows of the batch cache, as narrow as it is
             part_width = max(len(ctxs[i]) for i in part)
@@ -430,6 +433,12 @@ class CachedHFBackend:
             cache.select(sel)
             logits, pos = logits[sel], pos[sel.cpu()]
         return logits, cache, pos, requests
+
+    def _batch_cache(self, rows: int, capacity: int):
+        from rag_dpo.agent.kv_cache import BatchCache
+        cache = BatchCache(self.layers, rows, self.heads, capacity, self.head_dim, self.model.dtype, self.model.device)
+        cache.whole = self.cpu_attention        # its attention reads whole contiguous layers
+        return cache
 
     def _shared_prefix(self, ctxs: list[tuple], hits: list) -> int:
         """Tokens (whole blocks) that every context begins with but at least two of them would each prefill; 0
