@@ -76,6 +76,8 @@ def run_child(args) -> dict:
                         decode_rows=args.decode_rows,
                         progress=False)
     engine = RolloutEngine(model, tok, retriever, ds.corpus, cfg, model_name=args.policy, retriever_name="bm25")
+    if args.sdpa and hasattr(engine.backend, "cpu_attention"):     # A/B: the cached engine without cpu_attention
+        engine.backend.cpu_attention = False
     train, test = split_questions(ds.questions, "train"), split_questions(ds.questions, "test")
     engine.rollout(test[-1:])                     # warm-up (first-call allocations), then a clean slate
     engine.clear_cache()
@@ -148,6 +150,8 @@ def main() -> None:
     p.add_argument("--decode-rows", type=int, default=None, help="cached modes: rows decoding together "
                    "(default: the engine's, 64 in bf16, 32 in float32)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sdpa", action="store_true", help="cached modes: transformers' SDPA attention even in bf16 on "
+                   "a CPU (the engine's own `cpu_attention` is the default there), for an A/B")
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the cached modes (baseline: float32)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout.json"))
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)

@@ -19,6 +19,8 @@ Design decisions:
   a prefill feeds (the longest new part) may hold another row's cached keys; `keep` protects those from being
   overwritten. Explicit position ids and a 4D additive mask make the holes exact (keys/values in the cache already
   carry their rotary positions, so where a row's tokens sit in the batch does not matter).
+- A `whole` cache hands attention every preallocated column of a layer (the unwritten ones masked): a contiguous
+  tensor, which the bf16 CPU attention (`cpu_attention`) multiplies without first copying a strided slice.
 - Batches are continuous: `concat` joins a freshly prefilled group to the rows still decoding (each right-aligned
   to the same next column), so the decode batch stays wide instead of draining to its slowest rows.
 """
