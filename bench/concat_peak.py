@@ -16,13 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rollout_bench import _vm  # noqa: E402  (this folder is on sys.path when run as a script)
+
 
 def vm(key: str) -> float:
-    """MiB of a /proc/self/status field (VmRSS now, VmHWM peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return float(line.split()[1]) / 1024
-    raise OSError(f"no {key} in /proc/self/status")
+    """MiB of a /proc/self/status field (VmRSS now, VmHWM peak): the rollout bench's reader."""
+    return _vm(key) / 1024
 
 
 def main() -> None:
