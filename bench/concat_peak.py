@@ -44,9 +44,9 @@ def main() -> None:
     real, calls = kv_cache.BatchCache.concat, []
 
     def concat(a, b, capacity):
-        before = vm("VmRSS")
+        before, parts = vm("VmRSS"), [t.nbytes / 2**20 for t in (a, b)]
         out = real(a, b, capacity)
-        mib = [t.kv.numel() * t.kv.element_size() / 2**20 for t in (out, a, b)]
+        mib = [out.nbytes / 2**20, *parts]
         calls.append((before, vm("VmRSS"), *mib))
         return out
 

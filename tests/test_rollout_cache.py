@@ -322,15 +322,49 @@ def test_continuous_batching_joins_groups_into_the_running_batch(tiny_model_and_
 def test_batch_cache_rows_leave_in_place_and_siblings_repeat():
     from rag_dpo.agent.kv_cache import BatchCache
     cache = BatchCache(2, 4, 1, 3, 2, torch.float32, "cpu")
-    cache.kv.copy_(torch.arange(cache.kv.numel(), dtype=torch.float32).reshape(cache.kv.shape))
+    for i, t in enumerate(cache.kv):
+        t.copy_(torch.arange(t.numel(), dtype=torch.float32).reshape(t.shape) + 100 * i)
     cache.valid[:, 0] = torch.tensor([True, False, True, False])
-    before, ptr = cache.kv.clone(), cache.kv.data_ptr()
+    before, ptrs = [t.clone() for t in cache.kv], [t.data_ptr() for t in cache.kv]
     cache.select(torch.tensor([1, 3]))                      # rows leaving: moved up, no second buffer
-    assert cache.kv.data_ptr() == ptr and cache.kv.shape[2] == 2
-    torch.testing.assert_close(cache.kv, before[:, :, [1, 3]])
+    assert [t.data_ptr() for t in cache.kv] == ptrs and cache.rows == 2
+    for t, b in zip(cache.kv, before):
+        torch.testing.assert_close(t, b[:, [1, 3]])
     assert cache.valid[:, 0].tolist() == [False, False]
     cache.select(torch.tensor([0, 0, 1]))                   # siblings: repeated rows
-    torch.testing.assert_close(cache.kv, before[:, :, [1, 1, 3]])
+    for t, b in zip(cache.kv, before):
+        torch.testing.assert_close(t, b[:, [1, 1, 3]])
+    assert cache.row(2, slice(0, 2)).shape == (2, 2, 1, 2, 2)
+    torch.testing.assert_close(cache.row(2, slice(0, 2))[1], before[1][:, 3, :, 0:2])
+
+
+def test_batch_cache_concat_right_aligns_and_frees_its_parts_a_layer_at_a_time(monkeypatch):
+    """The joined cache is built layer by layer and each part's layer is dropped once copied, so the join never
+    holds both parts and the whole result (the bf16 tree search's peak memory was that copy)."""
+    import weakref
+
+    from rag_dpo.agent.kv_cache import BatchCache
+    a, b = BatchCache(3, 2, 1, 8, 2, torch.float32, "cpu"), BatchCache(3, 1, 1, 6, 2, torch.float32, "cpu")
+    for c, length, base in ((a, 4, 0.0), (b, 2, 1000.0)):
+        for i, t in enumerate(c.kv):
+            t.copy_(torch.arange(t.numel(), dtype=torch.float32).reshape(t.shape) + base + 100 * i)
+        c.valid[:, :length] = True
+        c.length = length
+    expect = [(ta[:, :, :, :4].clone(), tb[:, :, :, :2].clone()) for ta, tb in zip(a.kv, b.kv)]
+    refs = [weakref.ref(t) for t in a.kv + b.kv]
+    del t
+    seen = []                                               # parts' layers still alive when each layer is made
+    real = kv_cache.torch.zeros
+    monkeypatch.setattr(kv_cache.torch, "zeros", lambda *s, **k: seen.append(sum(r() is not None for r in refs))
+                        or real(*s, **k))
+    out = BatchCache.concat(a, b, 7)
+    monkeypatch.undo()
+    assert seen[1:] == [6, 4, 2]                            # (the valid mask first) two of six freed per layer
+    assert out.rows == 3 and out.length == 4 and out.kv[0].shape == (2, 3, 1, 7, 2)
+    for t, (ea, eb) in zip(out.kv, expect):
+        torch.testing.assert_close(t[:, :2, :, :4], ea)
+        torch.testing.assert_close(t[:, 2:, :, 2:4], eb)    # right-aligned to the same next column
+    assert out.valid[:, :5].tolist() == [[True] * 4 + [False]] * 2 + [[False, False, True, True, False]]
 
 
 def test_prefill_split_by_tail_length_gives_the_same_steps(tiny_model_and_tokenizer, monkeypatch):
@@ -360,7 +394,7 @@ def test_prefill_split_by_tail_length_gives_the_same_steps(tiny_model_and_tokeni
     with torch.inference_mode():
         logits, cache, pos, order = CachedHFBackend(model, tok)._prefill(contexts[:10], 6)
     assert sorted(order) == list(range(10)) and order != list(range(10))
-    assert pos.tolist() == [len(contexts[r]) for r in order] and cache.kv.shape[2] == 10
+    assert pos.tolist() == [len(contexts[r]) for r in order] and cache.rows == 10
     assert forwards["split3"] == [3, 3, 4]                   # a last part under PREFILL_MIN_ROWS joins the one before
 
 

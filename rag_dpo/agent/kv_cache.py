@@ -11,8 +11,9 @@ Design decisions:
   dictionary). A lookup returns the longest run of stored blocks that starts a context; the rest is prefilled.
   Blocks past a byte budget are evicted least recently used; a block whose parent was evicted is never reached
   again and ages out. Siblings share their prefix's blocks, so a tree costs its distinct tokens, not paths x depth.
-- `BatchCache` preallocates [layers, 2, batch, kv_heads, capacity, head_dim] once per batch and writes each new
-  token in place (a growing `torch.cat` cache copies the whole cache at every token). It implements the one call
+- `BatchCache` preallocates [2, batch, kv_heads, capacity, head_dim] per layer once per batch and writes each new
+  token in place (a growing `torch.cat` cache copies the whole cache at every token). One tensor per layer, so a
+  join or a row expansion copies a layer at a time instead of holding two whole batches. It implements the one call
   attention layers make (`update`), so any transformers decoder that takes a custom 4D mask works with it.
 - Rows are right-aligned: [padding | cached part | new part], every row's context ending in the same column, so one
   forward serves them all and the width is the longest context, not longest cached + longest new part. The columns
@@ -92,33 +93,56 @@ class PrefixStore:
 
 
 class BatchCache:
-    """Preallocated keys/values for one batch; duck-types the transformers cache (`update`, `get_seq_length`)."""
+    """Preallocated keys/values for one batch; duck-types the transformers cache (`update`, `get_seq_length`).
+
+    One tensor per layer ([2, batch, kv_heads, capacity, head_dim]), not one for all layers: joining two batches
+    (`concat`) or repeating rows (`select`) then builds the new cache a layer at a time and frees each old layer as
+    it goes, so the copy never holds the old and the new batch whole (one tensor for all layers did: the bf16 tree
+    search's peak memory was that copy, 752 MiB joined while its 455 + 273 MiB parts were alive)."""
 
     def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, dtype, device):
-        self.kv = torch.zeros(layers, 2, batch, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.kv = [torch.zeros(2, batch, heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.length = 0          # columns written so far (the same for every row)
         self.keep = None         # [batch, 1, q, 1] bool during a prefill: columns that already hold cached keys
         self.whole = False       # attention reads every column, written or not (masked): no strided slice to copy
 
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
     def view(self, rows: slice, offset: int) -> "BatchCache":
         """A cache over some rows and the columns from `offset` on, sharing this one's storage: a prefill of a few
         rows writes straight into their place in the batch (no second allocation, no copy)."""
         out = BatchCache.__new__(BatchCache)
-        out.kv, out.valid = self.kv[:, :, rows, :, offset:], self.valid[rows, offset:]
+        out.kv, out.valid = [t[:, rows, :, offset:] for t in self.kv], self.valid[rows, offset:]
         out.length, out.keep, out.whole = 0, None, self.whole
         return out
 
+    def row(self, i: int, cols) -> torch.Tensor:
+        """Row i's keys/values at `cols` (a slice or index tensor) as one [layers, 2, kv_heads, n, head_dim] tensor,
+        the prefix store's block layout."""
+        return torch.stack([t[:, i, :, cols] for t in self.kv])
+
+    def write_row(self, i: int, lo: int, kv: torch.Tensor) -> None:
+        """Put kv [layers, 2, kv_heads, n, head_dim] (stored blocks) into row i from column lo on."""
+        for t, src in zip(self.kv, kv):
+            t[:, i, :, lo:lo + src.shape[2]] = src
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        s, q = self.length, key_states.shape[2]
-        k, v = self.kv[layer_idx, 0, :, :, s:s + q], self.kv[layer_idx, 1, :, :, s:s + q]
+        s, q, layer = self.length, key_states.shape[2], self.kv[layer_idx]
+        k, v = layer[0, :, :, s:s + q], layer[1, :, :, s:s + q]
         if self.keep is not None:
             key_states, value_states = torch.where(self.keep, k, key_states), torch.where(self.keep, v, value_states)
         k.copy_(key_states)
         v.copy_(value_states)
         if self.whole:
-            return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
-        return self.kv[layer_idx, 0, :, :, :s + q], self.kv[layer_idx, 1, :, :, :s + q]
+            return layer[0], layer[1]
+        return layer[0, :, :, :s + q], layer[1, :, :, :s + q]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -128,7 +152,7 @@ class BatchCache:
         sees valid keys up to its own column. A padding query sees nothing; it gets a finite minimum, not -inf, so no
         row turns NaN."""
         s = self.length
-        width = self.kv.shape[4] if self.whole else s + q
+        width = self.valid.shape[1] if self.whole else s + q
         allowed = self.valid[:, None, :width].expand(-1, q, -1).clone()
         allowed[:, :, s + q:] = False
         if q > 1:
@@ -139,27 +163,37 @@ class BatchCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (or repeat) the given rows, in that order: siblings expand one prefix; finished rows leave. Rows
-        that only leave (ascending, no repeats) are moved up in place, so the batch never holds two copies."""
+        that only leave (ascending, no repeats) are moved up in place, so the batch never holds two copies; repeated
+        rows are gathered a layer at a time."""
         r = rows.tolist()
         if all(a < b for a, b in zip(r, r[1:])):
             for dst, src in enumerate(r):
                 if dst != src:
-                    self.kv[:, :, dst] = self.kv[:, :, src]
+                    for t in self.kv:
+                        t[:, dst] = t[:, src]
                     self.valid[dst] = self.valid[src]
-            self.kv, self.valid = self.kv[:, :, :len(r)], self.valid[:len(r)]
+            self.kv, self.valid = [t[:, :len(r)] for t in self.kv], self.valid[:len(r)]
             return
-        self.kv = self.kv.index_select(2, rows)
+        for i, t in enumerate(self.kv):
+            self.kv[i] = t.index_select(1, rows)
+            del t
         self.valid = self.valid.index_select(0, rows)
 
     @staticmethod
     def concat(a: "BatchCache", b: "BatchCache", capacity: int) -> "BatchCache":
-        """a's rows then b's, both right-aligned to the same next column, in a new cache of `capacity` columns."""
+        """a's rows then b's, both right-aligned to the same next column, in a new cache of `capacity` columns,
+        built a layer at a time; a and b are emptied as it goes (their layers freed), so do not use them after."""
         width = max(a.length, b.length)
-        layers, _, _, heads, _, dim = a.kv.shape
-        out = BatchCache(layers, a.kv.shape[2] + b.kv.shape[2], heads, capacity, dim, a.kv.dtype, a.kv.device)
-        for rows, src in ((slice(0, a.kv.shape[2]), a), (slice(a.kv.shape[2], None), b)):
-            lo = width - src.length
-            out.kv[:, :, rows, :, lo:width] = src.kv[:, :, :, :, :src.length]
-            out.valid[rows, lo:width] = src.valid[:, :src.length]
+        _, _, heads, _, dim = a.kv[0].shape
+        dtype, device = a.kv[0].dtype, a.kv[0].device
+        out = BatchCache(0, a.rows + b.rows, heads, capacity, dim, dtype, device)
+        for i in range(len(a.kv)):
+            layer = torch.zeros(2, a.rows + b.rows, heads, capacity, dim, dtype=dtype, device=device)
+            for rows, src in ((slice(0, a.rows), a), (slice(a.rows, None), b)):
+                layer[:, rows, :, width - src.length:width] = src.kv[i][:, :, :, :src.length]
+                src.kv[i] = None                       # freed now, not when the whole join is done
+            out.kv.append(layer)
+        for rows, src in ((slice(0, a.rows), a), (slice(a.rows, None), b)):
+            out.valid[rows, width - src.length:width] = src.valid[:, :src.length]
         out.length, out.whole = width, a.whole
         return out

@@ -334,7 +334,7 @@ class CachedHFBackend:
                         cache = logits = pos = None
                         self.timing["decode_seconds"] += time.perf_counter() - t0
                         continue
-                    cache.select(torch.tensor(keep, device=cache.kv.device))
+                    cache.select(torch.tensor(keep, device=cache.valid.device))
                 cache.valid[:, cache.length] = torch.tensor([not done[r] for r in live], device=cache.valid.device)
                 logits = self._forward(torch.tensor(picked).unsqueeze(1), pos.unsqueeze(1), cache, 1)
                 pos = pos + 1
@@ -469,7 +469,7 @@ class CachedHFBackend:
         for i, (c, (n, blocks)) in enumerate(zip(ctxs, hits)):
             m, lo = len(c) - n, width - len(c)
             if n:
-                cache.kv[:, :, i, :, lo:lo + n] = torch.cat(blocks, dim=3)
+                cache.write_row(i, lo, torch.cat(blocks, dim=3))
                 keep[i, max(lo - start, 0):lo + n - start] = True
             ids[i, q - m:] = torch.tensor(c[n:], dtype=torch.long)
             positions[i, q - m:] = torch.arange(n, len(c))
@@ -481,7 +481,7 @@ class CachedHFBackend:
         logits = self._forward(ids, positions, cache, q)
         cache.keep = None
         for i, (c, (n, _)) in enumerate(zip(ctxs, hits)):
-            self.store.insert(c, cache.kv[:, :, i, :, width - (len(c) - n):width], n)
+            self.store.insert(c, cache.row(i, slice(width - (len(c) - n), width)), n)
         return logits
 
     def _stopped(self, tokens: list[int]) -> bool:
@@ -498,7 +498,7 @@ class CachedHFBackend:
             if len(seq) // block * block <= start:
                 continue
             cols = cache.valid[j].nonzero().squeeze(1)[start:len(seq)]
-            self.store.insert(seq, cache.kv[:, :, j][:, :, :, cols], start)
+            self.store.insert(seq, cache.row(j, cols), start)
 
 
 class VLLMBackend:
