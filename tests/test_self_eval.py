@@ -35,15 +35,52 @@ def test_target_sits_after_the_stop_string_and_is_masked_from_the_answer_loss(to
     ds = _rows(tokenizer, score_only=(False, False))
     plain = tokenize_sft(ds.remove_columns(["self_eval_only"]), tokenizer)
     se = tokenize_sft_self_eval(ds, tokenizer)
+    eos = tokenizer.eos_token_id
     for i, (p, r) in enumerate(zip(plain, se)):
         n = len(p["input_ids"])
         suffix = suffix_ids(tokenizer, ds[i]["value"])
-        assert r["input_ids"] == p["input_ids"] + suffix           # today's ids, then the suffix, nothing between
-        assert r["labels"] == p["labels"] + [-100] * len(suffix)   # the answer's labels unchanged, suffix -100
-        assert r["self_eval_labels"] == [-100] * n + suffix        # its own labels: the suffix only
+        # the answer's own EOS ends it; a search step gets one inserted before its score, as context only
+        between = [] if i == 0 else [eos]
+        assert r["input_ids"] == p["input_ids"] + between + suffix
+        assert r["labels"] == p["labels"] + [-100] * (len(between) + len(suffix))   # the step's labels unchanged
+        assert r["self_eval_labels"] == [-100] * (n + len(between)) + suffix       # its own labels: the score only
         before = tokenizer.decode(r["input_ids"][:n])
         assert before.endswith("</answer>" + tokenizer.eos_token if i == 0 else "</search>")
-        assert tokenizer.decode(r["input_ids"][n:]) == ("<score>7</score>" if i == 0 else "<score>0</score>")
+        assert p["labels"][-1] == (eos if i == 0 else p["input_ids"][-1])          # no EOS target on the search
+        tail = tokenizer.decode(r["input_ids"][n:])
+        assert tail == ("<score>7</score>" if i == 0 else tokenizer.eos_token + "<score>0</score>")
+
+
+def test_a_score_never_follows_a_search_step_directly(tokenizer):
+    """Format 1 put `<score>` right after `</search>`, and the DPO-trained policy then wrote `<score>9</score>` as
+    its next step after an observation. Now every score, in SFT rows and in both sides of DPO pairs, follows an EOS,
+    and the inserted EOS is in no loss."""
+    from datasets import Dataset
+
+    from rag_dpo.train.dpo import tokenize_pairs
+    from rag_dpo.train.self_eval import SCORE_OPEN, add_pair_suffixes, tokenize_sft_self_eval
+    open_ids = tokenizer(SCORE_OPEN, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+
+    def before_scores(ids):
+        return [ids[i - 1] for i in range(1, len(ids)) if ids[i:i + len(open_ids)] == open_ids]
+
+    for r in tokenize_sft_self_eval(_rows(tokenizer), tokenizer):
+        assert before_scores(r["input_ids"]) == [eos]
+    prompt = render_prompt(tokenizer, "What is the capital of France?")
+    pairs = Dataset.from_list([{"prompt": prompt, "chosen": SEARCH_STEP, "rejected": "no tags here",
+                                "chosen_ends_turn": False, "rejected_ends_turn": False},
+                               {"prompt": prompt, "chosen": ANSWER_STEP, "rejected": SEARCH_STEP,
+                                "chosen_ends_turn": True, "rejected_ends_turn": False}])
+    tokenized = tokenize_pairs(pairs, tokenizer)
+    out = add_pair_suffixes(tokenized, [1.0, 1.0], [0.0, 0.0], tokenizer)
+    for row, before in zip(out, tokenized):
+        for side in ("chosen", "rejected"):
+            ids, old = row[f"{side}_ids"], before[f"{side}_ids"]
+            assert before_scores(ids) == [eos] and ids[:len(old)] == old
+            k = len(old) + (old[-1] != eos)                      # where the score starts
+            assert row[f"{side}_se"] == [0] * k + [1] * (len(ids) - k)
+            assert row[f"{side}_mask"][len(old):] == [0] * (len(ids) - len(old))
 
 
 def test_score_only_rows_train_the_score_alone_and_flag_off_drops_them(tokenizer):
@@ -176,6 +213,12 @@ def test_self_scorer_on_the_tiny_model_uses_the_training_tokens(tokenizer, tiny_
     trained = tokenize_sft_self_eval(_rows(tok).select([0]), tok)[0]["input_ids"]
     n_open = len(tok(SCORE_OPEN, add_special_tokens=False)["input_ids"])
     assert seq == trained[:len(seq)] and len(trained) == len(seq) + 1 + n_open   # then digit, then </score>
+    search = Step("1", "0", SEARCH_STEP, SEARCH, query="capital of France")      # a search: EOS, then <score>
+    trained_search = tokenize_sft_self_eval(_rows(tok).select([1]), tok)[0]["input_ids"]
+    seq_search = scorer.sequence("What is the capital of France?", [], search)
+    assert seq_search == trained_search[:len(seq_search)] and seq_search[-n_open - 1] == tok.eos_token_id
+    old = SelfScorer(model, tok, fmt=1).sequence("What is the capital of France?", [], search)
+    assert old == seq_search[:-n_open - 1] + seq_search[-n_open:]                  # format 1: right after </search>
     (probs,) = scorer.digit_probs("What is the capital of France?", prefix, [cand])
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
@@ -321,3 +364,20 @@ def test_calibration_command_scores_writes_and_agrees_with_its_files(tmp_path, t
     assert cal["ece"] == pytest.approx(chains_calibration(scored, "evidence")["ece"]) and cal["n"] == 6
     assert cal["choice"]["self"]["groups"] == 2 and (out / "reliability.png").stat().st_size > 1000
     assert "ECE" in res.output
+
+
+def test_a_trained_folder_records_its_score_format_and_the_scorer_reads_it(tmp_path):
+    """Policies trained before format 2 (train_done.json without the key) are scored the way they were trained."""
+    from rag_dpo.train.common import self_eval_extra
+    from rag_dpo.train.dpo import DPOSettings
+    from rag_dpo.train.self_eval import SCORE_FORMAT, score_format
+    from rag_dpo.train.sft import SFTSettings
+    assert SCORE_FORMAT == 2
+    assert self_eval_extra(DPOSettings(self_eval=True)) == {"self_eval_format": 2}
+    assert self_eval_extra(SFTSettings(self_eval=False)) == {}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_done.json").write_text(json.dumps({"global_step": 25}))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "train_done.json").write_text(json.dumps(self_eval_extra(SFTSettings(self_eval=True))))
+    assert score_format(tmp_path / "old") == 1 and score_format(tmp_path / "new") == 2
+    assert score_format("HuggingFaceTB/SmolLM2-135M-Instruct") == 2           # not a trained folder: today's

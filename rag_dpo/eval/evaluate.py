@@ -255,7 +255,7 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     scorer = _load_prm(prm) if "agent-prm-bon" in methods else None
 
     from rag_dpo.agent.baselines import BASELINES, iter_retgen
-    from rag_dpo.train.self_eval import RandomScorer, SelfScorer
+    from rag_dpo.train.self_eval import RandomScorer, SelfScorer, score_format
     from rag_dpo.agent.hierarchical import SynthesizerConfig, hierarchical, synthesize
     synth_cfg = SynthesizerConfig(answer_tokens=answer_tokens)
     planned: dict[str, Chain] = {}
@@ -284,7 +284,8 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
         "agent": _agent,
         "agent-hier": _hier,
         "agent-prm-bon": lambda e, qs: prm_best_of_n(e, qs, scorer, n=bon_n),
-        "agent-self-bon": lambda e, qs: prm_best_of_n(e, qs, SelfScorer(e.model, e.tokenizer), n=bon_n,
+        "agent-self-bon": lambda e, qs: prm_best_of_n(e, qs, SelfScorer(e.model, e.tokenizer,
+                                                                         fmt=score_format(policy)), n=bon_n,
                                                       method="agent-self-bon", label="self"),
         "agent-random-bon": lambda e, qs: prm_best_of_n(e, qs, RandomScorer(rcfg.seed), n=bon_n,
                                                         method="agent-random-bon", label="random"),

@@ -347,6 +347,14 @@ def gathered_state_dict(trainer) -> dict | None:
     return acc.get_state_dict(getattr(trainer, "model_wrapped", None) or trainer.model)
 
 
+def self_eval_extra(cfg) -> dict:
+    """train_done.json's record of the self-evaluation format a policy learnt (what `SelfScorer` must render)."""
+    if not getattr(cfg, "self_eval", False):
+        return {}
+    from rag_dpo.train.self_eval import SCORE_FORMAT
+    return {"self_eval_format": SCORE_FORMAT}
+
+
 def finish_training(trainer, tokenizer, out_dir: Path, spec: str, curve_keys: list[str], title: str,
                     extra: dict | None = None, entropy_flag: bool = True) -> Path:
     """Save the policy, the log history (train_log.json) and a curve PNG; mark the folder done with a summary

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from rag_dpo.errors import InputError
 from rag_dpo.train.common import (ChainTokenizer, TrainerSettings, check_columns, divergence_guard, finish_training,
-                                  hf_args, is_done, last_checkpoint, load_dataset_dir, load_trainable)
+                                  hf_args, is_done, last_checkpoint, load_dataset_dir, load_trainable,
+                                  self_eval_extra)
 
 
 @dataclass
@@ -214,4 +215,4 @@ def train_dpo(cfg: DPOSettings, dataset, out_dir: str | Path, model: str = "smol
     return finish_training(trainer, tok, out_dir, model,
                            ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
                             "rewards/chosen", "rewards/rejected", "self_eval_loss"], "DPO",
-                           extra={"pairs": trainer.pair_stats})
+                           extra={"pairs": trainer.pair_stats, **self_eval_extra(cfg)})

@@ -3,8 +3,12 @@ user sees, its own estimate of the reward of the step it just wrote; the estimat
 
 Format. After a completion (a step, or a whole chain) the target continues with `<score>D</score>`, one digit
 D = round(9 * value) for the completion's value in [0, 1] (the annotator's label on a step, a chain's answer F1),
-so value = D / 9. The suffix sits *after* the step's stop string (`</search>`, `</answer>`) and, for a step that
-ends the turn, after EOS: generation stops before it, so at inference it costs nothing unless asked for. A digit
+so value = D / 9. The suffix always follows an EOS (`SCORE_FORMAT` 2): a step that ends the turn has its own; after
+any other completion (a search, an invalid step) an EOS is inserted as context only, never a target. Generation
+stops before it, so at inference it costs nothing unless asked for. Format 1 (policies trained before 2026-11-28)
+put a search step's score right after `</search>`: the DPO-trained policy learnt "a finished block is followed by
+`<score>`" and wrote `<score>9</score>` as its next step after an observation in 10 of 161 test chains. A trained
+folder records its format in train_done.json (`self_eval_format`; absent = 1) and `SelfScorer` reads it that way. A digit
 is one token in SmolLM2's tokenizer (checked: `digit_ids` refuses a tokenizer where it is not), so the self-score
 is read from one next-token distribution: `SelfScorer` teacher-forces `path | step | <score>` and takes the
 expected value sum_d p(d) * d / 9 over the ten digit tokens (renormalised), one forward pass per candidate and no
@@ -41,6 +45,7 @@ from rag_dpo.metrics import auroc
 from rag_dpo.records import Chain, Label, Step
 
 SCORE_OPEN, SCORE_CLOSE = "<score>", "</score>"
+SCORE_FORMAT = 2                  # 2: the score always follows an EOS; 1: right after the step (see the docstring)
 LEVELS = 10                       # digits 0..9; value = digit / 9
 SELF_LABEL = "self"               # labels[...] name of a self-score on a step
 
@@ -81,6 +86,21 @@ def suffix_ids(tok, value: float) -> list[int]:
     return _encode(tok, SCORE_OPEN) + [digit_ids(tok)[score_digit(value)]] + _encode(tok, SCORE_CLOSE)
 
 
+def end_of_turn(tok, completion_ids: Sequence[int]) -> list[int]:
+    """What goes between a completion and its score: nothing when it already ends with EOS, else one EOS (context
+    only: the caller masks it from every loss, so no step learns to end with an EOS it never wrote)."""
+    return [] if completion_ids and completion_ids[-1] == tok.eos_token_id else [tok.eos_token_id]
+
+
+def score_format(policy) -> int:
+    """The self-evaluation format a trained policy folder was trained with (train_done.json; 1 when absent)."""
+    import json
+    done = Path(str(policy)) / "train_done.json"
+    if not done.is_file():
+        return SCORE_FORMAT
+    return int(json.loads(done.read_text()).get("self_eval_format", 1))
+
+
 # ---- SFT rows ------------------------------------------------------------------------------------------------
 def without_score_only_rows(dataset):
     """The rows a flag-off SFT may train on: a dataset built for self-evaluation also holds non-chosen steps
@@ -106,12 +126,13 @@ def tokenize_sft_self_eval(dataset, tokenizer, max_length: int | None = None, wh
         p = ct.prompt(row["prompt"])
         c, m = ct.completion(row["completion"], row.get("completion_info_spans"), row.get("completion_ends_turn"))
         s = open_ids + [digits[score_digit(row["value"])]] + close_ids
+        eos = end_of_turn(tokenizer, c)
         answer = [t if k else -100 for t, k in zip(c, m)]
         if row.get("self_eval_only"):
             answer = [-100] * len(c)
-        ids = p + c + s
-        labels = [-100] * len(p) + answer + [-100] * len(s)
-        se = [-100] * (len(p) + len(c)) + s
+        ids = p + c + eos + s
+        labels = [-100] * len(p) + answer + [-100] * (len(eos) + len(s))
+        se = [-100] * (len(p) + len(c) + len(eos)) + s
         if max_length is not None:
             ids, labels, se = ids[:max_length], labels[:max_length], se[:max_length]
         return {"input_ids": ids, "labels": labels, "self_eval_labels": se}
@@ -267,17 +288,19 @@ def self_eval_sft_trainer(cfg, policy, tok, peft_cfg, dataset, args, callbacks: 
 
 # ---- DPO ------------------------------------------------------------------------------------------------------
 def add_pair_suffixes(tokenized, chosen_values: Sequence[float], rejected_values: Sequence[float], tokenizer):
-    """`dpo.tokenize_pairs` rows -> the same rows with `<score>D</score>` appended to chosen_ids / rejected_ids,
-    0 in chosen_mask / rejected_mask there (so no DPO loss sees it) and 1 only there in chosen_se / rejected_se."""
+    """`dpo.tokenize_pairs` rows -> the same rows with (EOS where the completion has none, then) `<score>D</score>`
+    appended to chosen_ids / rejected_ids, 0 in chosen_mask / rejected_mask there (so no DPO loss sees it) and 1
+    only on the score in chosen_se / rejected_se."""
     cv, rv = list(chosen_values), list(rejected_values)
 
     def add(row, i):
         out = {}
         for side, values in (("chosen", cv), ("rejected", rv)):
             s = suffix_ids(tokenizer, values[i])
-            n = len(row[f"{side}_ids"])
-            out[f"{side}_ids"] = list(row[f"{side}_ids"]) + s
-            out[f"{side}_mask"] = list(row[f"{side}_mask"]) + [0] * len(s)
+            eos = end_of_turn(tokenizer, row[f"{side}_ids"])
+            n = len(row[f"{side}_ids"]) + len(eos)
+            out[f"{side}_ids"] = list(row[f"{side}_ids"]) + eos + s
+            out[f"{side}_mask"] = list(row[f"{side}_mask"]) + [0] * (len(eos) + len(s))
             out[f"{side}_se"] = [0] * n + [1] * len(s)
         return out
 
@@ -369,21 +392,23 @@ class SelfScorer:
     """Scores candidate steps by the policy's own self-evaluation: the expected value of the digit it would write
     after `<score>`, in [0, 1]. Same call as `annotate.prm.PRMScorer.score`, so best-of-N takes either."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, system_prompt: str | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 8, system_prompt: str | None = None,
+                 fmt: int = SCORE_FORMAT):
         from rag_dpo.agent.protocol import SYSTEM_PROMPT
-        self.model, self.tok, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tok, self.batch_size, self.fmt = model, tokenizer, batch_size, fmt
         self.system_prompt = system_prompt or SYSTEM_PROMPT
         self.digits = digit_ids(tokenizer)
         self.open_ids = _encode(tokenizer, SCORE_OPEN)
 
     def sequence(self, question: str, prefix: Sequence[Step], cand: Step) -> list[int]:
         """Token ids the score digit follows: the path to `cand` as the rollout engine renders it (EOS after an
-        answer step, as trained), then `<score>`."""
+        answer step), an EOS after any other step in format 2, then `<score>` -- as trained."""
         import dataclasses
 
         from rag_dpo.agent.protocol import tokenize_path
         path = list(prefix) + [dataclasses.replace(cand, observation="", labels={})]
-        return tokenize_path(self.tok, question, path, system_prompt=self.system_prompt).input_ids + self.open_ids
+        ids = tokenize_path(self.tok, question, path, system_prompt=self.system_prompt).input_ids
+        return ids + (end_of_turn(self.tok, ids) if self.fmt >= 2 else []) + self.open_ids
 
     def digit_probs(self, question: str, prefix: Sequence[Step], candidates: Sequence[Step]) -> list[list[float]]:
         """Per candidate, the probabilities of the digits 0..9 (renormalised over the digits)."""
@@ -543,7 +568,7 @@ def self_eval_calibration(policy: str, labels_path: str | Path, out_dir: str | P
     name = annotator_of(chains, annotator, str(labels_path))
     if not all(SELF_LABEL in s.labels for c in chains for s in c.steps):
         model, tok = load_policy(policy, device=resolve_device(device))
-        score_chains(SelfScorer(model, tok), chains)
+        score_chains(SelfScorer(model, tok, fmt=score_format(policy)), chains)
     if prm is not None:
         from rag_dpo.annotate.prm import PRMScorer
         score_chains(PRMScorer.load(prm), chains, name="prm")

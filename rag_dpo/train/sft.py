@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag_dpo.train.common import (ChainTokenizer, TrainerSettings, check_columns, divergence_guard, finish_training,
-                                  hf_args, is_done, last_checkpoint, load_dataset_dir, load_trainable)
+                                  hf_args, is_done, last_checkpoint, load_dataset_dir, load_trainable,
+                                  self_eval_extra)
 
 
 @dataclass
@@ -60,4 +61,5 @@ def train_sft(cfg: SFTSettings, dataset, out_dir: str | Path, model: str = "smol
                              peft_config=peft_cfg, callbacks=[divergence_guard()])
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
     return finish_training(trainer, tok, out_dir, model, ["loss", "mean_token_accuracy", "entropy", "learning_rate",
-                                                          "self_eval_loss"], "SFT", entropy_flag=False)
+                                                          "self_eval_loss"], "SFT", entropy_flag=False,
+                           extra=self_eval_extra(cfg))
