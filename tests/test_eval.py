@@ -144,3 +144,22 @@ def test_bf16_erases_a_small_weight_change_but_not_a_large_one(tiny_model_and_to
     assert s["changed"] > 0 and s["erased"] > 0.9
     assert big["erased"] < 0.1 and big["rel_error"] < 0.05
     assert bf16_erased_change(ref, ref)["changed"] == 0
+
+
+def test_eval_bans_the_score_in_a_self_evaluating_policys_steps(data_file, tmp_path, tiny_model_and_tokenizer):
+    """A policy folder trained with self-evaluation is evaluated with `<score>` banned from its steps (format 1 wrote
+    it as a step); any other policy's eval config is as before (no `banned` key)."""
+    from rag_dpo.agent.rollout import RolloutConfig
+    from rag_dpo.eval.evaluate import evaluate
+    from rag_dpo.train.self_eval import self_evaluating
+    cfg = RolloutConfig(max_new_tokens=4, progress=False)
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    for name, done in (("plain", {"global_step": 3}), ("self", {"global_step": 3, "self_eval_format": 2})):
+        (policy / "train_done.json").write_text(json.dumps(done))
+        out = tmp_path / name
+        evaluate(data_file, policy=str(policy), methods=["agent"], split="all", limit=1, out_dir=out, rollout=cfg,
+                 model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False)
+        rollout = json.loads((out / "config.json").read_text())["rollout"]
+        assert self_evaluating(policy) == (name == "self")
+        assert rollout.get("banned") == (["<score>"] if name == "self" else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 
@@ -185,6 +186,31 @@ def test_bf16_runs_the_adapter_unmerged_in_float32_and_keeps_its_change(tmp_path
     assert not hasattr(merged32, "peft_config")                            # float32: merged (faster)
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_a_banned_string_never_appears_and_both_engines_ban_it_alike(tiny_model_and_tokenizer, sample):
+    """`banned` masks the token that would complete a banned sequence (transformers' bad_words_ids rule): the
+    cached engine's own loop and `generate` give the same steps, none holding the sequence, and a row that wrote it
+    without the ban writes something else."""
+    from rag_dpo.agent.rollout import banned_ids
+    model, tok = tiny_model_and_tokenizer
+    cfg = RolloutConfig(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    contexts = _contexts(tok, 5, seed=3)
+    seeds = list(range(len(contexts)))
+    free = CachedHFBackend(model, tok).generate(contexts, seeds, sample, cfg)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t, _ in free]
+    pair = next(row[i:i + 2] for row in ids for i in range(1, len(row) - 1)
+                if banned_ids(tok, [tok.decode(row[i:i + 2])]) == [row[i:i + 2]])   # a two-token string it wrote
+    text = tok.decode(pair)
+    banned = dataclasses.replace(cfg, banned=(text,))
+    a = HFBackend(model, tok).generate(contexts, seeds, sample, banned)
+    b = CachedHFBackend(model, tok).generate(contexts, seeds, sample, banned)
+    assert a == b
+    for (t, _), (t0, _) in zip(b, free):
+        got = tok(t, add_special_tokens=False)["input_ids"]
+        assert all(got[i:i + 2] != pair for i in range(len(got) - 1))
+    assert [t for t, _ in b] != [t for t, _ in free]
+
+
 def test_vllm_requests_carry_row_seeds_stop_strings_and_budget(monkeypatch, tiny_model_and_tokenizer):
     """vLLM is not installed here: a stand-in module records what the backend asks it for."""
     import sys
@@ -220,7 +246,9 @@ def test_vllm_requests_carry_row_seeds_stop_strings_and_budget(monkeypatch, tiny
     assert all(p.stop == protocol.STOP_STRINGS and p.max_tokens == 9 and p.temperature == 0.7 and p.top_p == 0.9
                for p in params)
     _, greedy = VLLMBackend.requests([[5]], [1], False, cfg)
-    assert greedy[0].temperature == 0.0 and greedy[0].seed is None
+    assert greedy[0].temperature == 0.0 and greedy[0].seed is None and not hasattr(greedy[0], "bad_words")
+    _, banned = VLLMBackend.requests([[5]], [1], False, dataclasses.replace(cfg, banned=("<score>",)))
+    assert banned[0].bad_words == ["<score>"]
 
 
 def test_auto_backend_is_hf_without_vllm(tiny_model_and_tokenizer):

@@ -51,6 +51,23 @@ class RolloutConfig:
     cache_mb: int = 1024               # byte budget of the prefix store (least recently used blocks leave first)
     decode_rows: int | None = None     # cached backend: rows decoding together (memory); None: 64 bf16, 32 fp32
     progress: bool = True              # show a tqdm progress bar
+    banned: tuple = ()                 # strings a step may never contain, masked at generation (a self-evaluating
+                                       # policy's "<score>": train/self_eval.py); () bans nothing
+
+
+def banned_ids(tokenizer, banned: Sequence[str]) -> list[list[int]]:
+    """Token ids of each banned string as a step would hold it (segment-wise, like every protocol segment)."""
+    return [tokenizer(b, add_special_tokens=False)["input_ids"] for b in banned if b]
+
+
+def ban_mask(logits, tails: Sequence[Sequence[int]], sequences: Sequence[Sequence[int]]) -> None:
+    """Set -inf, in place, on the token that would complete a banned sequence after each row's tail (its context
+    and generated tokens so far): transformers' `bad_words_ids` rule, for the cached engine's own loop."""
+    for seq in sequences:
+        head, last = list(seq[:-1]), seq[-1]
+        for j, tail in enumerate(tails):
+            if not head or list(tail[len(tail) - len(head):]) == head:
+                logits[j, last] = float("-inf")
 
 
 def row_seed(seed: int, question_id: str, step_id: str, sample: int = 0) -> int:
@@ -207,7 +224,8 @@ class HFBackend:
             mask[i, width - len(c):] = 1
         gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=pad, eos_token_id=tok.eos_token_id,
-                                   stop_strings=protocol.STOP_STRINGS)
+                                   stop_strings=protocol.STOP_STRINGS,
+                                   bad_words_ids=banned_ids(tok, cfg.banned) or None)
         timer = _PrefillTimer()
         processors = LogitsProcessorList([timer] + ([_SeededSampler(seeds, cfg.temperature, cfg.top_p)]
                                                     if sample else []))
@@ -293,6 +311,8 @@ class CachedHFBackend:
         done = [False] * len(contexts)
         live: list[int] = []            # batch row -> request
         cache = logits = pos = None
+        banned = banned_ids(self.tokenizer, cfg.banned)
+        width = max((len(b) for b in banned), default=0)       # tokens of a row's tail a ban can depend on
         with torch.inference_mode():
             while groups or live:
                 if groups and (not live or len(live) + len(groups[0]) <= room):
@@ -312,6 +332,8 @@ class CachedHFBackend:
                     live += admit
                     self.timing["prefill_seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
+                if banned:
+                    ban_mask(logits, [list(contexts[r][-width:]) + out[r][-width:] for r in live], banned)
                 if sample:
                     picked = seeded_sample(logits, [gens[r] for r in live], cfg.temperature, cfg.top_p,
                                            shortlist=self.SHORTLIST).squeeze(1).tolist()
@@ -520,7 +542,8 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
         params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if sample else 0.0,
                                  top_p=cfg.top_p if sample else 1.0, seed=int(s) if sample else None,
-                                 stop=list(protocol.STOP_STRINGS), include_stop_str_in_output=True)
+                                 stop=list(protocol.STOP_STRINGS), include_stop_str_in_output=True,
+                                 **({"bad_words": list(cfg.banned)} if cfg.banned else {}))
                   for s in seeds]
         return [TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params
 
