@@ -146,20 +146,16 @@ def test_bf16_erases_a_small_weight_change_but_not_a_large_one(tiny_model_and_to
     assert bf16_erased_change(ref, ref)["changed"] == 0
 
 
-def test_eval_bans_the_score_in_a_self_evaluating_policys_steps(data_file, tmp_path, tiny_model_and_tokenizer):
-    """A policy folder trained with self-evaluation is evaluated with `<score>` banned from its steps (format 1 wrote
-    it as a step); any other policy's eval config is as before (no `banned` key)."""
+
+def test_eval_records_banned_strings_only_when_set(data_file, tmp_path, tiny_model_and_tokenizer):
+    """`rollout.banned` reaches the agent's steps through eval and its config; unset, the config is as before (no
+    `banned` key), so eval folders written before the setting existed still resume."""
     from rag_dpo.agent.rollout import RolloutConfig
     from rag_dpo.eval.evaluate import evaluate
-    from rag_dpo.train.self_eval import self_evaluating
-    cfg = RolloutConfig(max_new_tokens=4, progress=False)
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    for name, done in (("plain", {"global_step": 3}), ("self", {"global_step": 3, "self_eval_format": 2})):
-        (policy / "train_done.json").write_text(json.dumps(done))
+    for name, banned in (("plain", ()), ("banned", ("<score",))):
         out = tmp_path / name
-        evaluate(data_file, policy=str(policy), methods=["agent"], split="all", limit=1, out_dir=out, rollout=cfg,
+        evaluate(data_file, policy="tiny", methods=["agent"], split="all", limit=1, out_dir=out,
+                 rollout=RolloutConfig(max_new_tokens=4, progress=False, banned=banned),
                  model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False)
         rollout = json.loads((out / "config.json").read_text())["rollout"]
-        assert self_evaluating(policy) == (name == "self")
-        assert rollout.get("banned") == (["<score>"] if name == "self" else None)
+        assert rollout.get("banned") == (["<score"] if banned else None)

@@ -51,8 +51,8 @@ class RolloutConfig:
     cache_mb: int = 1024               # byte budget of the prefix store (least recently used blocks leave first)
     decode_rows: int | None = None     # cached backend: rows decoding together (memory); None: 64 bf16, 32 fp32
     progress: bool = True              # show a tqdm progress bar
-    banned: tuple = ()                 # strings a step may never contain, masked at generation (a self-evaluating
-                                       # policy's "<score>": train/self_eval.py); () bans nothing
+    banned: tuple = ()                 # strings a step may never contain, masked at generation (e.g. "<score" for
+                                       # a self-evaluating policy: docs/variants.md); () bans nothing
 
 
 def banned_ids(tokenizer, banned: Sequence[str]) -> list[list[int]]:

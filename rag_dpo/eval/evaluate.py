@@ -208,14 +208,11 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     from rag_dpo.data import check_not_trained_on, load_dataset, split_questions
     from rag_dpo.retrieval import build_retriever
 
-    from rag_dpo.train.self_eval import SCORE_OPEN, self_evaluating
     methods = parse_methods(methods)
     out_dir = Path(out_dir)
     rcfg = dataclasses.replace(rollout or RolloutConfig())
     rcfg.k = rcfg.k if k is None else k
     rcfg.seed = rcfg.seed if seed is None else seed
-    if not rcfg.banned and self_evaluating(str(policy)):
-        rcfg.banned = (SCORE_OPEN,)      # its score is never part of a step (format 1 wrote it as one)
     rollout_dict = {k: v for k, v in asdict(rcfg).items() if k != "banned" or v}   # as before when nothing is banned
     cfg = EvalConfig(data=str(data_path), corpus=str(corpus_path) if corpus_path else None, policy=str(policy),
                      methods=methods, split=split, limit=limit, retriever=retriever, iter_rounds=iter_rounds,

@@ -92,13 +92,6 @@ def end_of_turn(tok, completion_ids: Sequence[int]) -> list[int]:
     return [] if completion_ids and completion_ids[-1] == tok.eos_token_id else [tok.eos_token_id]
 
 
-def self_evaluating(policy) -> bool:
-    """Whether a policy folder was trained to write self-scores (any format): its steps must then never hold one."""
-    import json
-    done = Path(str(policy)) / "train_done.json"
-    return done.is_file() and "self_eval_format" in json.loads(done.read_text())
-
-
 def score_format(policy) -> int:
     """The self-evaluation format a trained policy folder was trained with (train_done.json; 1 when absent)."""
     import json
