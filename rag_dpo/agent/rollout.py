@@ -777,7 +777,8 @@ class RolloutEngine:
 
 
 def config_dict(cfg: RolloutConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The settings as recorded in run folders: `banned` only when set, so folders from before it still resume."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "banned" or v}
 
 
 def rollout_dataset(data_path: str | Path, out_path: str | Path, corpus_path: str | Path | None = None,

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
+from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, config_dict, resolve_device, resolve_dtype
 from rag_dpo.errors import InputError
 from rag_dpo.io import atomic_write_json
 from rag_dpo.metrics import answer_scores, support_recall
@@ -213,11 +213,10 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     rcfg = dataclasses.replace(rollout or RolloutConfig())
     rcfg.k = rcfg.k if k is None else k
     rcfg.seed = rcfg.seed if seed is None else seed
-    rollout_dict = {k: v for k, v in asdict(rcfg).items() if k != "banned" or v}   # as before when nothing is banned
     cfg = EvalConfig(data=str(data_path), corpus=str(corpus_path) if corpus_path else None, policy=str(policy),
                      methods=methods, split=split, limit=limit, retriever=retriever, iter_rounds=iter_rounds,
                      answer_tokens=answer_tokens, dtype=dtype, bon_n=bon_n, prm=prm if isinstance(prm, (str, type(None))) else type(prm).__name__,
-                     rollout=rollout_dict)
+                     rollout=config_dict(rcfg))
     cfg_dict = asdict(cfg)
     cfg_dict["fingerprint"] = fingerprint(str(policy))
 

@@ -321,7 +321,7 @@ def writeback_stream(data_path: str | Path, policy: str = "smollm2", limit: int 
                      model_and_tokenizer=None, device: str = "auto", dtype: str = "float32",
                      use_wandb: bool = True) -> dict:
     """`rag-dpo writeback-stream`: run the stream in each mode, write results.json/.md/.png; see module doc."""
-    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, resolve_device, resolve_dtype
+    from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, config_dict, resolve_device, resolve_dtype
     from rag_dpo.data import check_not_trained_on
     from rag_dpo.retrieval import build_retriever
 
@@ -334,7 +334,7 @@ def writeback_stream(data_path: str | Path, policy: str = "smollm2", limit: int 
     cfg = cfg or WritebackConfig()
     rcfg = dataclasses.replace(rollout or RolloutConfig())
     out_dir = Path(out_dir)
-    scfg = StreamConfig(str(data_path), str(policy), limit, retriever, judge, modes, asdict(cfg), asdict(rcfg))
+    scfg = StreamConfig(str(data_path), str(policy), limit, retriever, judge, modes, asdict(cfg), config_dict(rcfg))
     cfg_path = out_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
