@@ -48,7 +48,7 @@ def test_target_sits_after_the_stop_string_and_is_masked_from_the_answer_loss(to
         assert before.endswith("</answer>" + tokenizer.eos_token if i == 0 else "</search>")
         assert p["labels"][-1] == (eos if i == 0 else p["input_ids"][-1])          # no EOS target on the search
         tail = tokenizer.decode(r["input_ids"][n:])
-        assert tail == ("<score>7</score>" if i == 0 else tokenizer.eos_token + "<score>0</score>")
+        assert tail == ("Score:7" if i == 0 else tokenizer.eos_token + "Score:0")
 
 
 def test_a_score_never_follows_a_search_step_directly(tokenizer):
@@ -212,13 +212,15 @@ def test_self_scorer_on_the_tiny_model_uses_the_training_tokens(tokenizer, tiny_
     seq = scorer.sequence("What is the capital of France?", prefix, cand)
     trained = tokenize_sft_self_eval(_rows(tok).select([0]), tok)[0]["input_ids"]
     n_open = len(tok(SCORE_OPEN, add_special_tokens=False)["input_ids"])
-    assert seq == trained[:len(seq)] and len(trained) == len(seq) + 1 + n_open   # then digit, then </score>
-    search = Step("1", "0", SEARCH_STEP, SEARCH, query="capital of France")      # a search: EOS, then <score>
+    assert seq == trained[:len(seq)] and len(trained) == len(seq) + 1             # then the digit
+    search = Step("1", "0", SEARCH_STEP, SEARCH, query="capital of France")      # a search: EOS, then Score:
     trained_search = tokenize_sft_self_eval(_rows(tok).select([1]), tok)[0]["input_ids"]
     seq_search = scorer.sequence("What is the capital of France?", [], search)
     assert seq_search == trained_search[:len(seq_search)] and seq_search[-n_open - 1] == tok.eos_token_id
-    old = SelfScorer(model, tok, fmt=1).sequence("What is the capital of France?", [], search)
-    assert old == seq_search[:-n_open - 1] + seq_search[-n_open:]                  # format 1: right after </search>
+    path, legacy = seq_search[:-n_open - 1], tok("<score>", add_special_tokens=False)["input_ids"]
+    assert SelfScorer(model, tok, fmt=1).sequence("What is the capital of France?", [], search) == path + legacy
+    assert SelfScorer(model, tok, fmt=2).sequence("What is the capital of France?", [], search) == \
+        path + [tok.eos_token_id] + legacy                                         # older formats as trained
     (probs,) = scorer.digit_probs("What is the capital of France?", prefix, [cand])
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
@@ -372,12 +374,12 @@ def test_a_trained_folder_records_its_score_format_and_the_scorer_reads_it(tmp_p
     from rag_dpo.train.dpo import DPOSettings
     from rag_dpo.train.self_eval import SCORE_FORMAT, score_format
     from rag_dpo.train.sft import SFTSettings
-    assert SCORE_FORMAT == 2
-    assert self_eval_extra(DPOSettings(self_eval=True)) == {"self_eval_format": 2}
+    assert SCORE_FORMAT == 3
+    assert self_eval_extra(DPOSettings(self_eval=True)) == {"self_eval_format": 3}
     assert self_eval_extra(SFTSettings(self_eval=False)) == {}
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "train_done.json").write_text(json.dumps({"global_step": 25}))
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "train_done.json").write_text(json.dumps(self_eval_extra(SFTSettings(self_eval=True))))
-    assert score_format(tmp_path / "old") == 1 and score_format(tmp_path / "new") == 2
-    assert score_format("HuggingFaceTB/SmolLM2-135M-Instruct") == 2           # not a trained folder: today's
+    assert score_format(tmp_path / "old") == 1 and score_format(tmp_path / "new") == 3
+    assert score_format("HuggingFaceTB/SmolLM2-135M-Instruct") == 3           # not a trained folder: today's

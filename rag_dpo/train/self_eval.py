@@ -1,19 +1,22 @@
 """Self-evaluation after the answer (Post-Completion Learning): the policy learns to write, past the end of what a
 user sees, its own estimate of the reward of the step it just wrote; the estimate then serves as a free PRM.
 
-Format. After a completion (a step, or a whole chain) the target continues with `<score>D</score>`, one digit
+Format. After a completion (a step, or a whole chain) the target continues with `Score:D`, one digit
 D = round(9 * value) for the completion's value in [0, 1] (the annotator's label on a step, a chain's answer F1),
-so value = D / 9. The suffix always follows an EOS (`SCORE_FORMAT` 2): a step that ends the turn has its own; after
-any other completion (a search, an invalid step) an EOS is inserted as context only, never a target. Generation
-stops before it, so at inference it costs nothing unless asked for. Format 1 (policies trained before 2026-11-28)
-put a search step's score right after `</search>`: the DPO-trained policy learnt "a finished block is followed by
-`<score>`" and wrote `<score>9</score>` as its next step after an observation in 10 of 161 test chains. A trained
-folder records its format in train_done.json (`self_eval_format`; absent = 1) and `SelfScorer` reads it that way. A digit
-is one token in SmolLM2's tokenizer (checked: `digit_ids` refuses a tokenizer where it is not), so the self-score
-is read from one next-token distribution: `SelfScorer` teacher-forces `path | step | <score>` and takes the
-expected value sum_d p(d) * d / 9 over the ten digit tokens (renormalised), one forward pass per candidate and no
-sampling. The suffix is tokenised as its own segments (`<score>`, the digit, `</score>`), like every other segment
-in `agent.protocol.tokenize_path`, so training and scoring see the same ids.
+so value = D / 9, and always follows an EOS: a step that ends the turn has its own; after any other completion (a
+search, an invalid step) an EOS is inserted as context only, never a target. Generation stops before it, so at
+inference it costs nothing unless asked for. This is `SCORE_FORMAT` 3; a trained folder records its format in
+train_done.json (`self_eval_format`; absent = 1) and `SelfScorer` renders each policy as it was trained:
+- 1 (before 2026-11-28): `<score>D</score>` right after a search's `</search>`. The DPO-trained policy wrote
+  `<score>9</score>` as its next step after an observation in 10 of 161 test chains;
+- 2: `<score>D</score>` after an EOS. Still 4 such steps, plus 5 that open with `<>` (a `<think>` without its name):
+  every step tag is `<` + name + `>` in tokens, and `<score>` taught `score` after any `<`;
+- 3: `Score:` shares no token with the step tags, so the score's NLL has no `<` to attach to.
+A digit is one token in SmolLM2's tokenizer (checked: `digit_ids` refuses a tokenizer where it is not), so the
+self-score is read from one next-token distribution: `SelfScorer` teacher-forces `path | step | EOS | Score:` and
+takes the expected value sum_d p(d) * d / 9 over the ten digit tokens (renormalised), one forward pass per
+candidate and no sampling. The suffix is tokenised as its own segments (`Score:`, the digit), like every other
+segment in `agent.protocol.tokenize_path`, so training and scoring see the same ids.
 
 Loss. The answer's labels stay exactly today's (suffix tokens are -100 there), and since the model is causal the
 suffix cannot change the logits of the tokens before it: the answer loss of a row is unchanged. The suffix tokens
@@ -44,8 +47,9 @@ from rag_dpo.errors import InputError
 from rag_dpo.metrics import auroc
 from rag_dpo.records import Chain, Label, Step
 
-SCORE_OPEN, SCORE_CLOSE = "<score>", "</score>"
-SCORE_FORMAT = 2                  # 2: the score always follows an EOS; 1: right after the step (see the docstring)
+SCORE_FORMAT = 3                  # what training writes now; see the docstring for 1 and 2
+TAGS = {1: ("<score>", "</score>"), 2: ("<score>", "</score>"), 3: ("Score:", "")}   # format -> (open, close)
+SCORE_OPEN, SCORE_CLOSE = TAGS[SCORE_FORMAT]
 LEVELS = 10                       # digits 0..9; value = digit / 9
 SELF_LABEL = "self"               # labels[...] name of a self-score on a step
 
@@ -82,7 +86,7 @@ def digit_ids(tok) -> list[int]:
 
 
 def suffix_ids(tok, value: float) -> list[int]:
-    """`<score>D</score>` tokenised segment-wise (open tag | digit | close tag)."""
+    """`Score:D` (the current format's tags around the digit) tokenised segment-wise (open | digit | close)."""
     return _encode(tok, SCORE_OPEN) + [digit_ids(tok)[score_digit(value)]] + _encode(tok, SCORE_CLOSE)
 
 
@@ -288,7 +292,7 @@ def self_eval_sft_trainer(cfg, policy, tok, peft_cfg, dataset, args, callbacks: 
 
 # ---- DPO ------------------------------------------------------------------------------------------------------
 def add_pair_suffixes(tokenized, chosen_values: Sequence[float], rejected_values: Sequence[float], tokenizer):
-    """`dpo.tokenize_pairs` rows -> the same rows with (EOS where the completion has none, then) `<score>D</score>`
+    """`dpo.tokenize_pairs` rows -> the same rows with (EOS where the completion has none, then) `Score:D`
     appended to chosen_ids / rejected_ids, 0 in chosen_mask / rejected_mask there (so no DPO loss sees it) and 1
     only on the score in chosen_se / rejected_se."""
     cv, rv = list(chosen_values), list(rejected_values)
@@ -349,7 +353,7 @@ def _dpo_trainer_cls():
     from rag_dpo.train.dpo import _masked_trainer_cls
 
     class SelfEvalDPOTrainer(_masked_trainer_cls()):
-        """MaskedDPOTrainer + weight x the mean NLL of the chosen and rejected `<score>` suffixes."""
+        """MaskedDPOTrainer + weight x the mean NLL of the chosen and rejected score suffixes."""
 
         self_eval_weight = 0.5
 
@@ -390,7 +394,7 @@ def self_eval_dpo_trainer(cfg, policy, tok, peft_cfg, dataset, tokenized, args, 
 # ---- the scorer (a free PRM) ---------------------------------------------------------------------------------
 class SelfScorer:
     """Scores candidate steps by the policy's own self-evaluation: the expected value of the digit it would write
-    after `<score>`, in [0, 1]. Same call as `annotate.prm.PRMScorer.score`, so best-of-N takes either."""
+    after the score tag, in [0, 1]. Same call as `annotate.prm.PRMScorer.score`, so best-of-N takes either."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, system_prompt: str | None = None,
                  fmt: int = SCORE_FORMAT):
@@ -398,11 +402,11 @@ class SelfScorer:
         self.model, self.tok, self.batch_size, self.fmt = model, tokenizer, batch_size, fmt
         self.system_prompt = system_prompt or SYSTEM_PROMPT
         self.digits = digit_ids(tokenizer)
-        self.open_ids = _encode(tokenizer, SCORE_OPEN)
+        self.open_ids = _encode(tokenizer, TAGS[fmt][0])
 
     def sequence(self, question: str, prefix: Sequence[Step], cand: Step) -> list[int]:
         """Token ids the score digit follows: the path to `cand` as the rollout engine renders it (EOS after an
-        answer step), an EOS after any other step in format 2, then `<score>` -- as trained."""
+        answer step), an EOS after any other step from format 2 on, then the format's open tag -- as trained."""
         import dataclasses
 
         from rag_dpo.agent.protocol import tokenize_path
