@@ -174,9 +174,8 @@ class BatchCache:
                     self.valid[dst] = self.valid[src]
             self.kv, self.valid = [t[:, :len(r)] for t in self.kv], self.valid[:len(r)]
             return
-        for i, t in enumerate(self.kv):
+        for i, t in enumerate(self.kv):     # the old layer goes when the loop moves on: one layer held twice at most
             self.kv[i] = t.index_select(1, rows)
-            del t
         self.valid = self.valid.index_select(0, rows)
 
     @staticmethod
