@@ -9,7 +9,12 @@
 # `setup` installs the wheels and runs the suite's CUDA tests; `run` rebuilds the GGUF (sha256 checked), builds the recipes' warm start on the GPU, runs bench/rollout_bench.py
 # on CUDA with it (today's engine vs the cached bf16 engine) and then `make train-dpo`'s recipe on the GPU, each
 # stage under its own time limit; what it measured lands in $OUT. Knobs (for a rehearsal on a CPU): GPU_HOME,
-# DEVICE, WS_OVERRIDES, BENCH_ARGS, DPO_OVERRIDES, and the stage limits WS_S, BENCH_S, DPO_S.
+# DEVICE, WS_OVERRIDES, BENCH_ARGS, BENCH_DTYPES, DPO_OVERRIDES, OPS (empty: skip decode_ops in setup), OPS_ROWS, and the
+# stage limits WS_S, BENCH_S, DPO_S, OPS_S.
+# Measured on an H200 (2026-11-28, docs/throughput.md#on-a-gpu-h200-real-smollm2): machine start + setup ~80 s;
+# GGUF conversion + oracle chains ~55 s, warm start ~85 s more; each bench subprocess ~25-45 s of start-up on top of
+# its workload (10-26 s); train-dpo's pool 66 s, its DPO ~40 s, its two evaluations not reached. 15 minutes of
+# device time hold setup, the warm start and two bench workloads, not all three stages: pick with the limits.
 set -uo pipefail
 HOME_DIR=${GPU_HOME:-$HOME}
 SITE=$HOME_DIR/site
@@ -33,6 +38,14 @@ setup)
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   # the suite's CUDA tests (skipped everywhere else): cached steps equal full re-encoding on the GPU
   $PY -m pytest -q -m gpu tests/test_rollout_cache.py -p no:cacheprovider 2>&1 | tail -15
+  # work per forward of both engines at SmolLM2's shape (random weights: no GGUF needed), both dtypes, and a
+  # profile of the bf16 one: which of loop and dtype makes the cached decode slower on a GPU
+  if [ -n "${OPS-1}" ]; then
+    for dt in float32 bfloat16; do
+      timeout "${OPS_S:-60}" $PY bench/decode_ops.py --device "$DEVICE" --shape smollm2 --rows "${OPS_ROWS:-64}" --new-tokens 48 \
+        --dtype $dt $([ $dt = bfloat16 ] && echo --profile) 2>&1 | tee -a "$OUT/decode_ops.log" | grep -v "^\s*$"
+    done
+  fi
   ;;
 run)
   T0=$(date +%s)
@@ -59,9 +72,9 @@ EOF
   WS=$(readlink -f runs/gpu_warm_start/warm_start)
   [ -f "$WS/config.json" ] || { stamp "no warm start: stop"; exit 1; }
 
-  stamp "stage 2: rollout bench on $DEVICE (baseline = cache none, float32; cached bf16)"
+  stamp "stage 2: rollout bench on $DEVICE (baseline = cache none, float32; cached ${BENCH_DTYPES:-float32,bfloat16})"
   t=$(date +%s)
-  timeout "${BENCH_S:-200}" $PY bench/rollout_bench.py --policy "$WS" --device "$DEVICE" --dtypes bfloat16 \
+  timeout "${BENCH_S:-200}" $PY bench/rollout_bench.py --policy "$WS" --device "$DEVICE" --dtypes "${BENCH_DTYPES:-float32,bfloat16}" \
     --out "$OUT/rollout_gpu.json" ${BENCH_ARGS:-}
   stamp "stage 2 rc=$? in $(( $(date +%s) - t )) s"
 

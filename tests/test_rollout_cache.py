@@ -251,6 +251,25 @@ def test_vllm_requests_carry_row_seeds_stop_strings_and_budget(monkeypatch, tiny
     assert banned[0].bad_words == ["<score>"]
 
 
+def test_default_cache_is_the_measured_faster_engine_per_machine(monkeypatch, tiny_model_and_tokenizer):
+    """Key/value reuse without CUDA, `generate` with it (measured on an H200); "auto" resolves the same way and the
+    resolved value is what configs, recipes and the engine record; an explicit choice is kept on either machine."""
+    from rag_dpo.errors import InputError
+    from rag_dpo.pipeline.recipe import load_recipe
+    model, tok = tiny_model_and_tokenizer
+    corpus = Corpus([Passage("p0", "T", "text")])
+    for cuda, expected, backend in ((False, "prefix", CachedHFBackend), (True, "none", HFBackend)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert RolloutConfig().cache == RolloutConfig(cache="auto").cache == expected
+        assert RolloutConfig(cache="prefix").cache == "prefix" and RolloutConfig(cache="none").cache == "none"
+        assert load_recipe("recipes/dpo_step.yaml").rollout.cache == expected
+        assert load_recipe("recipes/dpo_step.yaml", ["rollout.cache=auto"]).rollout.cache == expected
+        engine = RolloutEngine(model, tok, ToyRetriever(corpus), corpus, RolloutConfig(progress=False))
+        assert type(engine.backend) is backend
+    with pytest.raises(InputError, match="rollout.cache"):
+        load_recipe("recipes/dpo_step.yaml", ["rollout.cache=static"])
+
+
 def test_auto_backend_is_hf_without_vllm(tiny_model_and_tokenizer):
     from rag_dpo.agent.rollout import resolve_backend
     from rag_dpo.errors import InputError

@@ -11,6 +11,8 @@ Design decisions:
   search samples K siblings of one prefix, every question shares the system prompt). Re-encoding everything was
   about three quarters of rollout time on a CPU. `cache: none` (`HFBackend`, transformers `generate` over the whole
   context) is kept as the reference the cached engine is tested and benchmarked against (docs/throughput.md).
+  The default is whichever measured faster on the machine (`default_cache`): reuse on a CPU, `generate` on CUDA,
+  where the cached loop's per-token decode ran at 0.64-0.72x `generate`'s tokens/s (H200, docs/throughput.md).
 - Sampling is seeded per row, not per batch: each generated step gets its own `torch.Generator` seeded from
   (seed, question id, step id), and that row's tokens are drawn from it. So a chain does not depend on which other
   chains share its batch, and a resumed `rollout_to_file` writes the same chains as an uninterrupted run.
@@ -47,12 +49,28 @@ class RolloutConfig:
     seed: int = 0                      # base of the per-row seeds
     max_tokens_per_passage: int = 64   # token budget of each retrieved passage in an observation
     backend: str = "auto"              # "hf" (transformers), "vllm" (needs vllm + a GPU), "auto" (vllm when usable)
-    cache: str = "prefix"              # hf: "prefix" reuses keys/values across steps and siblings; "none" re-encodes
+    cache: str = dataclasses.field(default_factory=lambda: default_cache())
+                                       # hf: "prefix" reuses keys/values across steps and siblings; "none" re-encodes;
+                                       # "auto" (and the default): the measured-faster one here (`default_cache`)
     cache_mb: int = 1024               # byte budget of the prefix store (least recently used blocks leave first)
     decode_rows: int | None = None     # cached backend: rows decoding together (memory); None: 64 bf16, 32 fp32
     progress: bool = True              # show a tqdm progress bar
     banned: tuple = ()                 # strings a step may never contain, masked at generation (e.g. "<score" for
                                        # a self-evaluating policy: docs/variants.md); () bans nothing
+
+    def __post_init__(self):
+        if self.cache == "auto":    # recorded resolved, so a run folder says which engine ran
+            self.cache = default_cache()
+
+
+def default_cache() -> str:
+    """The engine that measured faster on this machine's kind: key/value reuse ("prefix", 3.3-6.6x `generate` on
+    the 2-core CPU) without CUDA; full re-encoding with transformers `generate` ("none") where CUDA is available (on
+    an H200 with SmolLM2 the cached bf16 loop ran at 0.64-0.72x float32 `generate`'s tokens/s: on a GPU, prefill is
+    cheap and the decode loop's per-token cost decides; docs/throughput.md). Decided by CUDA being available, as
+    `resolve_device("auto")` decides the device: set `cache` explicitly to run the other one."""
+    import torch
+    return "none" if torch.cuda.is_available() else "prefix"
 
 
 def banned_ids(tokenizer, banned: Sequence[str]) -> list[list[int]]:

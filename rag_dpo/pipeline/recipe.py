@@ -57,6 +57,11 @@ class WarmStartSection:
                                        # a recipe from one shared warm start, as `make compare` does
 
 
+def _default_cache() -> str:
+    from rag_dpo.agent.rollout import default_cache
+    return default_cache()
+
+
 @dataclass
 class RolloutSection:
     questions: int | None = 40         # train questions in the rollout pool (None = all) -- the data budget
@@ -70,8 +75,15 @@ class RolloutSection:
     top_p: float = 1.0
     batch_size: int = 16               # rows per generate call
     dtype: str = "auto"                # pool rollouts: auto = bf16 where the hardware is fast at it (LoRA unmerged)
-    cache: str = "prefix"              # key/value reuse across steps and siblings; "none" = full re-encoding
+    cache: str = field(default_factory=lambda: _default_cache())
+                                       # "prefix": key/value reuse across steps and siblings; "none": full
+                                       # re-encoding (`generate`); default/"auto": the measured-faster one here
+                                       # (reuse on a CPU, `generate` on CUDA: agent.rollout.default_cache)
     backend: str = "auto"              # hf | vllm | auto (vllm when installed, on a GPU, for a plain model)
+
+    def __post_init__(self):
+        if self.cache == "auto":        # recorded resolved (recipe.yaml), as RolloutConfig records it
+            self.cache = _default_cache()
 
 
 @dataclass
@@ -142,6 +154,9 @@ def validate(recipe: Recipe, file: str | None = None) -> Recipe:
     if recipe.pairs.kind == "oracle" and not recipe.warm_start.enabled:
         raise InputError("pairs.kind 'oracle' trains the warm start: warm_start.enabled must be true", file=file,
                          field="warm_start.enabled")
+    if recipe.rollout.cache not in ("prefix", "none"):
+        raise InputError(f"unknown rollout cache {recipe.rollout.cache!r} (prefix, none or auto)", file=file,
+                         field="rollout.cache")
     if recipe.rollout.search not in SEARCHES:
         raise InputError(f"unknown rollout search {recipe.rollout.search!r} (tree or sample)", file=file,
                          field="rollout.search")
