@@ -119,3 +119,16 @@ def auroc(scores: Sequence[float], good: Sequence[bool]) -> float | None:
     if not pos or not neg:
         return None
     return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def stratified_auroc(scores: Sequence[float], good: Sequence[bool], strata: Sequence) -> float | None:
+    """AUROC over the (good, bad) pairs that share a stratum only: what a score ranks apart from which stratum an
+    item is in (e.g. a step's position and action, whose base rates differ). None without such a pair."""
+    wins = total = 0.0
+    for key in set(strata):
+        idx = [i for i, k in enumerate(strata) if k == key]
+        pos = [float(scores[i]) for i in idx if good[i]]
+        neg = [float(scores[i]) for i in idx if not good[i]]
+        wins += sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+        total += len(pos) * len(neg)
+    return wins / total if total else None

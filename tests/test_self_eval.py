@@ -261,6 +261,27 @@ def test_group_choice_and_chains_calibration_by_hand():
     assert g["random"] == pytest.approx((1 / 3 + 2 / 3) / 2) and g["best"] == pytest.approx(1.0)
     cal = chains_calibration([_labelled_chain()], "evidence")
     assert cal["n"] == 6 and cal["by_action"]["search"]["n"] == 6
+    # slots: roots 0, 1, 2 at step0 (good: 1 scored .2; bad: .9, .1), children 3, 4, 5 at step1 (good: .7, .8, .3
+    # -- labels .5 count as good -- and no bad one): within step0 1 of 2 pairs right, step1 has no pair
+    assert {k: v["n"] for k, v in cal["by_slot"].items()} == {"step0/search": 3, "step1/search": 3}
+    assert cal["by_slot"]["step0/search"]["auroc"] == pytest.approx(0.5) and cal["by_slot"]["step1/search"]["auroc"] is None
+    assert cal["auroc_within_slot"] == pytest.approx(0.5)
+    # across slots: good .2, .7, .8, .3 against bad .9, .1: each good beats .1 and loses to .9
+    assert cal["auroc"] == pytest.approx(4 / 8)
+
+
+def test_stratified_auroc_ignores_what_separates_the_strata():
+    """A score that only ranks the strata (high where labels are mostly bad) is below chance overall and at chance
+    within the strata; ranking inside each stratum is what it counts."""
+    from rag_dpo.metrics import auroc, stratified_auroc
+    scores = [0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9]
+    good = [True, True, True, False, True, False, False, False]
+    strata = ["a"] * 4 + ["b"] * 4
+    # good .1 x3 and .9 against bad .1 and .9 x3: ties 3 x .5 + 3 x .5, the .9 over the .1: 1 -> 4 of 16
+    assert auroc(scores, good) == pytest.approx(4 / 16)
+    assert stratified_auroc(scores, good, strata) == pytest.approx(0.5)
+    assert stratified_auroc([0.1, 0.2, 0.9, 0.3], [False, True, True, False], ["a", "a", "b", "b"]) == 1.0
+    assert stratified_auroc([0.1, 0.2], [True, True], ["a", "a"]) is None
 
 
 def test_random_scorer_is_seeded_and_uniform_range():

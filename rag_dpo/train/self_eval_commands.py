@@ -46,13 +46,18 @@ def self_eval_calibration_cmd(policy: str = typer.Option(..., "--policy", help="
                               prm: Optional[str] = typer.Option(None, "--prm", help="Also score the sibling "
                                                                 "groups with this trained PRM folder."),
                               device: str = typer.Option("auto", "--device")) -> None:
-    """Writes calibration.json (ECE, per-bin table, best-of-group choice against random and the PRM) and
-    reliability.png into --out."""
+    """Writes calibration.json (ECE, per-bin table, AUROC overall, by action and within slots of step position x
+    action, best-of-group choice against random and the PRM) and reliability.png into --out."""
     from rag_dpo.train.self_eval import self_eval_calibration
     cal = self_eval_calibration(policy, labels, out, annotator=annotator, limit=limit, device=device, prm=prm)
-    auc = "n/a" if cal["auroc"] is None else f"{cal['auroc']:.3f}"
-    print(f"ECE {cal['ece']:.3f}  MAE {cal['mae']:.3f}  AUROC {auc}  n {cal['n']}  (mean self-score "
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+    print(f"ECE {cal['ece']:.3f}  MAE {cal['mae']:.3f}  AUROC {fmt(cal['auroc'])}  n {cal['n']}  (mean self-score "
           f"{cal['mean_score']:.3f}, mean label {cal['mean_label']:.3f})")
+    slots = ", ".join(f"{k} {fmt(v['auroc'])} (n {v['n']}, label {v['mean_label']:.2f}, score {v['mean_score']:.2f})"
+                      for k, v in cal["by_slot"].items())
+    print(f"AUROC within slots (step position x action) {fmt(cal['auroc_within_slot'])}: {slots}")
     for name, g in cal["choice"].items():
         print(f"best-of-group by {name}: mean label of the pick {g['picked']:.3f} over {g['groups']} groups")
     print(f"written: {out / 'calibration.json'}, {out / 'reliability.png'}")
