@@ -75,7 +75,7 @@ class RolloutSection:
     top_p: float = 1.0
     batch_size: int = 16               # rows per generate call
     dtype: str = "auto"                # pool rollouts: auto = bf16 where the hardware is fast at it (LoRA unmerged)
-    cache: str = field(default_factory=lambda: _default_cache())
+    cache: str = field(default_factory=_default_cache)
                                        # "prefix": key/value reuse across steps and siblings; "none": full
                                        # re-encoding (`generate`); default/"auto": the measured-faster one here
                                        # (reuse on a CPU, `generate` on CUDA: agent.rollout.default_cache)
