@@ -404,3 +404,36 @@ def test_a_trained_folder_records_its_score_format_and_the_scorer_reads_it(tmp_p
     (tmp_path / "new" / "train_done.json").write_text(json.dumps(self_eval_extra(SFTSettings(self_eval=True))))
     assert score_format(tmp_path / "old") == 1 and score_format(tmp_path / "new") == 3
     assert score_format("HuggingFaceTB/SmolLM2-135M-Instruct") == 3           # not a trained folder: today's
+
+
+def test_dpo_score_stage_trains_the_score_on_pool_steps_after_dpo(tmp_path, tiny_policy_dir, tokenizer):
+    """`self_eval_pool_rows`: DPO into trained/dpo, then the score alone on up to N labelled pool steps per question
+    (the pool the pairs folder names), continuing the DPO adapter; a pairs object without its folder is refused."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+
+    from rag_dpo.errors import InputError
+    from rag_dpo.pairs.builders import PairConfig, build_dataset
+    from rag_dpo.records import write_chains
+    from rag_dpo.train.dpo import DPOSettings, train_dpo
+    from rag_dpo.train.self_eval import score_only_rows
+    labels = tmp_path / "labels.jsonl"
+    write_chains(labels, [_labelled_chain()])
+    pairs = build_dataset(labels, "step", tmp_path / "pairs", tokenizer, PairConfig(margin=0.5, annotator="evidence"))
+    cfg = DPOSettings(self_eval=True, self_eval_pool_rows=4, wandb=False, max_steps=2, precision="fp32",
+                      per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=1e-2)
+    out = train_dpo(cfg, pairs, tmp_path / "trained", model=str(tiny_policy_dir))
+    assert json.loads((out / "dpo" / "train_done.json").read_text())["self_eval_format"] == 3   # stage 1: DPO
+    done = json.loads((out / "train_done.json").read_text())
+    assert done["self_eval_format"] == 3 and "self_eval_loss" in done                          # stage 2: the score
+    stage = json.loads((out / "score_stage.json").read_text())
+    assert stage["rows"] == 4 and stage["questions"] == 1 and stage["start"] == str(out / "dpo")
+    rows = score_only_rows([_labelled_chain()], tokenizer, "evidence", 4)
+    assert len(rows) == 4 and all(r["self_eval_only"] for r in rows)      # 4 of the 6 labelled steps, no answer row
+    before = load_file(str(out / "dpo" / "adapter_model.safetensors"))
+    after = load_file(str(out / "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert train_dpo(cfg, pairs, out, model=str(tiny_policy_dir)) == out                      # done: returns at once
+    with pytest.raises(InputError, match="self_eval_pool_rows"):
+        train_dpo(cfg, Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}]), tmp_path / "t2",
+                  model=str(tiny_policy_dir))

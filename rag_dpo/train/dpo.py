@@ -21,6 +21,7 @@ pushed below the reference). Both go into train_done.json; `max_pair_similarity`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class DPOSettings(TrainerSettings):
                                              # (difflib ratio; 1.0 keeps every pair)
     self_eval: bool = False                  # also learn <score>D</score> after chosen and rejected (self_eval.py)
     self_eval_weight: float = 0.5            # weight of that NLL term (outside every DPO loss)
+    self_eval_pool_rows: int = 0             # with self_eval: then train the score alone on up to this many labelled
+                                             # pool steps per question (self_eval.train_score_stage); 0 = off
 
 
 def _action(text: str) -> str:
@@ -210,6 +213,13 @@ def train_dpo(cfg: DPOSettings, dataset, out_dir: str | Path, model: str = "smol
     out_dir = Path(out_dir)
     if is_done(out_dir):
         return out_dir
+    if cfg.self_eval and cfg.self_eval_pool_rows > 0:     # DPO into out_dir/dpo, then the score stage into out_dir
+        if not isinstance(dataset, (str, Path)):
+            raise InputError("trainer.self_eval_pool_rows needs the pairs as a folder (its config.json names the "
+                             "labelled pool)", field="trainer.self_eval_pool_rows")
+        from rag_dpo.train.self_eval import train_score_stage
+        first = train_dpo(dataclasses.replace(cfg, self_eval_pool_rows=0), dataset, out_dir / "dpo", model)
+        return train_score_stage(cfg, dataset, first, out_dir)
     trainer, tok = build_dpo_trainer(cfg, dataset, out_dir, model)
     trainer.train(resume_from_checkpoint=last_checkpoint(out_dir / "checkpoints"))
     return finish_training(trainer, tok, out_dir, model,

@@ -151,25 +151,36 @@ def self_eval_sft_rows(chains: Sequence[Chain], tokenizer, cfg=None, annotator: 
     """Rows for SFT with self-evaluation: `pairs` sft rows (level step: the chosen steps, trained with their
     values) plus every other labelled step as a `self_eval_only` row (context for its score, never a target), at
     most `score_only_per_question` of them per question (a seeded sample; None = all)."""
-    from rag_dpo.agent.protocol import ends_turn, render_context
     from rag_dpo.pairs.builders import PairConfig, annotator_of, sft_rows
     cfg = cfg or PairConfig()
     name = annotator_of(chains, annotator or cfg.annotator)
     rows = [dict(r, self_eval_only=False) for r in sft_rows(chains, tokenizer, cfg, name)]
     chosen = {(r["question_id"], r["prompt"], r["completion"]) for r in rows}
+    return rows + score_only_rows(chains, tokenizer, name, score_only_per_question, seed, skip=chosen)
+
+
+def score_only_rows(chains: Sequence[Chain], tokenizer, annotator: str, per_question: int | None = None,
+                    seed: int = 0, skip=frozenset()) -> list[dict]:
+    """Every step of `chains` labelled by `annotator` as a `self_eval_only` row (its context and text as context,
+    its label as the score's target), at most `per_question` per question (a seeded sample; None = all); rows whose
+    (question id, prompt, completion) is in `skip` are left out."""
+    from rag_dpo.agent.protocol import ends_turn, render_context
     rng = random.Random(seed)
+    rows = []
     for chain in chains:
         extra = []
         for s in chain.steps:
-            label = s.labels.get(name)
+            label = s.labels.get(annotator)
+            if label is None:
+                continue
             prompt = render_context(tokenizer, chain.question, chain.prefix(s.id))
-            if label is None or (chain.question_id, prompt, s.text) in chosen:
+            if (chain.question_id, prompt, s.text) in skip:
                 continue
             extra.append({"prompt": prompt, "completion": s.text, "completion_info_spans": [],
                           "completion_ends_turn": ends_turn(s), "question_id": chain.question_id,
                           "value": float(label.value), "self_eval_only": True})
-        if score_only_per_question is not None and len(extra) > score_only_per_question:
-            extra = rng.sample(extra, score_only_per_question)
+        if per_question is not None and len(extra) > per_question:
+            extra = rng.sample(extra, per_question)
         rows += extra
     return rows
 
@@ -389,6 +400,50 @@ def self_eval_dpo_trainer(cfg, policy, tok, peft_cfg, dataset, tokenized, args, 
                                  peft_config=peft_cfg, data_collator=collator, callbacks=callbacks)
     trainer.self_eval_weight = float(cfg.self_eval_weight)
     return trainer
+
+
+def train_score_stage(cfg, pairs_dir: str | Path, start: str | Path, out_dir: str | Path) -> Path:
+    """DPO's second stage when `cfg.self_eval_pool_rows` > 0: the score alone (weight 1, no loss on any step's
+    text), trained on top of the DPO policy `start` on up to that many labelled steps per question of the pool the
+    pairs came from (`pairs_dir`/config.json names its labels). DPO's own targets are the pair rows only, 1 and 0
+    within every slot: with them the self-score ranked the slots (step position x action) against their base rates
+    and test steps below chance; see docs/variants.md. Same trainer settings as the DPO stage, one epoch."""
+    import dataclasses
+    import json
+
+    from datasets import Dataset
+
+    from rag_dpo.io import atomic_write_json, file_sha256
+    from rag_dpo.records import read_chains
+    from rag_dpo.train.common import TrainerSettings, is_done
+    from rag_dpo.train.sft import SFTSettings, train_sft
+    out_dir = Path(out_dir)
+    if is_done(out_dir):
+        return out_dir
+    config = Path(pairs_dir) / "config.json"
+    labels = json.loads(config.read_text()).get("labels") if config.is_file() else None
+    if not labels or not Path(labels).is_file():
+        raise InputError("trainer.self_eval_pool_rows needs the pairs folder's labelled pool (config.json 'labels')",
+                         file=str(config), field="labels")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(start))
+    annotator = json.loads(config.read_text()).get("annotator")
+    rows = score_only_rows(read_chains(labels), tok, annotator, cfg.self_eval_pool_rows, cfg.seed)
+    if not rows:
+        raise InputError(f"no step of the pool carries a {annotator!r} label", file=labels, field="labels")
+    random.Random(cfg.seed).shuffle(rows)
+    from trl import SFTConfig
+    common = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainerSettings)}
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}       # DPO-only extras (e.g. rpo_alpha) stay out
+    common["extra"] = {k: v for k, v in cfg.extra.items() if k in sft_fields}
+    settings = SFTSettings(**{**common, "num_train_epochs": 1}, self_eval=True, self_eval_weight=1.0)
+    out = train_sft(settings, Dataset.from_list(rows), out_dir, model=str(start))
+    atomic_write_json(out / "score_stage.json", {"rows": len(rows), "per_question": cfg.self_eval_pool_rows,
+                                                 "mean_value": sum(r["value"] for r in rows) / len(rows),
+                                                 "questions": len({r["question_id"] for r in rows}),
+                                                 "labels": str(labels), "labels_sha256": file_sha256(labels),
+                                                 "start": str(start)})
+    return out
 
 
 # ---- the scorer (a free PRM) ---------------------------------------------------------------------------------
