@@ -421,13 +421,13 @@ def train_score_stage(cfg, pairs_dir: str | Path, start: str | Path, out_dir: st
     if is_done(out_dir):
         return out_dir
     config = Path(pairs_dir) / "config.json"
-    labels = json.loads(config.read_text()).get("labels") if config.is_file() else None
+    pairs_cfg = json.loads(config.read_text()) if config.is_file() else {}
+    labels, annotator = pairs_cfg.get("labels"), pairs_cfg.get("annotator")
     if not labels or not Path(labels).is_file():
         raise InputError("trainer.self_eval_pool_rows needs the pairs folder's labelled pool (config.json 'labels')",
                          file=str(config), field="labels")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(start))
-    annotator = json.loads(config.read_text()).get("annotator")
     rows = score_only_rows(read_chains(labels), tok, annotator, cfg.self_eval_pool_rows, cfg.seed)
     if not rows:
         raise InputError(f"no step of the pool carries a {annotator!r} label", file=labels, field="labels")
