@@ -437,13 +437,13 @@ def train_score_stage(cfg, pairs_dir: str | Path, start: str | Path, out_dir: st
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}       # DPO-only extras (e.g. rpo_alpha) stay out
     common["extra"] = {k: v for k, v in cfg.extra.items() if k in sft_fields}
     settings = SFTSettings(**{**common, "num_train_epochs": 1}, self_eval=True, self_eval_weight=1.0)
-    out = train_sft(settings, Dataset.from_list(rows), out_dir, model=str(start))
-    atomic_write_json(out / "score_stage.json", {"rows": len(rows), "per_question": cfg.self_eval_pool_rows,
-                                                 "mean_value": sum(r["value"] for r in rows) / len(rows),
-                                                 "questions": len({r["question_id"] for r in rows}),
-                                                 "labels": str(labels), "labels_sha256": file_sha256(labels),
-                                                 "start": str(start)})
-    return out
+    out_dir.mkdir(parents=True, exist_ok=True)     # written first: a finished folder always has it
+    atomic_write_json(out_dir / "score_stage.json", {"rows": len(rows), "per_question": cfg.self_eval_pool_rows,
+                                                     "mean_value": sum(r["value"] for r in rows) / len(rows),
+                                                     "questions": len({r["question_id"] for r in rows}),
+                                                     "labels": str(labels), "labels_sha256": file_sha256(labels),
+                                                     "start": str(start)})
+    return train_sft(settings, Dataset.from_list(rows), out_dir, model=str(start))
 
 
 # ---- the scorer (a free PRM) ---------------------------------------------------------------------------------
