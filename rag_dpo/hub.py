@@ -21,7 +21,10 @@ from pathlib import Path
 
 from rag_dpo.errors import InputError
 
-IGNORE = ["checkpoints/*", "checkpoints/**", "eval/*", "eval/**", "*.lock", ".*", "**/.*", "*.tmp", "*.building/**"]
+# `dpo/` is the first stage of a DPO run with a score stage (train_dpo + self_eval.train_score_stage): the policy
+# is the folder itself, the stage before it is not shared
+IGNORE = ["checkpoints/*", "checkpoints/**", "eval/*", "eval/**", "dpo/*", "dpo/**", "*.lock", ".*", "**/.*", "*.tmp",
+          "*.building/**"]
 # side files of a trained folder copied next to merged weights (what the card refers to)
 SIDE_FILES = ("training_manifest.json", "train_log.json", "train_log.jsonl", "train_curves.png", "train_done.json",
               "budget.json", "warm_start.json")

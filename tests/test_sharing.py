@@ -184,10 +184,13 @@ def test_push_uploads_adapter_and_card_but_not_checkpoints(dpo_out, fake_hub):
     from rag_dpo.hub import push
     (dpo_out / "checkpoints" / "checkpoint-1").mkdir(parents=True, exist_ok=True)
     (dpo_out / "checkpoints" / "checkpoint-1" / "optimizer.pt").write_bytes(b"x")
+    (dpo_out / "dpo" / "checkpoints").mkdir(parents=True, exist_ok=True)     # a score stage's DPO stage
+    (dpo_out / "dpo" / "adapter_model.safetensors").write_bytes(b"x")
+    (dpo_out / "dpo" / "checkpoints" / "optimizer.pt").write_bytes(b"x")
     res = push(dpo_out, "me/tiny-dpo", private=True, endpoint=fake_hub.url)
     assert fake_hub.created == [{"name": "tiny-dpo", "organization": "me", "visibility": "private", "type": "model"}]
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "train_log.json"} <= set(fake_hub.files)
-    assert not any(p.startswith("checkpoints") for p in fake_hub.files)
+    assert not any(p.startswith(("checkpoints", "dpo/")) for p in fake_hub.files)
     assert fake_hub.files["adapter_model.safetensors"] == (dpo_out / "adapter_model.safetensors").read_bytes()
     assert all(auth == "Bearer hf_test_token" for _, _, auth in fake_hub.requests)
     assert res["kind"] == "adapter" and "/api/models/me/tiny-dpo/commit/main" in [p for _, p, _ in fake_hub.requests]
