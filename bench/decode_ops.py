@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rag_dpo.agent.policy import tiny_policy
+from rag_dpo.agent.policy import ensure_pad_token, tiny_policy
 from rag_dpo.agent.rollout import CachedHFBackend, HFBackend, RolloutConfig
 
 TOKENIZER = Path(__file__).parent.parent / "tests" / "assets" / "smollm2_tokenizer"
@@ -48,8 +48,9 @@ class ForwardCount:
 
 def smollm2_shaped(layers: int):
     """A randomly initialised Llama of SmolLM2-135M's widths (576 hidden, 9 heads, 3 key/value heads, 1536 MLP)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    _, tok = tiny_policy(TOKENIZER, layers=1)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    ensure_pad_token(tok)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

@@ -127,8 +127,8 @@ def stratified_auroc(scores: Sequence[float], good: Sequence[bool], strata: Sequ
     wins = total = 0.0
     for key in set(strata):
         idx = [i for i, k in enumerate(strata) if k == key]
-        pos = [float(scores[i]) for i in idx if good[i]]
-        neg = [float(scores[i]) for i in idx if not good[i]]
-        wins += sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
-        total += len(pos) * len(neg)
+        within = auroc([scores[i] for i in idx], [good[i] for i in idx])   # None without both kinds
+        if within is not None:
+            pairs = sum(bool(good[i]) for i in idx) * sum(not good[i] for i in idx)
+            wins, total = wins + within * pairs, total + pairs
     return wins / total if total else None

@@ -596,7 +596,7 @@ class RolloutEngine:
             self.backend = CachedHFBackend(model, tokenizer, self.cfg.cache_mb)
         else:
             from rag_dpo.errors import InputError
-            raise InputError(f"unknown cache {self.cfg.cache!r} (prefix or none)", field="cache")
+            raise InputError(f"unknown cache {self.cfg.cache!r} (prefix, none or auto)", field="cache")
         self.backend_name = backend
         self.reset_stats()
 
