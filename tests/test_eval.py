@@ -5,6 +5,7 @@ evaluate on questions the policy was trained on."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,22 @@ def test_eval_records_banned_strings_only_when_set(data_file, tmp_path, tiny_mod
                  model_and_tokenizer=tiny_model_and_tokenizer, use_wandb=False)
         rollout = json.loads((out / "config.json").read_text())["rollout"]
         assert rollout.get("banned") == (["<score"] if banned else None)
+
+
+def test_eval_cli_passes_split_fractions(monkeypatch, tmp_path):
+    """`--fractions` reaches the split: a recipe-trained policy is scored on the test split its run held out
+    (0.55,0.1,0.35 makes that split 161 of the bundled 500 HotpotQA questions, the default 0.15 only 65)."""
+    from typer.testing import CliRunner
+
+    import rag_dpo.eval.evaluate as evaluate_mod
+    from rag_dpo.cli import app
+    from rag_dpo.data import load_dataset, split_questions
+    seen = {}
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **kw: seen.update(kw) or {"agent": {"n": 0}})
+    res = CliRunner().invoke(app, ["eval", "--data", "x.jsonl", "--split", "test", "--fractions", "0.55,0.1,0.35",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["fractions"] == "0.55,0.1,0.35"
+    qs = load_dataset(Path(__file__).parents[1] / "data/hotpotqa/ircot_hotpotqa_dev_subsampled_500.jsonl").questions
+    assert len(split_questions(qs, "test", seen["fractions"])) == 161
+    assert len(split_questions(qs, "test", None)) == 65

@@ -46,8 +46,11 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
                                         "checkpoint / adapter folder."),
              methods: str = typer.Option("direct,rag,iter-retgen,agent", "--methods",
                                          help="Comma-separated: direct, rag, iter-retgen, agent, agent-hier, "
-                                         "agent-prm-bon."),
+                                         "agent-prm-bon, agent-self-bon, agent-random-bon."),
              split: str = typer.Option("dev", "--split", help="train, dev, test or all."),
+             fractions: Optional[str] = typer.Option(None, "--fractions", help="train,dev,test split fractions "
+                                                     "(default 0.7,0.15,0.15); give a recipe's data.fractions to "
+                                                     "score the split its run held out."),
              limit: Optional[int] = typer.Option(None, "--limit", help="First N questions of the split."),
              out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun to resume)."),
              retriever: str = typer.Option("bm25", "--retriever", help="bm25, bm25s, dense, hybrid, or a trained "
@@ -89,7 +92,8 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
     rollout = load_config(RolloutConfig, config, list(overrides or []))
     results = evaluate(data, corpus_path=corpus, policy=policy, methods=methods, split=split, limit=limit,
                        out_dir=out, retriever=retriever, k=k, seed=seed, manifest=manifest, rollout=rollout,
-                       iter_rounds=iter_rounds, answer_tokens=answer_tokens, device=device, dtype=dtype, prm=prm, bon_n=bon_n, baseline_results=baseline,
+                       iter_rounds=iter_rounds, answer_tokens=answer_tokens, device=device, dtype=dtype, prm=prm,
+                       bon_n=bon_n, fractions=fractions, baseline_results=baseline,
                        baseline_name=compare_with.parent.name if compare_with else "baseline")
     if is_main():   # every rank has the results; one table
         print(results_table(results, baseline, compare_with.parent.name if compare_with else "baseline"))
