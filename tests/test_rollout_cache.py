@@ -505,3 +505,30 @@ def test_cpu_attention_equals_sdpa_in_bf16_and_is_used_only_there(tiny_model_and
         attn = bf16.model.layers[0].self_attn
         a, _ = cpu_attention.cpu_attention_forward(attn, q, k, k, torch.zeros(1, 1, 1, 5, dtype=torch.bfloat16))
         assert a.shape == (1, 1, 4, 16)
+
+
+def test_shared_prefix_logits_equal_whole_encoding_and_encode_the_prefix_once(tiny_model_and_tokenizer):
+    """Best-of-N scoring: N candidates after one long context. The shared context goes through the model once, the
+    logits at each requested position equal encoding every sequence whole, across batches (the prefix's cache is
+    copied per batch, since a forward appends to it) and at positions before a sequence's end (the PRM's)."""
+    from rag_dpo.agent.kv_cache import shared_prefix_logits
+    model, tok = tiny_model_and_tokenizer
+    rng = random.Random(3)
+    head = _contexts(tok, 1, seed=5)[0] + [rng.randrange(1000, 20000) for _ in range(60)]
+    seqs = [head + [rng.randrange(1000, 20000) for _ in range(rng.randrange(2, 12))] for _ in range(5)]
+    positions = [len(s) - 1 - (i % 2) for i, s in enumerate(seqs)]      # odd rows: the token before the last
+    fed = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].numel()), with_kwargs=True)
+    try:
+        shared = shared_prefix_logits(model, seqs, positions, tok.pad_token_id, batch_size=2)
+        shared_fed = sum(fed)
+        fed.clear()
+        whole = shared_prefix_logits(model, seqs, positions, tok.pad_token_id, batch_size=2, min_prefix=1 << 30)
+        whole_fed = sum(fed)
+    finally:
+        hook.remove()
+    direct = torch.stack([model(input_ids=torch.tensor([s])).logits[0, p] for s, p in zip(seqs, positions)])
+    assert torch.allclose(shared, direct.detach(), atol=1e-4) and torch.allclose(whole, direct.detach(), atol=1e-4)
+    assert shared_fed < len(head) + 3 * 12 * 2 < whole_fed                # the head once, not five times
+    one = shared_prefix_logits(model, seqs[:1], positions[:1], tok.pad_token_id)     # one sequence: nothing shared
+    assert torch.allclose(one, direct[:1].detach(), atol=1e-4)

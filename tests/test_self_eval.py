@@ -195,7 +195,7 @@ class _StubLM(torch.nn.Module):
 def test_self_scorer_reads_the_expected_digit_and_ranks_as_its_probabilities_say(tokenizer):
     from rag_dpo.train.self_eval import SelfScorer, digit_ids
     marker = tokenizer(" good", add_special_tokens=False)["input_ids"][-1]
-    scorer = SelfScorer(_StubLM(digit_ids(tokenizer), marker), tokenizer)
+    scorer = SelfScorer(_StubLM(digit_ids(tokenizer), marker), tokenizer, share_prefix=False)   # a stand-in: no cache
     good = Step("1", None, format_step("a good plan", SEARCH, "x"), SEARCH)
     bad = Step("2", None, format_step("a bad plan", SEARCH, "y"), SEARCH)
     scores = scorer.score("Q?", [], [bad, good])
@@ -437,3 +437,16 @@ def test_dpo_score_stage_trains_the_score_on_pool_steps_after_dpo(tmp_path, tiny
     with pytest.raises(InputError, match="self_eval_pool_rows"):
         train_dpo(cfg, Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}]), tmp_path / "t2",
                   model=str(tiny_policy_dir))
+
+
+def test_self_scorer_scores_the_same_with_the_context_encoded_once(tiny_model_and_tokenizer):
+    from rag_dpo.train.self_eval import SelfScorer
+    model, tok = tiny_model_and_tokenizer
+    prefix = [Step("0", None, SEARCH_STEP, SEARCH, query="capital of France", observation=OBS)]
+    cands = [Step("1", "0", ANSWER_STEP, ANSWER, answer="Paris"),
+             Step("2", "0", format_step("need more", SEARCH, "Paris population"), SEARCH, query="Paris population"),
+             Step("3", "0", format_step("it is Lyon", ANSWER, "Lyon"), ANSWER, answer="Lyon")]
+    q = "What is the capital of France?"
+    shared = SelfScorer(model, tok, batch_size=2).score(q, prefix, cands)
+    whole = SelfScorer(model, tok, batch_size=2, share_prefix=False).score(q, prefix, cands)
+    assert shared == pytest.approx(whole, abs=1e-5) and len(set(shared)) == 3

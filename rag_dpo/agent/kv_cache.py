@@ -196,3 +196,57 @@ class BatchCache:
             out.valid[rows, width - src.length:width] = src.valid[:, :src.length]
         out.length, out.whole = width, a.whole
         return out
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a key/value cache: `cache` in newer transformers, else `past_key_values`."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def shared_prefix_logits(model, seqs: Sequence[Sequence[int]], positions: Sequence[int], pad_id: int,
+                         batch_size: int = 8, min_prefix: int = 16) -> torch.Tensor:
+    """Logits at `positions[i]` of `seqs[i]` for every sequence ([n, outputs], float32), encoding the prefix all of
+    them share once. Why: a best-of-N scorer (a PRM, the policy's self-score) reads N candidate steps that follow one
+    context of hundreds of tokens; re-encoding that context per candidate was most of its time. The shared part goes
+    through the model once (batch 1), its keys/values are repeated to each batch of candidates, and only the
+    candidates' own tokens are encoded, right-padded after it. Below `min_prefix` shared tokens, or when a requested
+    position lies inside the shared part, every sequence is encoded whole (the same logits up to float rounding)."""
+    import copy
+
+    from transformers.cache_utils import DynamicCache
+    n = len(seqs)
+    if n == 0:
+        return torch.zeros(0)
+    dev = next(model.parameters()).device
+    shared = min(min(positions), *(len(s) for s in seqs))
+    first = seqs[0]
+    for s in seqs[1:]:
+        k = 0
+        while k < shared and s[k] == first[k]:
+            k += 1
+        shared = k
+    cache, kw = None, cache_kwarg(model)
+    if shared >= min_prefix and n > 1:
+        cache = DynamicCache(config=getattr(model, "config", None))   # filled in place: a classifier's output
+        with torch.no_grad():                                        # (the PRM's) does not hand its cache back
+            model(input_ids=torch.tensor([list(first[:shared])], device=dev), use_cache=True, **{kw: cache})
+    else:
+        shared = 0
+    out = []
+    for i in range(0, n, batch_size):
+        chunk = [list(s[shared:]) for s in seqs[i:i + batch_size]]
+        width = max(len(s) for s in chunk)
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk], device=dev)
+        mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in chunk], device=dev)
+        kwargs = {}
+        if cache is not None:
+            past = copy.deepcopy(cache)            # a forward appends to the cache it is given
+            past.batch_repeat_interleave(len(chunk))
+            kwargs = {kw: past, "use_cache": True}
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+        at = torch.tensor([p - shared for p in positions[i:i + batch_size]], device=dev)
+        out.append(logits[torch.arange(len(chunk), device=dev), at].float())
+    return torch.cat(out)

@@ -287,10 +287,8 @@ class CachedHFBackend:
     SHORTLIST = 256
 
     def __init__(self, model, tokenizer, cache_mb: int = 1024, block: int = 16):
-        import inspect
-
         from rag_dpo.agent import cpu_attention
-        from rag_dpo.agent.kv_cache import PrefixStore
+        from rag_dpo.agent.kv_cache import PrefixStore, cache_kwarg
         self.model, self.tokenizer = model, tokenizer
         self.store = PrefixStore(block, int(cache_mb) << 20)
         c = model.config
@@ -302,9 +300,7 @@ class CachedHFBackend:
         # A stop string ends with ">", so the tail is only decoded after a token that holds one.
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self.tag_ids = {i for i, t in enumerate(pieces) if t and ">" in t}
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(type(base).forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_kwarg(model)
         # rows decoding together unless `decode_rows` says: the same batch-cache bytes, half the rows in float32
         self.default_rows = 32 if next(model.parameters()).element_size() > 2 else 64
         self.cpu_attention = cpu_attention.applies(model)      # half precision on a CPU: SDPA is the slow part

@@ -75,6 +75,7 @@ class PRMScorer:
         self.model, self.tok = model, tokenizer
         self.max_length, self.batch_size = max_length, batch_size
         self.system_prompt = system_prompt or SYSTEM_PROMPT
+        self.share_prefix = True      # encode the candidates' common context once (kv_cache.shared_prefix_logits)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> "PRMScorer":
@@ -113,21 +114,14 @@ class PRMScorer:
         return ids, last
 
     def score(self, question: str, prefix_steps: Sequence[Step], candidate_steps: Sequence[Step]) -> list[float]:
-        import torch
+        from rag_dpo.agent.kv_cache import shared_prefix_logits
+        if not candidate_steps:
+            return []
         seqs = [self._sequence(question, prefix_steps, c) for c in candidate_steps]
-        out: list[float] = []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        for i in range(0, len(seqs), self.batch_size):
-            chunk = seqs[i:i + self.batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk])
-            with torch.no_grad():
-                logits = self.model(input_ids=input_ids.to(self.model.device),
-                                    attention_mask=mask.to(self.model.device)).logits
-            probs = logits.float().softmax(-1)[..., 1]
-            out += [float(probs[j, last]) for j, (_, last) in enumerate(chunk)]
-        return out
+        logits = shared_prefix_logits(self.model, [ids for ids, _ in seqs], [last for _, last in seqs], pad,
+                                      self.batch_size, min_prefix=16 if self.share_prefix else 1 << 30)
+        return logits.softmax(-1)[:, 1].tolist()
 
 
 class PRMAnnotator(Annotator):

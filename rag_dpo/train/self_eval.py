@@ -452,9 +452,10 @@ class SelfScorer:
     after the score tag, in [0, 1]. Same call as `annotate.prm.PRMScorer.score`, so best-of-N takes either."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, system_prompt: str | None = None,
-                 fmt: int = SCORE_FORMAT):
+                 fmt: int = SCORE_FORMAT, share_prefix: bool = True):
         from rag_dpo.agent.protocol import SYSTEM_PROMPT
         self.model, self.tok, self.batch_size, self.fmt = model, tokenizer, batch_size, fmt
+        self.share_prefix = share_prefix    # encode the candidates' common context once (kv_cache.shared_prefix_logits)
         self.system_prompt = system_prompt or SYSTEM_PROMPT
         self.digits = digit_ids(tokenizer)
         self.open_ids = _encode(tokenizer, TAGS[fmt][0])
@@ -471,22 +472,12 @@ class SelfScorer:
 
     def digit_probs(self, question: str, prefix: Sequence[Step], candidates: Sequence[Step]) -> list[list[float]]:
         """Per candidate, the probabilities of the digits 0..9 (renormalised over the digits)."""
-        import torch
+        from rag_dpo.agent.kv_cache import shared_prefix_logits
         seqs = [self.sequence(question, prefix, c) for c in candidates]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        dev = next(self.model.parameters()).device
-        out: list[list[float]] = []
-        for i in range(0, len(seqs), self.batch_size):
-            chunk = seqs[i:i + self.batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=dev)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=dev)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-            last = torch.tensor([len(s) - 1 for s in chunk], device=dev)
-            picked = logits[torch.arange(len(chunk), device=dev), last][:, self.digits].float()
-            out += picked.softmax(-1).tolist()
-        return out
+        logits = shared_prefix_logits(self.model, seqs, [len(s) - 1 for s in seqs], pad, self.batch_size,
+                                      min_prefix=16 if self.share_prefix else 1 << 30)
+        return logits[:, self.digits].softmax(-1).tolist()
 
     def score(self, question: str, prefix_steps: Sequence[Step], candidate_steps: Sequence[Step]) -> list[float]:
         if not candidate_steps:
