@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the CLI and the Makefile run (before torch loads)
 
 from rag_dpo.annotate.annotators import sibling_groups
 from rag_dpo.records import read_chains
