@@ -259,6 +259,11 @@ def test_group_choice_and_chains_calibration_by_hand():
     # group 1 (roots): self picks step 0 (label 0); group 2 (children of 1): picks step 4 (label .5)
     assert g["groups"] == 2 and g["picked"] == pytest.approx(0.25)
     assert g["random"] == pytest.approx((1 / 3 + 2 / 3) / 2) and g["best"] == pytest.approx(1.0)
+    # within groups: roots, good step 1 (.2) beats bad 2 (.1) and loses to bad 0 (.9); children all good: no pair
+    assert g["auroc_within_group"] == pytest.approx(0.5)
+    flipped = _labelled_chain()
+    flipped.step("1").labels["self"] = Label(0.95, True, "self")
+    assert group_choice([flipped], "evidence", "self")["auroc_within_group"] == pytest.approx(1.0)
     cal = chains_calibration([_labelled_chain()], "evidence")
     assert cal["n"] == 6 and cal["by_action"]["search"]["n"] == 6
     # slots: roots 0, 1, 2 at step0 (good: 1 scored .2; bad: .9, .1), children 3, 4, 5 at step1 (good: .7, .8, .3

@@ -597,22 +597,29 @@ def chains_calibration(chains: Sequence[Chain], annotator: str, score_label: str
 def group_choice(chains: Sequence[Chain], annotator: str, score_label: str) -> dict:
     """Best-of-N offline, on the sibling groups of a labelled tree (steps sharing a prefix, at least two whose
     labels differ): the mean annotator label of the step with the highest `score_label` (`picked`), against the
-    mean label of a uniformly random pick (`random`, the group mean) and of the best step (`best`)."""
+    mean label of a uniformly random pick (`random`, the group mean) and of the best step (`best`); and
+    `auroc_within_group`, the AUROC over (good, bad) pairs of one group only: what best-of-N needs, since a score
+    can rank steps of different chains well (by slot or question) and still not tell apart samples of one context."""
     from rag_dpo.annotate.annotators import sibling_groups
     picked, rand, best = [], [], []
+    scores, good, groups = [], [], []
     for chain in chains:
-        for _, kids in sibling_groups(chain):
+        for parent, kids in sibling_groups(chain):
             kids = [s for s in kids if annotator in s.labels and score_label in s.labels]
             values = [s.labels[annotator].value for s in kids]
             if len(kids) < 2 or max(values) == min(values):
                 continue
+            scores += [s.labels[score_label].value for s in kids]
+            good += [v >= 0.5 for v in values]
+            groups += [(chain.question_id, parent)] * len(kids)
             top = max(range(len(kids)), key=lambda i: kids[i].labels[score_label].value)
             picked.append(values[top])
             rand.append(sum(values) / len(values))
             best.append(max(values))
     n = len(picked)
     return {"groups": n, "picked": sum(picked) / n if n else 0.0, "random": sum(rand) / n if n else 0.0,
-            "best": sum(best) / n if n else 0.0, "picked_values": picked, "random_values": rand}
+            "best": sum(best) / n if n else 0.0, "picked_values": picked, "random_values": rand,
+            "auroc_within_group": stratified_auroc(scores, good, groups)}
 
 
 def self_eval_calibration(policy: str, labels_path: str | Path, out_dir: str | Path, annotator: str | None = None,

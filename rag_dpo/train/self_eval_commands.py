@@ -59,5 +59,6 @@ def self_eval_calibration_cmd(policy: str = typer.Option(..., "--policy", help="
                       for k, v in cal["by_slot"].items())
     print(f"AUROC within slots (step position x action) {fmt(cal['auroc_within_slot'])}: {slots}")
     for name, g in cal["choice"].items():
-        print(f"best-of-group by {name}: mean label of the pick {g['picked']:.3f} over {g['groups']} groups")
+        print(f"best-of-group by {name}: mean label of the pick {g['picked']:.3f} (random {g['random']:.3f}, best "
+              f"{g['best']:.3f}) over {g['groups']} groups; AUROC within groups {fmt(g['auroc_within_group'])}")
     print(f"written: {out / 'calibration.json'}, {out / 'reliability.png'}")
