@@ -523,7 +523,7 @@ def test_shared_prefix_logits_equal_whole_encoding_and_encode_the_prefix_once(ti
         shared = shared_prefix_logits(model, seqs, positions, tok.pad_token_id, batch_size=2)
         shared_fed = sum(fed)
         fed.clear()
-        whole = shared_prefix_logits(model, seqs, positions, tok.pad_token_id, batch_size=2, min_prefix=1 << 30)
+        whole = shared_prefix_logits(model, seqs, positions, tok.pad_token_id, batch_size=2, share=False)
         whole_fed = sum(fed)
     finally:
         hook.remove()

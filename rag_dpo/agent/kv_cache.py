@@ -206,13 +206,14 @@ def cache_kwarg(model) -> str:
 
 
 def shared_prefix_logits(model, seqs: Sequence[Sequence[int]], positions: Sequence[int], pad_id: int,
-                         batch_size: int = 8, min_prefix: int = 16) -> torch.Tensor:
+                         batch_size: int = 8, share: bool = True, min_prefix: int = 16) -> torch.Tensor:
     """Logits at `positions[i]` of `seqs[i]` for every sequence ([n, outputs], float32), encoding the prefix all of
     them share once. Why: a best-of-N scorer (a PRM, the policy's self-score) reads N candidate steps that follow one
     context of hundreds of tokens; re-encoding that context per candidate was most of its time. The shared part goes
     through the model once (batch 1), its keys/values are repeated to each batch of candidates, and only the
-    candidates' own tokens are encoded, right-padded after it. Below `min_prefix` shared tokens, or when a requested
-    position lies inside the shared part, every sequence is encoded whole (the same logits up to float rounding)."""
+    candidates' own tokens are encoded, right-padded after it. With `share` off, below `min_prefix` shared tokens, or
+    when a requested position lies inside the shared part, every sequence is encoded whole (the same logits up to
+    float rounding)."""
     import copy
 
     from transformers.cache_utils import DynamicCache
@@ -228,7 +229,7 @@ def shared_prefix_logits(model, seqs: Sequence[Sequence[int]], positions: Sequen
             k += 1
         shared = k
     cache, kw = None, cache_kwarg(model)
-    if shared >= min_prefix and n > 1:
+    if share and shared >= min_prefix and n > 1:
         cache = DynamicCache(config=getattr(model, "config", None))   # filled in place: a classifier's output
         with torch.no_grad():                                        # (the PRM's) does not hand its cache back
             model(input_ids=torch.tensor([list(first[:shared])], device=dev), use_cache=True, **{kw: cache})

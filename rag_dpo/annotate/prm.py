@@ -120,7 +120,7 @@ class PRMScorer:
         seqs = [self._sequence(question, prefix_steps, c) for c in candidate_steps]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         logits = shared_prefix_logits(self.model, [ids for ids, _ in seqs], [last for _, last in seqs], pad,
-                                      self.batch_size, min_prefix=16 if self.share_prefix else 1 << 30)
+                                      self.batch_size, share=self.share_prefix)
         return logits.softmax(-1)[:, 1].tolist()
 
 

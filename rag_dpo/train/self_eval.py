@@ -476,7 +476,7 @@ class SelfScorer:
         seqs = [self.sequence(question, prefix, c) for c in candidates]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         logits = shared_prefix_logits(self.model, seqs, [len(s) - 1 for s in seqs], pad, self.batch_size,
-                                      min_prefix=16 if self.share_prefix else 1 << 30)
+                                      share=self.share_prefix)
         return logits[:, self.digits].softmax(-1).tolist()
 
     def score(self, question: str, prefix_steps: Sequence[Step], candidate_steps: Sequence[Step]) -> list[float]:
