@@ -1,8 +1,10 @@
 """DPO throughput through rag_dpo (`train.dpo`: pre-tokenised rows, per-token masks, MaskedDPOTrainer) vs plain
-TRL DPOTrainer on the same step-level pairs, model, LoRA and DPOConfig. Each arm runs in its own subprocess so
-peak memory (ru_maxrss) is per arm; the two arms alternate `--repeats` times and the medians are compared.
+TRL DPOTrainer on the same step-level pairs, model, LoRA and DPOConfig; and rag_dpo with its shared-prompt
+forward (`share_prompt`, the default) vs without it (`rag_dpo_unshared`). Each arm runs in its own subprocess so
+peak memory (ru_maxrss) is per arm; the arms alternate `--repeats` times and the medians are compared.
 
     .venv/bin/python bench/dpo_bench.py [--model smollm2] [--pairs 16] [--batch 4] [--repeats 1]
+    .venv/bin/python bench/dpo_bench.py --arms rag_dpo_unshared,rag_dpo --batch 1 --precompute   # as the recipes
 
 Pairs: oracle chains of bundled HotpotQA train questions; at each search step, chosen = the oracle step, rejected
 = the same step with a query about another question (realistic prompt lengths: prefix with retrieved text)."""
@@ -21,6 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+ARMS = ("trl", "rag_dpo", "rag_dpo_unshared")
 
 
 def make_pairs(n: int, tok, k: int = 3, max_tokens_per_passage: int = 48) -> list[dict]:
@@ -43,7 +48,7 @@ def make_pairs(n: int, tok, k: int = 3, max_tokens_per_passage: int = 48) -> lis
     return rows
 
 
-def run_arm(arm: str, model: str, n: int, batch: int) -> dict:
+def run_arm(arm: str, model: str, n: int, batch: int, precompute: bool = False) -> dict:
     import torch
     from datasets import Dataset
 
@@ -54,11 +59,11 @@ def run_arm(arm: str, model: str, n: int, batch: int) -> dict:
     tok = load_tokenizer(model)
     rows = make_pairs(n, tok)
     cfg = DPOSettings(max_steps=len(rows) // batch, per_device_train_batch_size=batch, learning_rate=5e-5,
-                      precompute_ref_log_probs=False, wandb=False, logging_steps=1000, save_steps=10_000,
-                      max_length=1024)
+                      precompute_ref_log_probs=precompute, wandb=False, logging_steps=1000, save_steps=10_000,
+                      max_length=1024, share_prompt=arm == "rag_dpo")
     out = Path(f"/tmp/rag_dpo_dpo_bench_{arm}_{os.getpid()}")
     t0 = time.perf_counter()
-    if arm == "rag_dpo":
+    if arm.startswith("rag_dpo"):
         trainer, _ = build_dpo_trainer(cfg, Dataset.from_list(rows), out, model=model)
     else:
         from trl import DPOTrainer
@@ -72,6 +77,7 @@ def run_arm(arm: str, model: str, n: int, batch: int) -> dict:
     pairs = cfg.max_steps * batch
     tokens = trainer._total_train_tokens
     return {"arm": arm, "pairs": pairs, "setup_s": round(setup, 2), "train_s": round(train_s, 2),
+            "total_s": round(setup + train_s, 2),
             "pairs_per_s": pairs / train_s, "tokens_per_s": tokens / train_s, "tokens": tokens,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -82,33 +88,46 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--arm", choices=["rag_dpo", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--arms", default="trl,rag_dpo", help="comma list of trl, rag_dpo, rag_dpo_unshared")
+    ap.add_argument("--precompute", action="store_true",
+                    help="precompute the reference log-probs (as the recipes do; inside setup_s)")
+    ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench/results/dpo_bench.json")
     a = ap.parse_args()
     if a.arm:
-        print("RESULT " + json.dumps(run_arm(a.arm, a.model, a.pairs, a.batch)), flush=True)
+        print("RESULT " + json.dumps(run_arm(a.arm, a.model, a.pairs, a.batch, a.precompute)), flush=True)
         return
-    results: dict[str, list[dict]] = {"rag_dpo": [], "trl": []}
+    arms = a.arms.split(",")
+    if set(arms) - set(ARMS):
+        sys.exit(f"--arms: unknown {sorted(set(arms) - set(ARMS))}; choose from {ARMS}")
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for _ in range(a.repeats):
-        for arm in ("trl", "rag_dpo"):
+        for arm in arms:
             p = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", a.model, "--pairs", str(a.pairs),
-                                "--batch", str(a.batch)], capture_output=True, text=True)
+                                "--batch", str(a.batch)] + (["--precompute"] if a.precompute else []),
+                               capture_output=True, text=True)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"arm {arm} failed:\n{p.stderr[-3000:]}")
             results[arm].append(json.loads(line[7:]))
     med = {arm: {k: statistics.median(r[k] for r in rs) for k in ("pairs_per_s", "tokens_per_s", "train_s",
-                                                                   "setup_s", "peak_rss_mb")}
+                                                                   "setup_s", "total_s", "peak_rss_mb")}
            for arm, rs in results.items()}
-    overhead = med["trl"]["pairs_per_s"] / med["rag_dpo"]["pairs_per_s"] - 1
-    print(f"{'arm':8s} {'pairs/s':>8s} {'tokens/s':>9s} {'train s':>8s} {'setup s':>8s} {'peak MB':>8s}")
+    print(f"{'arm':16s} {'pairs/s':>8s} {'tokens/s':>9s} {'train s':>8s} {'setup s':>8s} {'total s':>8s} {'peak MB':>8s}")
     for arm, m in med.items():
-        print(f"{arm:8s} {m['pairs_per_s']:8.3f} {m['tokens_per_s']:9.1f} {m['train_s']:8.1f} {m['setup_s']:8.1f} "
-              f"{m['peak_rss_mb']:8.0f}")
-    print(f"rag_dpo overhead vs plain TRL (pairs/s): {overhead * 100:+.1f}%  (target <= +10%)")
+        print(f"{arm:16s} {m['pairs_per_s']:8.3f} {m['tokens_per_s']:9.1f} {m['train_s']:8.1f} {m['setup_s']:8.1f} "
+              f"{m['total_s']:8.1f} {m['peak_rss_mb']:8.0f}")
+    summary = {}
+    if {"trl", "rag_dpo"} <= set(med):
+        summary["overhead"] = med["trl"]["pairs_per_s"] / med["rag_dpo"]["pairs_per_s"] - 1
+        print(f"rag_dpo overhead vs plain TRL (pairs/s): {summary['overhead'] * 100:+.1f}%  (target <= +10%)")
+    if {"rag_dpo_unshared", "rag_dpo"} <= set(med):
+        summary["share_speedup_train"] = med["rag_dpo"]["pairs_per_s"] / med["rag_dpo_unshared"]["pairs_per_s"]
+        summary["share_speedup_total"] = med["rag_dpo_unshared"]["total_s"] / med["rag_dpo"]["total_s"]
+        print(f"shared prompt vs unshared: training {summary['share_speedup_train']:.2f}x pairs/s, "
+              f"setup (incl. any reference pass) + training {summary['share_speedup_total']:.2f}x")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"args": vars(a), "runs": results, "median": med, "overhead": overhead},
-                                      indent=2))
+    Path(a.out).write_text(json.dumps({"args": vars(a), "runs": results, "median": med, **summary}, indent=2))
 
 
 if __name__ == "__main__":

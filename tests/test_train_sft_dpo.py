@@ -197,6 +197,82 @@ def test_dpo_collator_batches_rows_of_different_length_with_padding_and_truncati
     assert info and all(batch["attention_mask"][1, j] == 1 for j in info)
 
 
+def _dpo_loss_and_grads(tiny_policy_dir, rows, out, share: bool, gradient_checkpointing: bool = False):
+    """Loss, LoRA gradients, precomputed reference log-probs and tokens fed to the model for one batch of `rows`
+    (LoRA B perturbed so the policy differs from its reference)."""
+    import torch
+    from datasets import Dataset
+
+    from rag_dpo.train.dpo import DPOSettings, build_dpo_trainer
+    torch.manual_seed(0)
+    cfg = DPOSettings(max_steps=1, precision="fp32", wandb=False, precompute_ref_log_probs=True, nll_weight=0.5,
+                      per_device_train_batch_size=len(rows), share_prompt=share,
+                      gradient_checkpointing=gradient_checkpointing)
+    fed = []
+    from rag_dpo.train import dpo as dpo_mod
+    tr, _ = build_dpo_trainer(cfg, Dataset.from_list(rows), out, model=str(tiny_policy_dir))
+    for name, param in tr.model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    emb = tr.model.get_input_embeddings()
+    hook = emb.register_forward_hook(lambda m, i, o: fed.append(i[0].numel()))
+    tr.model.train()
+    loss = tr.compute_loss(tr.model, tr.data_collator([tr.train_dataset[i] for i in range(len(rows))]))
+    loss.backward()
+    hook.remove()
+    grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+    ref = tr.train_dataset["ref_chosen_logps"][:] + tr.train_dataset["ref_rejected_logps"][:]
+    metrics = {k: v[-1] for k, v in tr._metrics["train"].items()}
+    return loss.item(), grads, ref, sum(fed), metrics, dpo_mod.share_prompt_forward(tr, tr.model)
+
+
+@pytest.mark.parametrize("outcome", [False, True])
+def test_shared_prompt_forward_gives_trls_loss_and_gradients(tmp_path, tiny_policy_dir, tokenizer, outcome):
+    """The pair's prompt encoded once (keys/values repeated to chosen and rejected) gives TRL's loss, gradients,
+    reference log-probs and logged metrics, for step pairs and for outcome pairs with retrieved text, in a batch of
+    two pairs of different lengths -- and feeds the model fewer tokens. Gradient checkpointing turns it off."""
+    import torch
+    rows = _pairs(tokenizer, outcome)[:2]
+    rows[1] = {**rows[1], "chosen": rows[1]["chosen"] + " and a few more words"}
+    base = _dpo_loss_and_grads(tiny_policy_dir, rows, tmp_path / "a", share=False)
+    shared = _dpo_loss_and_grads(tiny_policy_dir, rows, tmp_path / "b", share=True)
+    assert type(base[5]).__name__ != "SharedPromptForward" and type(shared[5]).__name__ == "SharedPromptForward"
+    assert shared[0] == pytest.approx(base[0], rel=1e-5)
+    assert set(shared[1]) == set(base[1]) and len(base[1]) > 0
+    for name, g in base[1].items():
+        assert torch.allclose(shared[1][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item()), name
+    assert shared[2] == pytest.approx(base[2], rel=1e-5)
+    for key in ("rewards/margins", "logps/chosen", "entropy", "logits/chosen", "mean_token_accuracy"):
+        assert shared[4][key] == pytest.approx(base[4][key], rel=1e-4, abs=1e-6), key
+    assert shared[3] < base[3]                   # the prompts went through the model once, not twice
+    checkpointed = _dpo_loss_and_grads(tiny_policy_dir, rows, tmp_path / "c", share=True,
+                                       gradient_checkpointing=True)
+    assert type(checkpointed[5]).__name__ != "SharedPromptForward"
+
+
+def test_shared_prompt_forward_handles_pairs_without_a_shared_prefix(tiny_model_and_tokenizer):
+    """A pair whose rows differ from the first token, and one whose rows are identical, give the log-probs of a
+    plain forward of each row."""
+    import torch
+
+    from rag_dpo.train.dpo import SharedPromptForward
+    model, tok = tiny_model_and_tokenizer
+    a = tok("The capital of France is Paris.", add_special_tokens=False).input_ids
+    b = tok("Lyon is a city in France, not the capital.", add_special_tokens=False).input_ids
+    width = max(len(a), len(b))
+    ids = torch.tensor([a + [tok.pad_token_id] * (width - len(a)), a + [tok.pad_token_id] * (width - len(a)),
+                        b + [tok.pad_token_id] * (width - len(b)), a + [tok.pad_token_id] * (width - len(a))])
+    att = (torch.arange(width)[None] < torch.tensor([len(a), len(a), len(b), len(a)])[:, None]).long()
+    labels = ids.masked_fill(att == 0, -100)
+    labels[:, :2] = -100
+    with torch.no_grad():
+        out = SharedPromptForward(model, model)(input_ids=ids, attention_mask=att, labels=labels, fused_lm_head=True)
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+    want = logits.log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+    want = want * (labels[:, 1:] != -100)
+    assert torch.allclose(out.log_probs, want, atol=1e-5)
+
+
 def test_pair_stats_counts_actions_and_near_identical_pairs():
     from datasets import Dataset
 

@@ -193,7 +193,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 # and so does a new RolloutConfig field (the cached warm-start eval's key, `run.cached_eval_key`, hashes it the same
 # way); tests/test_pipeline.py pins both keys.
 LATER_SETTINGS = ("self_eval", "self_eval_weight", "corpus_softmax", "e2e_learning_rate", "banned",
-                  "self_eval_pool_rows")
+                  "self_eval_pool_rows", "share_prompt")
 
 
 def without_later_defaults(values: dict, settings) -> dict:

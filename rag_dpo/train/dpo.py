@@ -44,6 +44,8 @@ class DPOSettings(TrainerSettings):
     self_eval_weight: float = 0.5            # weight of that NLL term (outside every DPO loss)
     self_eval_pool_rows: int = 0             # with self_eval: then train the score alone on up to this many labelled
                                              # pool steps per question (self_eval.train_score_stage); 0 = off
+    share_prompt: bool = True                # encode a pair's prompt once for its chosen and rejected rows
+                                             # (SharedPromptForward; the same loss up to float rounding)
 
 
 def _action(text: str) -> str:
@@ -144,11 +146,116 @@ def _masked_collator_cls():
     return MaskedPreferenceCollator
 
 
+class SharedPromptForward:
+    """Stands in for the policy in TRL's DPO forward (`model(input_ids, attention_mask, labels, fused_lm_head=True)`
+    on rows [chosen..., rejected...]). Why: the two rows of a pair begin with the same prompt -- for a step pair a
+    context of ~500 tokens before a ~30-token step -- and TRL encodes it twice, in the policy's forward and
+    backward and in the reference pass. Here the tokens both rows share go through the model once (batch 1), their
+    keys/values are repeated to the two rows, and only each row's own tokens are encoded after them; gradients
+    reach the shared part through both rows, as they do through the two copies. Returns what TRL's fused head
+    returns (per-token log_probs, entropy, mean_logits, is_top1; zeros where the label is ignored), equal to it up
+    to float rounding. Calls it cannot serve (no fused head, other inputs) go to the model unchanged."""
+
+    KEYS = {"input_ids", "attention_mask", "use_cache"}
+
+    def __init__(self, model, causal_lm):
+        self.model, self.lm = model, causal_lm
+
+    def __call__(self, *args, fused_lm_head: bool = False, labels=None, **kw):
+        if args or not fused_lm_head or labels is None or set(kw) - self.KEYS or kw["input_ids"].size(0) % 2:
+            return self.model(*args, fused_lm_head=fused_lm_head, labels=labels, **kw)
+        import torch
+        ids, att = kw["input_ids"], kw.get("attention_mask")
+        att = torch.ones_like(ids) if att is None else att
+        n = ids.size(0) // 2
+        rows = [None] * (2 * n)
+        for i in range(n):
+            rows[i], rows[i + n] = self.pair_hidden(ids[[i, i + n]], att[[i, i + n]])
+        width = ids.size(1)
+        hidden = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.size(0))) for h in rows])
+        return self.head(hidden[:, :-1], labels[:, 1:])
+
+    def pair_hidden(self, ids, att):
+        """Last hidden states of a pair's two rows (each its own length), their common leading tokens encoded once."""
+        import torch
+        from transformers.cache_utils import DynamicCache
+
+        from rag_dpo.agent.kv_cache import cache_kwarg
+        lens = [int(a.sum()) for a in att]
+        common = min(lens)
+        differ = (ids[0, :common] != ids[1, :common]).nonzero()
+        shared = min(int(differ[0]) if len(differ) else common, common - 1)   # each row keeps a token of its own
+        backbone = self.lm.base_model
+        if shared < 1:
+            out = backbone(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+            return out[0, :lens[0]], out[1, :lens[1]]
+        kw = cache_kwarg(self.lm)
+        cache = DynamicCache(config=self.lm.config)
+        head = backbone(input_ids=ids[:1, :shared], use_cache=True, **{kw: cache}).last_hidden_state
+        cache.batch_repeat_interleave(2)
+        end = max(lens)
+        tail_mask = torch.cat([att.new_ones(2, shared), att[:, shared:end]], dim=1)
+        tail = backbone(input_ids=ids[:, shared:end], attention_mask=tail_mask, use_cache=True,
+                        **{kw: cache}).last_hidden_state
+        return [torch.cat([head[0], tail[r]])[:lens[r]] for r in (0, 1)]
+
+    def head(self, hidden, labels):
+        """TRL's fused-head outputs at the positions whose label is not -100 (temperature 1, no soft-capping)."""
+        import torch
+        from types import SimpleNamespace
+        mask = labels != -100
+        lm_head = self.lm.get_output_embeddings()
+        logits = torch.nn.functional.linear(hidden[mask], lm_head.weight, lm_head.bias).float()
+        logp = logits.log_softmax(-1)
+        target = labels[mask]
+        picked = logp.gather(-1, target[:, None]).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+            mean_logits, top1 = logits.mean(-1), logits.argmax(-1) == target
+
+        def spread(x):
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+        return SimpleNamespace(log_probs=spread(picked), entropy=spread(entropy), mean_logits=spread(mean_logits),
+                               is_top1=spread(top1), log_sum_sq_probs=None, aux_loss=None)
+
+
+def share_prompt_forward(trainer, model):
+    """`model` wrapped in SharedPromptForward where that gives TRL's numbers: a single-process model (a DDP or
+    DeepSpeed wrapper must see its own forward), no gradient checkpointing (it drops the cache), a plain LM head
+    (no soft-capping or logit scale), no WPO weights or MoE router loss, no prompt-learning adapter. Else `model`."""
+    import torch
+    if not getattr(trainer, "share_prompt", False) or not isinstance(model, torch.nn.Module):
+        return model
+    if trainer.accelerator.unwrap_model(model) is not model or trainer.args.gradient_checkpointing:
+        return model
+    if trainer.use_weighting or trainer.aux_loss_enabled:
+        return model
+    peft_cfg = getattr(model, "peft_config", None)
+    if peft_cfg and any(c.is_prompt_learning for c in peft_cfg.values()):
+        return model
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = lm.config.get_text_config()
+    if any(getattr(text, a, None) not in (None, 1, 1.0) for a in ("final_logit_softcapping", "logit_scale",
+                                                                   "output_multiplier", "lm_head_multiplier",
+                                                                   "logits_scaling")):
+        return model
+    return SharedPromptForward(model, lm)
+
+
 def _masked_trainer_cls():
     from trl import DPOTrainer
 
     class MaskedDPOTrainer(DPOTrainer):
-        """DPOTrainer that accepts rows pre-tokenised by `tokenize_pairs` and keeps their per-token masks."""
+        """DPOTrainer that accepts rows pre-tokenised by `tokenize_pairs` and keeps their per-token masks; with
+        `share_prompt` its forwards encode each pair's prompt once (SharedPromptForward)."""
+
+        share_prompt = False
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            return super()._compute_loss(share_prompt_forward(self, model), inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(share_prompt_forward(self, model), inputs)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if "prompt_ids" not in dataset.column_names:
@@ -201,8 +308,10 @@ def build_dpo_trainer(cfg: DPOSettings, dataset, out_dir: Path, model: str = "sm
     else:
         collator = _masked_collator_cls()(pad_token_id=tok.pad_token_id, max_length=args.max_length,
                                           truncation_mode=args.truncation_mode)
-        trainer = _masked_trainer_cls()(model=policy, args=args, train_dataset=train, processing_class=tok,
-                                        peft_config=peft_cfg, data_collator=collator, callbacks=[divergence_guard()])
+        cls = _masked_trainer_cls()
+        cls.share_prompt = cfg.share_prompt                # before __init__: TRL precomputes the reference there
+        trainer = cls(model=policy, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
+                      data_collator=collator, callbacks=[divergence_guard()])
     trainer.pair_stats = stats
     return trainer, tok
 

@@ -361,7 +361,7 @@ class _ScoreForward:
 
 
 def _dpo_trainer_cls():
-    from rag_dpo.train.dpo import _masked_trainer_cls
+    from rag_dpo.train.dpo import _masked_trainer_cls, share_prompt_forward
 
     class SelfEvalDPOTrainer(_masked_trainer_cls()):
         """MaskedDPOTrainer + weight x the mean NLL of the chosen and rejected score suffixes."""
@@ -377,7 +377,7 @@ def _dpo_trainer_cls():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
-            fwd = _ScoreForward(model, inputs.pop("self_eval_mask"))
+            fwd = _ScoreForward(share_prompt_forward(self, model), inputs.pop("self_eval_mask"))
             res = super().compute_loss(fwd, inputs, return_outputs, num_items_in_batch)
             loss = res[0] if return_outputs else res
             if fwd.nll is not None:
@@ -396,8 +396,10 @@ def self_eval_dpo_trainer(cfg, policy, tok, peft_cfg, dataset, tokenized, args, 
     train = add_pair_suffixes(tokenized, dataset["chosen_value"], dataset["rejected_value"], tok)
     collator = _dpo_collator_cls()(pad_token_id=tok.pad_token_id, max_length=args.max_length,
                                    truncation_mode=args.truncation_mode)
-    trainer = _dpo_trainer_cls()(model=policy, args=args, train_dataset=train, processing_class=tok,
-                                 peft_config=peft_cfg, data_collator=collator, callbacks=callbacks)
+    cls = _dpo_trainer_cls()
+    cls.share_prompt = cfg.share_prompt
+    trainer = cls(model=policy, args=args, train_dataset=train, processing_class=tok, peft_config=peft_cfg,
+                  data_collator=collator, callbacks=callbacks)
     trainer.self_eval_weight = float(cfg.self_eval_weight)
     return trainer
 
