@@ -127,7 +127,11 @@ def main() -> None:
         print(f"shared prompt vs unshared: training {summary['share_speedup_train']:.2f}x pairs/s, "
               f"setup (incl. any reference pass) + training {summary['share_speedup_total']:.2f}x")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"args": vars(a), "runs": results, "median": med, **summary}, indent=2))
+    import platform
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+    Path(a.out).write_text(json.dumps({"machine": machine, "commit": commit, "command": " ".join(sys.argv),
+                                       "args": vars(a), "runs": results, "median": med, **summary}, indent=2))
 
 
 if __name__ == "__main__":
