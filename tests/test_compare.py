@@ -297,8 +297,9 @@ def test_config_loading_quick_and_bad_input(tmp_path):
     cfg = load_compare_config(REPO / "recipes" / "compare.yaml")
     assert len(cfg.seeds) >= 3 and not cfg.quick
     assert cfg.primary == ["step-dpo", "outcome-dpo"] and cfg.pools == "separate"
-    # the CPU default: the primary comparison's arms and SFT, main variants only; the rest is compare_full.yaml
-    assert cfg.arms == ["sft", "outcome-dpo", "step-dpo"] and len(plan_arms(cfg)) == 3
+    # the CPU default: the primary comparison's two arms, main variants only (2 h); the rest is compare_full.yaml
+    assert cfg.arms == ["outcome-dpo", "step-dpo"] and len(plan_arms(cfg)) == 2
+    assert load_compare_config(REPO / "recipes" / "compare.yaml", ["arms=[sft,outcome-dpo,step-dpo]"]).arms[0] == "sft"
     full = load_compare_config(REPO / "recipes" / "compare_full.yaml")
     assert set(full.arms) == {"sft", "outcome-dpo", "step-dpo", "outcome-ppo", "process-ppo"}
     assert len(plan_arms(full)) == 11 and len(full.budget_fractions) == 3
