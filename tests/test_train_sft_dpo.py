@@ -227,11 +227,16 @@ def _dpo_loss_and_grads(tiny_policy_dir, rows, out, share: bool, gradient_checkp
 
 
 @pytest.mark.parametrize("outcome", [False, True])
-def test_shared_prompt_forward_gives_trls_loss_and_gradients(tmp_path, tiny_policy_dir, tokenizer, outcome):
+def test_shared_prompt_forward_gives_trls_loss_and_gradients(tmp_path, tiny_policy_dir, tokenizer, outcome,
+                                                              monkeypatch):
     """The pair's prompt encoded once (keys/values repeated to chosen and rejected) gives TRL's loss, gradients,
     reference log-probs and logged metrics, for step pairs and for outcome pairs with retrieved text, in a batch of
-    two pairs of different lengths -- and feeds the model fewer tokens. Gradient checkpointing turns it off."""
+    two pairs of different lengths, its LM head in slices of 5 positions -- and feeds the model fewer tokens.
+    Gradient checkpointing turns it off."""
     import torch
+
+    from rag_dpo.train.dpo import SharedPromptForward
+    monkeypatch.setattr(SharedPromptForward, "CHUNK", 5)
     rows = _pairs(tokenizer, outcome)[:2]
     rows[1] = {**rows[1], "chosen": rows[1]["chosen"] + " and a few more words"}
     base = _dpo_loss_and_grads(tiny_policy_dir, rows, tmp_path / "a", share=False)
@@ -240,7 +245,7 @@ def test_shared_prompt_forward_gives_trls_loss_and_gradients(tmp_path, tiny_poli
     assert shared[0] == pytest.approx(base[0], rel=1e-5)
     assert set(shared[1]) == set(base[1]) and len(base[1]) > 0
     for name, g in base[1].items():
-        assert torch.allclose(shared[1][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item()), name
+        assert torch.allclose(shared[1][name], g, rtol=1e-4, atol=2e-5 * g.abs().max().item()), name
     assert shared[2] == pytest.approx(base[2], rel=1e-5)
     for key in ("rewards/margins", "logps/chosen", "entropy", "logits/chosen", "mean_token_accuracy"):
         assert shared[4][key] == pytest.approx(base[4][key], rel=1e-4, abs=1e-6), key

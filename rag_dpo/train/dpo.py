@@ -199,24 +199,41 @@ class SharedPromptForward:
                         **{kw: cache}).last_hidden_state
         return [torch.cat([head[0], tail[r]])[:lens[r]] for r in (0, 1)]
 
+    CHUNK = 256     # positions per slice of the LM head: its [positions, vocab] log-softmax is recomputed in
+                    # backward, not kept, as TRL's fused head does (a whole chain x 150k vocabulary is GBs)
+
     def head(self, hidden, labels):
         """TRL's fused-head outputs at the positions whose label is not -100 (temperature 1, no soft-capping)."""
         import torch
+        from torch.utils.checkpoint import checkpoint
         from types import SimpleNamespace
         mask = labels != -100
         lm_head = self.lm.get_output_embeddings()
-        logits = torch.nn.functional.linear(hidden[mask], lm_head.weight, lm_head.bias).float()
-        logp = logits.log_softmax(-1)
-        target = labels[mask]
-        picked = logp.gather(-1, target[:, None]).squeeze(-1)
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-            mean_logits, top1 = logits.mean(-1), logits.argmax(-1) == target
+        h, target = hidden[mask], labels[mask]
+        picked, entropy, mean_logits, top1 = [], [], [], []
+        for i in range(0, len(target), self.CHUNK):
+            hi, ti = h[i:i + self.CHUNK], target[i:i + self.CHUNK]
+            picked.append(checkpoint(_target_logprob, hi, lm_head.weight, lm_head.bias, ti, use_reentrant=False))
+            with torch.no_grad():
+                logits = torch.nn.functional.linear(hi, lm_head.weight, lm_head.bias).float()
+                logp = logits.log_softmax(-1)
+                entropy.append(-(logp.exp() * logp).sum(-1))
+                mean_logits.append(logits.mean(-1))
+                top1.append(logits.argmax(-1) == ti)
 
-        def spread(x):
+        def spread(parts, like):        # `like[:0]`: an empty batch stays connected to the graph, as in TRL
+            x = torch.cat(parts) if parts else like[:0]
             return x.new_zeros(mask.shape).masked_scatter(mask, x)
-        return SimpleNamespace(log_probs=spread(picked), entropy=spread(entropy), mean_logits=spread(mean_logits),
-                               is_top1=spread(top1), log_sum_sq_probs=None, aux_loss=None)
+        return SimpleNamespace(log_probs=spread(picked, h[:, 0]), entropy=spread(entropy, h[:, 0].detach()),
+                               mean_logits=spread(mean_logits, h[:, 0].detach()),
+                               is_top1=spread(top1, target.bool()), log_sum_sq_probs=None, aux_loss=None)
+
+
+def _target_logprob(hidden, weight, bias, target):
+    """log p(target) at each row of `hidden` through the LM head (one slice of SharedPromptForward.head)."""
+    import torch
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
 
 
 def share_prompt_forward(trainer, model):
