@@ -25,6 +25,8 @@ from rag_dpo.records import ANSWER, INVALID, Chain, Question, append_chains, don
 @dataclass
 class TreeSearchConfig:
     k: int = 4                 # candidate next steps sampled per prefix
+    final_k: int | None = None # candidates at the last depth, where a chain must answer (None = k): answers are short
+                               # and share their prefix, so more of them buy right-vs-wrong answer pairs cheaply
     max_steps: int | None = None   # depth limit; None = the engine's RolloutConfig.max_steps
     batch_questions: int = 8   # questions searched together (and appended to the output together)
     finish: bool = False       # also complete every losing search step to a finished chain (outcome data)
@@ -42,11 +44,14 @@ def tree_search(questions: Sequence[Question], engine, annotator, cfg: TreeSearc
     for c in chains:
         c.method = "tree-search"
         c.meta["tree_search"] = {"k": cfg.k, "max_steps": max_steps, "annotator": annotator.name}
+        if cfg.final_k is not None:
+            c.meta["tree_search"]["final_k"] = cfg.final_k
     frontier: list[tuple[Chain, str | None]] = [(c, None) for c in chains]
     for depth in range(max_steps):
         if not frontier:
             break
-        candidates = engine.sample_next_steps(frontier, cfg.k)
+        last = depth + 1 == max_steps
+        candidates = engine.sample_next_steps(frontier, cfg.final_k if last and cfg.final_k else cfg.k)
         groups = []
         for (chain, _), steps in zip(frontier, candidates):
             for s in steps:

@@ -67,6 +67,8 @@ class RolloutSection:
     questions: int | None = 40         # train questions in the rollout pool (None = all) -- the data budget
     search: str = "tree"               # tree: K candidate steps per prefix, annotator picks the path; sample: K chains
     k: int = 4                         # candidates per prefix (tree) or sampled chains per question (sample)
+    final_k: int | None = None         # tree: candidates at the last step, where the chain must answer (None = k):
+                                       # right-vs-wrong answer pairs for the reader, at the cost of short answer steps
     finish: bool = False               # tree: also sample every losing search step on to a finished chain, so
                                        # outcome pairs and SFT get right/wrong chains from the same pool (costs tokens)
     max_steps: int = 3                 # steps per chain (searches + answer)
@@ -193,7 +195,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 # and so does a new RolloutConfig field (the cached warm-start eval's key, `run.cached_eval_key`, hashes it the same
 # way); tests/test_pipeline.py pins both keys.
 LATER_SETTINGS = ("self_eval", "self_eval_weight", "corpus_softmax", "e2e_learning_rate", "banned",
-                  "self_eval_pool_rows", "share_prompt")
+                  "self_eval_pool_rows", "share_prompt", "final_k")
 
 
 def without_later_defaults(values: dict, settings) -> dict:
@@ -210,6 +212,7 @@ def resolved_dict(recipe: Recipe) -> dict:
     ts = trainer_settings(recipe)
     out["trainer"] = without_later_defaults(dataclasses.asdict(ts), ts)
     out["warm_start"]["trainer"] = without_later_defaults(out["warm_start"]["trainer"], recipe.warm_start.trainer)
+    out["rollout"] = without_later_defaults(out["rollout"], recipe.rollout)
     if out["warm_start"].get("seed") is None:     # added later too: recipe.yaml as before unless it is set
         out["warm_start"].pop("seed", None)
     if out["agent"] == to_dict(AgentSection()):   # the flat agent: recipe.yaml as before the section existed, so

@@ -274,11 +274,11 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
     annotator = build_annotator(recipe.annotate.name, recipe.annotate.settings, engine=engine)
     t0 = time.perf_counter()
     if ro.search == "tree":
-        log(f"rollouts: tree search, {ro.k} candidates per prefix, {len(qs)} questions, annotator "
+        log(f"rollouts: tree search, {ro.k} candidates per prefix" + (f" ({ro.final_k} at the last step)" if ro.final_k else "") + f", {len(qs)} questions, annotator "
             f"{recipe.annotate.name}" + (", losing steps finished" if ro.finish else ""))
         # as many questions at a time as one decode batch holds with their k candidates each
         tree_search_to_file(qs, engine, annotator, labels,
-                            TreeSearchConfig(k=ro.k, max_steps=ro.max_steps, finish=ro.finish,
+                            TreeSearchConfig(k=ro.k, final_k=ro.final_k, max_steps=ro.max_steps, finish=ro.finish,
                                              batch_questions=engine.questions_per_call(ro.k)))
     else:
         raw = out / "chains.jsonl"
