@@ -258,4 +258,6 @@ def test_later_settings_are_recorded_only_when_set():
     on = resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["trainer.self_eval=true"]))
     assert on["trainer"]["self_eval"] is True and "self_eval_weight" not in on["trainer"]
     assert "seed" not in plain["warm_start"]          # warm_start.seed, added later, likewise
+    assert "final_k" not in resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["rollout.final_k=null"]))["rollout"]
+    assert resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["rollout.final_k=8"]))["rollout"]["final_k"] == 8
     assert resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["warm_start.seed=0"]))["warm_start"]["seed"] == 0

@@ -75,6 +75,20 @@ def test_tree_search_keeps_siblings_and_follows_best():
         assert c.method == "tree-search"
 
 
+def test_tree_search_final_k_samples_more_candidates_at_the_last_step():
+    """final_k: the last depth (where the chain must answer) gets its own candidate count; earlier depths keep k."""
+    chains = tree_search(questions(2), ScriptedEngine(max_steps=3), EvidenceAnnotator(),
+                         TreeSearchConfig(k=2, final_k=5, progress=False))
+    for c in chains:
+        path = c.path()
+        assert [len(c.children(s.parent)) for s in path] == [2, 2, 5]
+        assert path[-1].action == ANSWER and path[-1].labels["evidence"].value == 1.0
+        assert c.meta["tree_search"]["final_k"] == 5
+    plain = tree_search(questions(1), ScriptedEngine(max_steps=3), EvidenceAnnotator(),
+                        TreeSearchConfig(k=2, progress=False))[0]
+    assert len(plain.steps) == 6 and "final_k" not in plain.meta["tree_search"]
+
+
 def test_tree_search_step_limit_and_refuses_outcome():
     chains = tree_search(questions(1), ScriptedEngine(max_steps=2), EvidenceAnnotator(),
                          TreeSearchConfig(k=2, progress=False))
