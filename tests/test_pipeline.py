@@ -261,3 +261,21 @@ def test_later_settings_are_recorded_only_when_set():
     assert "final_k" not in resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["rollout.final_k=null"]))["rollout"]
     assert resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["rollout.final_k=8"]))["rollout"]["final_k"] == 8
     assert resolved_dict(load_recipe(RECIPES / "dpo_step.yaml", ["warm_start.seed=0"]))["warm_start"]["seed"] == 0
+
+
+def test_cached_warm_start_trained_with_other_autocast_is_said(tmp_path, capsys):
+    """`precision: auto` resolves per machine and the cache key hashes the setting, so a warm start built under bf16
+    autocast elsewhere is used here with one line saying so; same autocast or an entry from before the field: silent."""
+    from rag_dpo.pipeline.run import _warn_other_autocast
+    from rag_dpo.train.sft import SFTSettings
+    entry = tmp_path / "abc"
+    entry.mkdir()
+    (entry / "warm_start.json").write_text(json.dumps({"key": "abc", "autocast": "bf16"}))
+    _warn_other_autocast(entry, SFTSettings(precision="fp32"))
+    said = capsys.readouterr()
+    assert "trained with bf16 autocast, this machine would train it in fp32" in said.out + said.err
+    _warn_other_autocast(entry, SFTSettings(precision="bf16"))
+    (entry / "warm_start.json").write_text(json.dumps({"key": "abc"}))
+    _warn_other_autocast(entry, SFTSettings(precision="fp32"))
+    said = capsys.readouterr()
+    assert "autocast" not in said.out + said.err

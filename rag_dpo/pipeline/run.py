@@ -193,7 +193,8 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
                 atomic_write_json(building / "warm_start.json",
                                   {"key": key, "model": recipe.model, "questions": len(qs), "recipe": recipe.name,
                                    "build_minutes": round((time.perf_counter() - t0) / 60, 1),
-                                   "trainer": dataclasses.asdict(settings)})
+                                   "trainer": dataclasses.asdict(settings),
+                                   "autocast": _autocast(settings)})
                 shutil.rmtree(building / "checkpoints", ignore_errors=True)   # optimizer states: GBs, never reused
                 from rag_dpo.cards import write_model_card
                 write_model_card(building)                                     # now with manifest + warm_start.json
@@ -203,12 +204,30 @@ def warm_start(recipe: Recipe, run_dir: str | Path) -> Path | None:
             barrier("warm start")
         else:
             log(f"warm start: cached ({entry})")
+            _warn_other_autocast(entry, warm_start_settings(recipe))
     if is_main():
         if out.is_symlink() or out.exists():
             out.unlink() if out.is_symlink() else shutil.rmtree(out)
         out.symlink_to(entry.resolve(), target_is_directory=True)
     barrier("warm start")
     return out
+
+
+def _autocast(settings) -> str:
+    from rag_dpo.train.common import use_bf16
+    return "bf16" if use_bf16(settings.precision) else "fp32"
+
+
+def _warn_other_autocast(entry: Path, settings) -> None:
+    """`precision: auto` resolves per machine (bf16 where the CPU/GPU is fast at it) and the key hashes the setting,
+    not what it resolved to, so a cache shared between machines can hand over a warm start trained the other way.
+    Said, not refused: the weights are fp32 either way and a rebuild costs ~40 min on a CPU."""
+    info = entry / "warm_start.json"
+    built = json.loads(info.read_text()).get("autocast") if info.exists() else None
+    here = _autocast(settings)
+    if built and built != here:
+        log(f"warm start: note: this entry was trained with {built} autocast, this machine would train it in {here} "
+            f"(precision: {settings.precision}); delete {entry} to rebuild it here")
 
 
 class _file_lock:
