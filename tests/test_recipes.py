@@ -58,3 +58,16 @@ def test_bad_overrides_name_the_key(override, field):
     with pytest.raises(InputError) as e:
         load_recipe(RECIPES / "dpo_step.yaml", [override])
     assert e.value.field == field
+
+
+def test_recipes_that_share_the_warm_start_build_the_same_one():
+    """One cached warm start serves these recipes only if everything its key hashes agrees: the warm_start block,
+    and what makes the oracle chains (data file, split fractions, retrieval settings, model, seed)."""
+    from rag_dpo.pipeline.recipe import to_dict
+
+    def key_parts(name):
+        d = to_dict(load_recipe(RECIPES / f"{name}.yaml"))
+        return d["warm_start"], d["data"]["path"], d["data"]["fractions"], d["retrieval"], d["model"], d["seed"]
+    shared = ["dpo_outcome", "sft", "ppo_process", "ppo_outcome", "retriever_strong"]
+    assert all(key_parts(n) == key_parts("dpo_step") for n in shared)
+    assert key_parts("retriever") != key_parts("dpo_step")   # the shipped retriever recipe keeps its own LoRA warm start
