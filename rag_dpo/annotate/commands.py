@@ -104,6 +104,8 @@ def tree_search_cmd(data: Path = typer.Option(..., "--data", help="Question file
                     corpus: Optional[Path] = typer.Option(None, "--corpus"),
                     retriever: str = typer.Option("bm25", "--retriever"),
                     k: int = typer.Option(4, "--k", help="Candidates per prefix."),
+                    final_k: Optional[int] = typer.Option(None, "--final-k", help="Candidates at the last step, "
+                                                          "where the chain must answer (default: --k)."),
                     finish: bool = typer.Option(False, "--finish", help="Also sample every losing search step on "
                                                 "to an answer (whole right/wrong chains for outcome pairs)."),
                     split: str = typer.Option("train", "--split", help="train, dev, test or all."),
@@ -120,7 +122,7 @@ def tree_search_cmd(data: Path = typer.Option(..., "--data", help="Question file
         raise InputError("the data file has no corpus; give --corpus", file=str(data), field="corpus")
     engine = _engine(policy, ds.corpus, retriever, rollout_set)
     ann = build_annotator(annotator, _config(config, overrides), engine=engine)
-    tree_search_to_file(questions, engine, ann, out, TreeSearchConfig(k=k, finish=finish))
+    tree_search_to_file(questions, engine, ann, out, TreeSearchConfig(k=k, final_k=final_k, finish=finish))
     print(f"wrote {out}")
 
 

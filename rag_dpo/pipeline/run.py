@@ -293,7 +293,8 @@ def collect_rollouts(recipe: Recipe, run_dir: str | Path, policy: str, question_
     annotator = build_annotator(recipe.annotate.name, recipe.annotate.settings, engine=engine)
     t0 = time.perf_counter()
     if ro.search == "tree":
-        log(f"rollouts: tree search, {ro.k} candidates per prefix" + (f" ({ro.final_k} at the last step)" if ro.final_k else "") + f", {len(qs)} questions, annotator "
+        last = f" ({ro.final_k} at the last step)" if ro.final_k else ""
+        log(f"rollouts: tree search, {ro.k} candidates per prefix{last}, {len(qs)} questions, annotator "
             f"{recipe.annotate.name}" + (", losing steps finished" if ro.finish else ""))
         # as many questions at a time as one decode batch holds with their k candidates each
         tree_search_to_file(qs, engine, annotator, labels,
