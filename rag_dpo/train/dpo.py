@@ -212,14 +212,10 @@ class SharedPromptForward:
         h, target = hidden[mask], labels[mask]
         picked, entropy, mean_logits, top1 = [], [], [], []
         for i in range(0, len(target), self.CHUNK):
-            hi, ti = h[i:i + self.CHUNK], target[i:i + self.CHUNK]
-            picked.append(checkpoint(_target_logprob, hi, lm_head.weight, lm_head.bias, ti, use_reentrant=False))
-            with torch.no_grad():
-                logits = torch.nn.functional.linear(hi, lm_head.weight, lm_head.bias).float()
-                logp = logits.log_softmax(-1)
-                entropy.append(-(logp.exp() * logp).sum(-1))
-                mean_logits.append(logits.mean(-1))
-                top1.append(logits.argmax(-1) == ti)
+            parts = checkpoint(_head_slice, h[i:i + self.CHUNK], lm_head.weight, lm_head.bias,
+                               target[i:i + self.CHUNK], use_reentrant=False)
+            for out, x in zip((picked, entropy, mean_logits, top1), parts):
+                out.append(x)
 
         def spread(parts, like):        # `like[:0]`: an empty batch stays connected to the graph, as in TRL
             x = torch.cat(parts) if parts else like[:0]
@@ -229,11 +225,15 @@ class SharedPromptForward:
                                is_top1=spread(top1, target.bool()), log_sum_sq_probs=None, aux_loss=None)
 
 
-def _target_logprob(hidden, weight, bias, target):
-    """log p(target) at each row of `hidden` through the LM head (one slice of SharedPromptForward.head)."""
+def _head_slice(hidden, weight, bias, target):
+    """One slice of SharedPromptForward.head from one LM-head pass: log p(target) (with grad) and, detached, TRL's
+    metrics (entropy, mean logit, target is top-1)."""
     import torch
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    return logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+    logp = logits.log_softmax(-1)
+    picked = logp.gather(-1, target[:, None]).squeeze(-1)
+    with torch.no_grad():
+        return (picked, -(logp.exp() * logp).sum(-1), logits.mean(-1), logits.argmax(-1) == target)
 
 
 def share_prompt_forward(trainer, model):
