@@ -23,6 +23,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -73,7 +74,19 @@ def init_from_env() -> bool:
     elif not deepspeed_launch():   # accelerate (so TRL / transformers' Trainer) treats a CPU launch as one process
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")   # unless told it is MULTI_CPU
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=_timeout_s()))
+    atexit.register(_destroy_group)
     return dist.get_world_size() > 1
+
+
+def _destroy_group() -> None:
+    """Tear the group down before the interpreter does: a gloo group left to static destructors can abort the exiting
+    rank ("terminate called without an active exception"), which the launcher reports as a failed run."""
+    import torch.distributed as dist
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:   # a peer already gone: nothing left to tear down cleanly, and the exit status is set elsewhere
+        pass
 
 
 def deepspeed_launch() -> bool:
