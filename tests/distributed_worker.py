@@ -1,15 +1,18 @@
-"""One rank of a multi-process run of the resumable stages, started by tests/test_distributed.py (under torchrun, or
-as plain processes with RANK/WORLD_SIZE set): the tiny policy rolls out a few questions (`rollout_to_file`), tree
-searches them (`tree_search_to_file`, evidence annotator) and the rollouts are annotated (`annotate_file`).
-`--eval DATA` runs the eval stage instead (`evaluate`, direct + agent, on DATA's questions, into folder OUT).
-`--ppo POLICY` runs one PPO round (`train_ppo`) from the saved tiny policy into folder OUT and saves what each rank
-ends with (the round's token ids, the trained LoRA and value-head weights) as OUT.rank<R>.safetensors.
-`--compare` runs `run_compare` with test_compare's fake backend (every train/evaluate call checks, through a
+"""One rank of a multi-process run, started by tests/test_distributed.py (under torchrun, or as plain processes with
+RANK/WORLD_SIZE set). Jobs, any number per launch, each into its own OUT:
+`--stages OUT`: the tiny policy rolls out a few questions (`rollout_to_file`, into OUT), tree searches them
+(`tree_search_to_file`, evidence annotator, OUT.tree.jsonl) and the rollouts are annotated (`annotate_file`,
+OUT.labels.jsonl).
+`--eval DATA OUT` runs the eval stage (`evaluate`, direct + agent, on DATA's questions, into folder OUT).
+`--ppo POLICY OUT` runs one PPO round (`train_ppo`) from the saved tiny policy into folder OUT and saves what each
+rank ends with (the round's token ids, the trained LoRA and value-head weights) as OUT.rank<R>.safetensors.
+`--compare OUT` runs `run_compare` with test_compare's fake backend (every train/evaluate call checks, through a
 collective, that all ranks are on the same arm) into folder OUT and records each rank's work and writes.
-`--sft POLICY` trains SFT (TRL, so DDP under torchrun) for 2 steps of a global batch of 4 and saves the LoRA weights
-the same way.
+`--sft POLICY OUT` trains SFT (TRL, so DDP under torchrun) for 2 steps of a global batch of 4 and saves the LoRA
+weights the same way.
 
-Each rank records which questions it appended to which file (only rank 0 may write) in OUT.rank<R>.json.
+For each job each rank records which questions it appended to which file (only rank 0 may write) and what the job
+returned in OUT.rank<R>.json.
 `--die-after N` makes rank 1 kill itself (SIGKILL) at its N-th rollout generate call, as a crashed or OOM-killed
 rank would."""
 
@@ -168,56 +171,75 @@ def run_compare_lockstep(out: Path) -> dict:
     return {"trained": backend.trained, "evaluated": backend.evaluated, "written": written}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--die-after", type=int, default=0)
-    ap.add_argument("--cache", default="none")
-    ap.add_argument("--eval", default=None)
-    ap.add_argument("--ppo", default=None)
-    ap.add_argument("--sft", default=None)
-    ap.add_argument("--compare", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    distributed.init_from_env()
-    rank = distributed.rank()
-    questions, engine = build(cache=args.cache)
-
+def _record_appends() -> dict[str, list[str]]:
+    """Wrap every stage module's append_chains so this rank records which questions it appended to which file."""
     appended: dict[str, list[str]] = {}
     for name in ("rag_dpo.agent.rollout", "rag_dpo.annotate.tree_search", "rag_dpo.annotate.annotators",
                  "rag_dpo.eval.evaluate"):
         module = importlib.import_module(name)   # (rag_dpo.annotate re-exports a function named tree_search)
-        def recording_append(path, chains, _real=module.append_chains):
+        real = getattr(module.append_chains, "real", module.append_chains)
+
+        def recording_append(path, chains, _real=real):
             chains = list(chains)
             appended.setdefault(Path(path).name, []).extend(c.question_id for c in chains)
             _real(path, chains)
+        recording_append.real = real
         module.append_chains = recording_append
-    if args.die_after and rank == 1:
+    return appended
+
+
+def _stages(out: Path, die_after: int, cache: str) -> None:
+    questions, engine = build(cache=cache)
+    if die_after and distributed.rank() == 1:
         real_gen, calls = engine.generate_steps, []
 
         def generate_then_die(reqs, sample):
             calls.append(1)
-            if len(calls) >= args.die_after:
+            if len(calls) >= die_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_gen(reqs, sample)
         engine.generate_steps = generate_then_die
-    results = None
-    try:
-        if args.ppo or args.sft:
-            from safetensors.torch import save_file
-            tensors = run_ppo(Path(args.ppo), Path(args.out)) if args.ppo else run_sft(Path(args.sft), Path(args.out))
-            save_file({k: v.contiguous() for k, v in tensors.items()}, f"{args.out}.rank{rank}.safetensors")
-        elif args.compare:
-            results = run_compare_lockstep(Path(args.out))
-        elif args.eval:
-            results = run_eval(Path(args.eval), Path(args.out))
-        else:
-            run_stages(questions, engine, Path(args.out))
-    except (distributed.DistributedError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({"rank": rank, "world": distributed.world_size(),
-                                                               "appended": appended, "results": results}))
+    run_stages(questions, engine, out)
+
+
+def main() -> None:
+    """Runs each job given (in this order: stages, eval, sft, ppo, compare) in one launch: a launch costs ~15 s of
+    imports on 2 cores, most of what these tests spend, so test_distributed shares launches between its tests."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stages", metavar="OUT")
+    ap.add_argument("--eval", nargs=2, metavar=("DATA", "OUT"))
+    ap.add_argument("--sft", nargs=2, metavar=("POLICY", "OUT"))
+    ap.add_argument("--ppo", nargs=2, metavar=("POLICY", "OUT"))
+    ap.add_argument("--compare", metavar="OUT")
+    ap.add_argument("--die-after", type=int, default=0)
+    ap.add_argument("--cache", default="none")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    rank = distributed.rank()
+    jobs = []
+    if args.stages:
+        jobs.append((Path(args.stages), lambda out: _stages(out, args.die_after, args.cache)))
+    if args.eval:
+        jobs.append((Path(args.eval[1]), lambda out: run_eval(Path(args.eval[0]), out)))
+    for flag, run in (("sft", run_sft), ("ppo", run_ppo)):
+        if getattr(args, flag):
+            def train(out, policy=Path(getattr(args, flag)[0]), run=run):
+                from safetensors.torch import save_file
+                tensors = run(policy, out)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}.rank{rank}.safetensors")
+            jobs.append((Path(getattr(args, flag)[1]), train))
+    if args.compare:
+        jobs.append((Path(args.compare), run_compare_lockstep))
+    for out, job in jobs:
+        appended = _record_appends()
+        try:
+            results = job(out)
+        except (distributed.DistributedError, InputError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        Path(f"{out}.rank{rank}.json").write_text(json.dumps({"rank": rank, "world": distributed.world_size(),
+                                                              "appended": appended, "results": results}))
 
 
 if __name__ == "__main__":

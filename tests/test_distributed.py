@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,17 +46,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(out), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+           "--master_port", str(_free_port()), str(WORKER), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
 
 
-def _ranks(out: Path, *args: str) -> list[subprocess.CompletedProcess]:
+def _ranks(*args: str) -> list[subprocess.CompletedProcess]:
     """Two ranks as plain processes (no torchrun agent that would tear the survivor down first), so the test sees
     what a rank reports when its peer dies."""
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), *args],
+    procs = [subprocess.Popen([sys.executable, str(WORKER), *args],
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
@@ -64,6 +65,41 @@ def _ranks(out: Path, *args: str) -> list[subprocess.CompletedProcess]:
         stdout, stderr = p.communicate(timeout=240)
         results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     return results
+
+
+def _rank_files(out: Path) -> list[dict]:
+    return [json.loads(Path(f"{out}.rank{k}.json").read_text()) for k in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory, tiny_policy_dir):
+    """The multi-process runs the tests below check. A launch costs ~15 s of imports on 2 cores (most of what these
+    tests take), so three launches serve them all, each job into its own folder:
+    1. torchrun: eval, SFT, one PPO round, compare (fake backend);
+    2. the stages as two plain ranks, rank 1 SIGKILLed at its second generate call;
+    3. torchrun: the stages rerun on 2's files (resume), and compare rerun after one arm's done.json was deleted."""
+    from conftest import HOTPOT_DEV
+    d = tmp_path_factory.mktemp("launches")
+    data = d / "hotpot5.jsonl"
+    data.write_text("".join(HOTPOT_DEV.read_text().splitlines(keepends=True)[:5]))
+    run = SimpleNamespace(dir=d, data=data)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAG_DPO_CACHE", str(tmp_path_factory.getbasetemp() / "rag_dpo_cache"))
+        run.first = _torchrun("--eval", str(data), str(d / "eval"), "--sft", str(tiny_policy_dir), str(d / "sft"),
+                              "--ppo", str(tiny_policy_dir), str(d / "ppo"), "--compare", str(d / "compare"))
+        run.compare_ranks = _rank_files(d / "compare") if run.first.returncode == 0 else None
+        run.compare_report = (d / "compare" / "results" / "t.md").read_text() if run.first.returncode == 0 else ""
+
+        partial = d / "partial.jsonl"
+        run.killed = _ranks("--stages", str(partial), "--die-after", "2")
+        run.partial_lines = partial.read_text().splitlines() if partial.exists() else []
+
+        arms = d / "compare" / "runs" / "t" / "arms"
+        run.lost = sorted(arms.iterdir())[3] if arms.is_dir() else None
+        if run.lost is not None:
+            (run.lost / "done.json").unlink()
+        run.resumed = _torchrun("--stages", str(partial), "--compare", str(d / "compare"))
+    return run
 
 
 def test_one_process_helpers_are_no_ops(monkeypatch):
@@ -80,7 +116,11 @@ def test_one_process_helpers_are_no_ops(monkeypatch):
 
 
 @needs_gloo
-def test_two_ranks_write_the_one_process_files_and_resume_after_a_killed_rank(tmp_path):
+def test_two_ranks_write_the_one_process_files_and_resume_after_a_killed_rank(tmp_path, launches):
+    """Batches of 2 go round the ranks; rank 1 is SIGKILLed at its second generate call (its second rollout batch,
+    q6-q7): rank 0 has appended q0-q3 and stops with one line naming the stage. The rerun under torchrun skips what
+    was written, tree searches and annotates from scratch, and every file equals a one-process run's, rank 0 alone
+    appending."""
     from distributed_worker import build, run_stages
     single = tmp_path / "single.jsonl"
     run_stages(*build(), single)          # the one-process reference, in this process
@@ -89,32 +129,23 @@ def test_two_ranks_write_the_one_process_files_and_resume_after_a_killed_rank(tm
     assert all(len(text.splitlines()) == 8 for text in reference.values())
     qids = [f"q{i}" for i in range(8)]
 
-    pooled = tmp_path / "pooled.jsonl"
-    r = _torchrun(pooled)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for suffix in outputs:                # same chains, same order, each question once
-        assert Path(f"{pooled}{suffix}").read_text() == reference[suffix], suffix
-    ranks = {k: json.loads((tmp_path / f"pooled.jsonl.rank{k}.json").read_text()) for k in (0, 1)}
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert ranks[0]["appended"] == {f"pooled.jsonl{suffix}": qids for suffix in outputs}   # rank 0 writes
-    assert ranks[1]["appended"] == {}
-
-    # batches of 2 go round the ranks; rank 1 is SIGKILLed at its second generate call (its second rollout batch,
-    # q6-q7): rank 0 has appended q0-q3 and stops with one line naming the stage
-    partial = tmp_path / "partial.jsonl"
-    r0, r1 = _ranks(partial, "--die-after", "2")
+    r0, r1 = launches.killed
     assert r1.returncode != 0 and r0.returncode == 1
     err = r0.stderr.strip().splitlines()[-1]
     assert err.startswith("error: rollout: rank 0 of 2:") and "peer rank died" in err, r0.stderr[-2000:]
-    lines = partial.read_text().splitlines() if partial.exists() else []
+    lines = launches.partial_lines
     assert 0 < len(lines) < 8 and lines == reference[""].splitlines()[:len(lines)]   # a prefix, whole lines
 
-    r = _torchrun(partial)            # the rerun skips what was written and completes the same files
+    r = launches.resumed
     assert r.returncode == 0, r.stderr[-3000:]
-    for suffix in outputs:
+    partial = launches.dir / "partial.jsonl"
+    for suffix in outputs:                # same chains, same order, each question once
         assert Path(f"{partial}{suffix}").read_text() == reference[suffix], suffix
-    assert json.loads((tmp_path / "partial.jsonl.rank0.json").read_text())["appended"]["partial.jsonl"] == \
-        qids[len(lines):]
+    ranks = _rank_files(partial)
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["appended"] == {"partial.jsonl": qids[len(lines):], "partial.jsonl.tree.jsonl": qids,
+                                    "partial.jsonl.labels.jsonl": qids}   # rank 0 writes, the rest of the rollouts
+    assert ranks[1]["appended"] == {}
 
 
 def _without_timing(text: str) -> list[dict]:
@@ -126,22 +157,19 @@ def _without_timing(text: str) -> list[dict]:
 
 
 @needs_gloo
-def test_two_rank_eval_writes_the_one_process_eval(tmp_path):
-    from conftest import HOTPOT_DEV
+def test_two_rank_eval_writes_the_one_process_eval(tmp_path, launches):
     from distributed_worker import run_eval
-    data = tmp_path / "hotpot5.jsonl"
-    data.write_text("".join(HOTPOT_DEV.read_text().splitlines(keepends=True)[:5]))
-    single = run_eval(data, tmp_path / "single")
+    single = run_eval(launches.data, tmp_path / "single")
     reference = _without_timing((tmp_path / "single" / "chains.jsonl").read_text())
     assert len(reference) == 10 and [r["method"] for r in reference] == ["direct"] * 5 + ["agent"] * 5
 
-    r = _torchrun(tmp_path / "pooled", "--eval", str(data))
+    r, pooled = launches.first, launches.dir / "eval"
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _without_timing((tmp_path / "pooled" / "chains.jsonl").read_text()) == reference   # each question once
-    ranks = {k: json.loads((tmp_path / f"pooled.rank{k}.json").read_text()) for k in (0, 1)}
+    assert _without_timing((pooled / "chains.jsonl").read_text()) == reference   # each question once
+    ranks = _rank_files(pooled)
     qids = [row["question_id"] for row in reference[:5]]
     assert ranks[0]["appended"] == {"chains.jsonl": qids * 2} and ranks[1]["appended"] == {}   # rank 0 writes
-    on_disk = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    on_disk = json.loads((pooled / "results.json").read_text())
     for results in (on_disk, ranks[0]["results"], ranks[1]["results"]):   # every rank returns the same scores
         for method in ("direct", "agent"):
             assert {k: v for k, v in results[method].items() if k != "seconds"} == \
@@ -149,7 +177,7 @@ def test_two_rank_eval_writes_the_one_process_eval(tmp_path):
 
 
 @needs_gloo
-def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy_dir):
+def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy_dir, launches):
     """Rollouts sharded and gathered into the one-process round, gradients all-reduced by DDP (each rank's loss
     weighted by its share of the minibatch's policy tokens): both ranks end with the same weights, and those match
     a one-process round on the same global batch; rank 0 alone writes the log and the trained folder."""
@@ -157,9 +185,9 @@ def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy
 
     from distributed_worker import run_ppo
     single = run_ppo(tiny_policy_dir, tmp_path / "single")
-    r = _torchrun(tmp_path / "pooled", "--ppo", str(tiny_policy_dir))
+    r, pooled = launches.first, launches.dir / "ppo"
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [load_file(str(tmp_path / f"pooled.rank{k}.safetensors")) for k in (0, 1)]
+    ranks = [load_file(f"{pooled}.rank{k}.safetensors") for k in (0, 1)]
     assert set(ranks[0]) == set(ranks[1]) == set(single)
     assert torch.equal(ranks[0]["input_ids"], single["input_ids"])     # the gathered round is the one-process one
     assert torch.equal(ranks[1]["input_ids"], single["input_ids"])
@@ -168,34 +196,34 @@ def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy
     for name in single:
         assert torch.equal(ranks[0][name], ranks[1][name]), name         # DDP kept the ranks in step
         assert torch.allclose(ranks[0][name].float(), single[name].float(), rtol=1e-3, atol=1e-6), name
-    log = (tmp_path / "pooled" / "train_log.jsonl").read_text().splitlines()
+    log = (pooled / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["generated_tokens"] == json.loads(
         (tmp_path / "single" / "train_log.jsonl").read_text())["generated_tokens"]   # both ranks' tokens, once
-    assert (tmp_path / "pooled" / "train_done.json").exists() and (tmp_path / "pooled" / "adapter_config.json").exists()
+    assert (pooled / "train_done.json").exists() and (pooled / "adapter_config.json").exists()
 
 
 @needs_gloo
-def test_two_rank_sft_keeps_the_recipes_global_batch(tmp_path, tiny_policy_dir):
+def test_two_rank_sft_keeps_the_recipes_global_batch(tmp_path, tiny_policy_dir, launches):
     """TRL's SFT as DDP over 2 gloo ranks with the accumulation halved (train.common.global_batch_accumulation):
     the same optimizer steps on the same rows as one process, so the same losses and (within float) weights."""
     from safetensors.torch import load_file
 
     from distributed_worker import run_sft
     single = run_sft(tiny_policy_dir, tmp_path / "single")
-    r = _torchrun(tmp_path / "pooled", "--sft", str(tiny_policy_dir))
+    r, pooled = launches.first, launches.dir / "sft"
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [load_file(str(tmp_path / f"pooled.rank{k}.safetensors")) for k in (0, 1)]
+    ranks = [load_file(f"{pooled}.rank{k}.safetensors") for k in (0, 1)]
     assert any("lora_B" in k and single[k].abs().max() > 0 for k in single)      # training moved the weights
     for name in single:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         assert torch.allclose(ranks[0][name], single[name], rtol=1e-3, atol=1e-6), name
-    losses = [[row["loss"] for row in json.loads((tmp_path / d / "train_log.json").read_text()) if "loss" in row]
-              for d in ("single", "pooled")]
+    losses = [[row["loss"] for row in json.loads((d / "train_log.json").read_text()) if "loss" in row]
+              for d in (tmp_path / "single", pooled)]
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)   # a global batch of 8 differs
 
 
 @needs_gloo
-def test_two_rank_compare_runs_every_arm_on_every_rank_and_writes_once(tmp_path):
+def test_two_rank_compare_runs_every_arm_on_every_rank_and_writes_once(tmp_path, launches):
     """`compare` under 2 gloo ranks (fake backend whose every train/evaluate checks through a collective that both
     ranks are on the same arm): each rank runs the one-process sequence of arms, rank 0 alone writes done.json
     files and the report, and a rerun after a lost done.json redoes that arm alone, on both ranks."""
@@ -203,22 +231,18 @@ def test_two_rank_compare_runs_every_arm_on_every_rank_and_writes_once(tmp_path)
     single = run_compare_lockstep(tmp_path / "single")
     assert len(single["trained"]) == 5 and single["written"][-2:] == ["report", "runs/t/compare_results.json"]
 
-    r = _torchrun(tmp_path / "pooled", "--compare")
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"pooled.rank{k}.json").read_text())["results"] for k in (0, 1)]
-    for got in ranks:
+    assert launches.first.returncode == 0, launches.first.stderr[-3000:]
+    for got in (rank["results"] for rank in launches.compare_ranks):
         assert (got["trained"], got["evaluated"]) == (single["trained"], single["evaluated"])
-    assert ranks[0]["written"] == single["written"] and ranks[1]["written"] == []
-    section = (lambda p: p.read_text().split("## What was run")[1].split("- machine")[0])
-    assert section(tmp_path / "pooled" / "results" / "t.md") == section(tmp_path / "single" / "results" / "t.md")
+    assert launches.compare_ranks[0]["results"]["written"] == single["written"]
+    assert launches.compare_ranks[1]["results"]["written"] == []
+    section = (lambda text: text.split("## What was run")[1].split("- machine")[0])
+    assert section(launches.compare_report) == section((tmp_path / "single" / "results" / "t.md").read_text())
 
-    lost = sorted((tmp_path / "pooled" / "runs" / "t" / "arms").iterdir())[3]
-    (lost / "done.json").unlink()
-    r = _torchrun(tmp_path / "pooled", "--compare")
-    assert r.returncode == 0, r.stderr[-3000:]
-    for k in (0, 1):
-        got = json.loads((tmp_path / f"pooled.rank{k}.json").read_text())["results"]
-        assert got["trained"] == [lost.name] and got["evaluated"] == [lost.name]
+    assert launches.resumed.returncode == 0, launches.resumed.stderr[-3000:]
+    for rank in _rank_files(launches.dir / "compare"):
+        got = rank["results"]
+        assert got["trained"] == [launches.lost.name] and got["evaluated"] == [launches.lost.name]
 
 
 def test_zero3_saving_writes_the_gathered_weights_not_the_ranks_shards(tmp_path, tiny_model_and_tokenizer):
@@ -374,8 +398,8 @@ def test_two_rank_zero3_sft_on_cpu_equals_one_process(tmp_path, tiny_policy_dir)
     single = run_sft(tiny_policy_dir, tmp_path / "single")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(TESTS.parent / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2", "--main_process_port",
-           str(_free_port()), "--mixed_precision", "no", str(WORKER), str(tmp_path / "pooled"), "--sft",
-           str(tiny_policy_dir)]
+           str(_free_port()), "--mixed_precision", "no", str(WORKER), "--sft", str(tiny_policy_dir),
+           str(tmp_path / "pooled")]
     r = subprocess.run(cmd, env=_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [load_file(str(tmp_path / f"pooled.rank{k}.safetensors")) for k in (0, 1)]
