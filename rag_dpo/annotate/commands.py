@@ -103,8 +103,8 @@ def tree_search_cmd(data: Path = typer.Option(..., "--data", help="Question file
                     policy: str = typer.Option("smollm2", "--policy"),
                     corpus: Optional[Path] = typer.Option(None, "--corpus"),
                     retriever: str = typer.Option("bm25", "--retriever"),
-                    k: int = typer.Option(4, "--k", help="Candidates per prefix."),
-                    final_k: Optional[int] = typer.Option(None, "--final-k", help="Candidates at the last step, "
+                    k: int = typer.Option(4, "--k", min=1, help="Candidates per prefix."),
+                    final_k: Optional[int] = typer.Option(None, "--final-k", min=1, help="Candidates at the last step, "
                                                           "where the chain must answer (default: --k)."),
                     finish: bool = typer.Option(False, "--finish", help="Also sample every losing search step on "
                                                 "to an answer (whole right/wrong chains for outcome pairs)."),

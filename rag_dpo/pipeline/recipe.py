@@ -162,6 +162,15 @@ def validate(recipe: Recipe, file: str | None = None) -> Recipe:
     if recipe.rollout.search not in SEARCHES:
         raise InputError(f"unknown rollout search {recipe.rollout.search!r} (tree or sample)", file=file,
                          field="rollout.search")
+    if recipe.rollout.k < 1:
+        raise InputError(f"rollout.k must be at least 1, got {recipe.rollout.k}", file=file, field="rollout.k")
+    if recipe.rollout.final_k is not None:
+        if recipe.rollout.final_k < 1:
+            raise InputError(f"rollout.final_k must be at least 1, got {recipe.rollout.final_k}", file=file,
+                             field="rollout.final_k")
+        if recipe.rollout.search != "tree":   # i.i.d. chains have no last depth of siblings: it would be ignored
+            raise InputError("rollout.final_k applies to tree search (rollout.search: tree)", file=file,
+                             field="rollout.final_k")
     if recipe.method == "prm" and recipe.pairs.kind != "stepwise":
         raise InputError("method prm trains on pairs.kind stepwise", file=file, field="pairs.kind")
     if recipe.method == "dpo" and recipe.pairs.kind not in ("step", "outcome"):
