@@ -172,18 +172,17 @@ def run_compare_lockstep(out: Path) -> dict:
 
 
 def _record_appends() -> dict[str, list[str]]:
-    """Wrap every stage module's append_chains so this rank records which questions it appended to which file."""
+    """Wrap every stage module's append_chains (once per process) so this rank records which questions it appended to
+    which file; the caller empties the returned dict between jobs."""
     appended: dict[str, list[str]] = {}
     for name in ("rag_dpo.agent.rollout", "rag_dpo.annotate.tree_search", "rag_dpo.annotate.annotators",
                  "rag_dpo.eval.evaluate"):
         module = importlib.import_module(name)   # (rag_dpo.annotate re-exports a function named tree_search)
-        real = getattr(module.append_chains, "real", module.append_chains)
 
-        def recording_append(path, chains, _real=real):
+        def recording_append(path, chains, _real=module.append_chains):
             chains = list(chains)
             appended.setdefault(Path(path).name, []).extend(c.question_id for c in chains)
             _real(path, chains)
-        recording_append.real = real
         module.append_chains = recording_append
     return appended
 
@@ -231,8 +230,9 @@ def main() -> None:
             jobs.append((Path(getattr(args, flag)[1]), train))
     if args.compare:
         jobs.append((Path(args.compare), run_compare_lockstep))
+    appended = _record_appends()
     for out, job in jobs:
-        appended = _record_appends()
+        appended.clear()
         try:
             results = job(out)
         except (distributed.DistributedError, InputError) as e:

@@ -280,13 +280,3 @@ def test_cached_warm_start_trained_with_other_autocast_is_said(tmp_path, capsys)
     said = capsys.readouterr()
     assert "autocast" not in said.out + said.err
 
-
-def test_candidate_counts_are_checked_with_the_key_named():
-    """rollout.k and rollout.final_k below 1, or final_k on i.i.d. sampling (no last depth of siblings, so it would
-    be silently ignored), are refused with the field named."""
-    for overrides, field in ((["rollout.k=0"], "rollout.k"), (["rollout.final_k=0"], "rollout.final_k"),
-                             (["rollout.final_k=8", "rollout.search=sample"], "rollout.final_k")):
-        with pytest.raises(InputError) as e:
-            load_recipe(RECIPES / "dpo_step.yaml", overrides)
-        assert e.value.field == field, overrides
-    assert load_recipe(RECIPES / "dpo_step.yaml", ["rollout.final_k=8"]).rollout.final_k == 8

@@ -50,13 +50,17 @@ def test_overrides_reach_typed_fields():
     assert r.warm_start.trainer.lora.r == 8
 
 
-@pytest.mark.parametrize("override,field", [("trainer.learning_rat=1", "trainer.learning_rat"),
-                                            ("rollout.kk=3", "rollout.kk"),
-                                            ("method=rlhf", "method"),
-                                            ("trainer.beta=abc", "trainer.beta")])
-def test_bad_overrides_name_the_key(override, field):
+@pytest.mark.parametrize("overrides,field", [(["trainer.learning_rat=1"], "trainer.learning_rat"),
+                                             (["rollout.kk=3"], "rollout.kk"),
+                                             (["method=rlhf"], "method"),
+                                             (["trainer.beta=abc"], "trainer.beta"),
+                                             (["rollout.k=0"], "rollout.k"),
+                                             (["rollout.final_k=0"], "rollout.final_k"),
+                                             # i.i.d. chains have no last depth of siblings: final_k would be ignored
+                                             (["rollout.final_k=8", "rollout.search=sample"], "rollout.final_k")])
+def test_bad_overrides_name_the_key(overrides, field):
     with pytest.raises(InputError) as e:
-        load_recipe(RECIPES / "dpo_step.yaml", [override])
+        load_recipe(RECIPES / "dpo_step.yaml", overrides)
     assert e.value.field == field
 
 
