@@ -68,7 +68,16 @@ class FakeBackend:
         else:
             spent = self.outcome_spend(run.seed, question_ids)
         curve = [{"step": i, "loss": 1.0 / (i + 1) + 0.01 * run.seed} for i in range(5)]
-        return TrainResult(policy=str(out_dir / "policy"), budget=spent, curve=curve)
+        if fam.endswith("dpo"):      # what train.common.health reads from a DPO log; seed 1's step-DPO displaced
+            displaced = fam == "step-dpo" and run.seed == 1
+            health = {"global_step": 5, "reward_accuracy": 0.75, "reward_margin": 0.12,
+                      "chosen_vs_reference": -0.01 if displaced else 0.01, "rejected_vs_reference": -0.1,
+                      "flags": ["likelihood displacement: both fell"] if displaced else []}
+        elif fam.endswith("ppo"):
+            health = {"global_step": 3, "kl": [0.01, 0.05, 0.02], "flags": []}
+        else:
+            health = {}              # SFT here: nothing recorded
+        return TrainResult(policy=str(out_dir / "policy"), budget=spent, curve=curve, health=health)
 
     def evaluate(self, name, policy, out_dir):
         self.evaluated.append(name)
@@ -138,8 +147,21 @@ def test_compare_writes_every_file_row_and_plot_and_resumes(tmp_path):
     assert "| 0.25 | 5 |" in report and "| 0.5 | 10 |" in report and "| 1 | 20 |" in report
     assert "Only 2 seed(s)" in report
     done = json.loads((tmp_path / "runs" / "t" / "arms" / runs[0].slug / "done.json").read_text())
-    assert {"rows", "budget", "curve", "target_budget"} <= set(done)
+    assert {"rows", "budget", "curve", "target_budget", "health"} <= set(done)
     assert data["report"]["report"].endswith("t.md")
+    # training health: a row per run, the flag named in its row and in the verdict, PPO's KL, SFT not recorded
+    health = report.split("## Training health")[1].split("\n## ")[0]
+    main_step = "step-dpo[best-vs-worst]+nll"
+    assert f"| {main_step} | 1 | 1 | 5 | 0.750 | +0.120 | -0.010 / -0.100 | — | likelihood displacement: both fell |" \
+        in health
+    assert f"| {main_step} | 0 | 1 | 5 | 0.750 | +0.120 | +0.010 / -0.100 | — | none |" in health
+    assert "| outcome-ppo | 0 | 1 | 3 | — | — | — | 0.010 / 0.050 / 0.020 | none |" in health
+    assert "| sft | 0 | 1 | — | — | — | — | — | not recorded |" in health
+    verdict = report.split("## Verdict")[1].split("## What was run")[0]
+    assert f"Collapse signs in training logs: {main_step} s1: likelihood displacement: both fell." in verdict
+    rows = json.loads((tmp_path / "results" / "t.json").read_text())["training_rows"]
+    assert [r["health"]["flags"] for r in rows if r["family"] == "step-dpo" and r["seed"] == 1] == \
+        [["likelihood displacement: both fell"]]
 
     # resume: a second invocation retrains and re-evaluates nothing, and reports the same numbers
     again = FakeBackend()
@@ -153,6 +175,21 @@ def test_compare_writes_every_file_row_and_plot_and_resumes(tmp_path):
     third = FakeBackend()
     run_compare(cfg, third, progress=False)
     assert third.trained == [runs[3].slug]
+
+    # runs recorded before done.json kept their health: read from the policy folder when it is still there
+    for i, policy_health in ((0, {"global_step": 7, "health": {"flags": ["entropy collapse: entropy 2 -> 0.1"]}}),
+                             (1, None)):
+        f = tmp_path / "runs" / "t" / "arms" / runs[i].slug / "done.json"
+        d = json.loads(f.read_text())
+        d.pop("health")
+        f.write_text(json.dumps(d))
+        if policy_health:
+            Path(d["policy"]).mkdir(parents=True)
+            (Path(d["policy"]) / "train_done.json").write_text(json.dumps(policy_health))
+    run_compare(cfg, FakeBackend(), progress=False, report_only=True)
+    report = (tmp_path / "results" / "t.md").read_text()
+    assert f"| {runs[0].arm.name} | 0 | 1 | 7 | — | — | — | — | entropy collapse: entropy 2 -> 0.1 |" in report
+    assert f"| {runs[1].arm.name} | 0 | 1 | — | — | — | — | — | not recorded |" in report
 
     # finished runs made with another base recipe are never mixed into the report
     cfg.recipe_overrides = ["trainer.learning_rate=1"]
@@ -335,6 +372,11 @@ def test_read_curve_and_arm_overrides(tmp_path):
         [{"step": 5, "loss": 0.7, "learning_rate": 1e-4}, {"step": 10, "loss": 0.5}, {"train_runtime": 3.0}]))
     assert read_curve(tmp_path) == [{"step": 5.0, "loss": 0.7}, {"step": 10.0, "loss": 0.5}]
     assert read_curve(tmp_path / "none") == []
+    from rag_dpo.pipeline.compare import read_health
+    (tmp_path / "train_done.json").write_text(json.dumps({"global_step": 12, "loss": 0.6,
+                                                          "health": {"flags": [], "reward_accuracy": 0.8}}))
+    assert read_health(tmp_path) == {"flags": [], "reward_accuracy": 0.8, "global_step": 12}
+    assert read_health(tmp_path / "none") == {}
     ov = arm_overrides(ArmRun(Arm("step-dpo", "same-action", 1.0), seed=2))
     assert "trainer.seed=2" in ov and "pairs.settings.rule=same-action" in ov and "trainer.nll_weight=1.0" in ov
     assert "trainer.reward=process" in arm_overrides(ArmRun(Arm("process-ppo"), seed=0))

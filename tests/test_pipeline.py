@@ -71,6 +71,25 @@ def test_results_table_states_trained_vs_warm_start():
     assert "| trained | agent | 0.150 | 0.350 |" in md
     # without per-question scores there is no paired test, so no "better"/"worse"
     assert "EM 0.150 vs 0.200 (-0.050)" in md and "better" not in md and "worse" not in md
+    assert "Training health" not in md                       # no training log given: no line
+
+
+def test_results_say_how_far_training_moved_the_policy(tmp_path):
+    """The trained policy's train_done.json (steps, DPO's preference fit, collapse flags) becomes one line of
+    results.md, read through training_summary; a policy without one (a hub name) adds nothing."""
+    from rag_dpo.pipeline.run import results_markdown, training_summary
+    from rag_dpo.train.common import health
+    log = [{"rewards/accuracies": a, "rewards/margins": m, "rewards/chosen": -0.01 * i, "rewards/rejected": -0.02 * i}
+           for i, (a, m) in enumerate([(0.0, 0.0), (0.5, 0.01), (0.5, 0.02), (0.75, 0.05), (0.25, 0.03),
+                                       (0.5, 0.01), (0.75, 0.04), (0.5, 0.02)])]
+    (tmp_path / "train_done.json").write_text(json.dumps({"global_step": 33, "health": health(log)}))
+    summary = training_summary({"trained": str(tmp_path), "base": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+    assert list(summary) == ["trained"]
+    md = results_markdown(load_recipe(RECIPES / "dpo_step.yaml"), {"trained": {"agent": {"em": 0.2}}}, None, summary)
+    line = md.strip().splitlines()[-1]
+    assert line.startswith("Training health (trained): 33 optimizer steps; preference fit")
+    assert "reward accuracy 0.62, margin +0.030" in line       # the last quarter of 8 logs: (0.75, 0.04), (0.5, 0.02)
+    assert "collapse signs: likelihood displacement" in line
 
 
 def test_paired_verdict_says_better_only_when_the_interval_excludes_zero(tmp_path):

@@ -227,6 +227,7 @@ class TrainResult:
     policy: str                                  # folder of the trained policy (adapter or full model)
     budget: dict[str, float]                     # what its training data cost (pair dataset's budget.json, PPO's own)
     curve: list[dict[str, float]] = field(default_factory=list)   # [{step, loss, ...}] from the trainer's log
+    health: dict = field(default_factory=dict)   # collapse flags and preference fit (train_done.json's `health`)
     no_data: str = ""                            # why nothing was trained (the pool gave this arm no rows): the
                                                  # arm is then the warm start, and the report says so
 
@@ -379,7 +380,8 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
             done = {"slug": run.slug, "arm": dataclasses.asdict(run.arm), "name": run.arm.name,
                     "seed": run.seed, "fraction": run.fraction, "questions": len(q),
                     "question_ids_hash": stable_hash(q), "target_budget": target, "budget": trained.budget,
-                    "curve": trained.curve, "policy": trained.policy, "no_data": trained.no_data, "rows": rows,
+                    "curve": trained.curve, "health": trained.health, "policy": trained.policy,
+                    "no_data": trained.no_data, "rows": rows,
                     "wall_s": time.time() - t0, "settings_hash": shash}
             if is_main():
                 atomic_write_json(d / "done.json", done)
@@ -636,7 +638,7 @@ class PipelineBackend:
                                                                    f"{run.arm.pool} pool's {len(question_ids)} "
                                                                    f"questions (seed {run.seed})")
             policy = steps.train_policy(recipe, out_dir, self.start, data)
-        return TrainResult(policy=str(policy), budget=spent, curve=read_curve(policy))
+        return TrainResult(policy=str(policy), budget=spent, curve=read_curve(policy), health=read_health(policy))
 
     def evaluate(self, name: str, policy: str | None, out_dir: Path) -> list[dict]:
         from rag_dpo.pipeline import run as steps
@@ -686,6 +688,17 @@ class PipelineBackend:
 
 
 CURVE_KEYS = ("loss", "reward", "outcome", "rewards/accuracies", "rewards/margins", "kl", "pg_loss")
+
+
+def read_health(policy_dir: str | Path) -> dict:
+    """The trainer's verdict on its own log (`train.common.health`: collapse flags, DPO's preference fit) and its
+    optimizer steps, from `train_done.json`; {} if it is not readable (the report then shows a dash)."""
+    from rag_dpo.pipeline.run import training_summary
+    try:
+        done = training_summary({"policy": policy_dir}).get("policy", {})
+    except ValueError:
+        return {}
+    return {**done.get("health", {}), **({"global_step": done["global_step"]} if "global_step" in done else {})}
 
 
 def read_curve(policy_dir: str | Path) -> list[dict[str, float]]:

@@ -329,7 +329,8 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
         rows_out.append({"arm": run["name"], "family": fam, "seed": run["seed"], "fraction": run["fraction"],
                          "pool": pool, "rows": b.get("rows"), "rows_by_action": by_action,
                          "questions": b.get("questions"), "rollouts": b.get("rollouts"), "generated_tokens": gen,
-                         "target_generated_tokens": tgt, "no_data": run.get("no_data", "")})
+                         "target_generated_tokens": tgt, "no_data": run.get("no_data", ""),
+                         "health": run.get("health")})
     add("")
     if problems:
         add("**Budgets do not match**:\n")
@@ -340,6 +341,44 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
             "seed's step pool.")
         verdict.append(f"Budgets matched across arms (generated tokens within {tol:.0%}).")
     add("")
+
+    # ---- training health ------------------------------------------------------------------------------------
+    add("## Training health (from each run's training log)\n")
+    add("Preference fit (DPO): reward accuracy and margin (TRL's, beta x the log-ratio gap between chosen and "
+        "rejected) averaged over the last quarter of the logs; an arm that ends near accuracy 0.5 and margin 0 has "
+        "barely moved from its warm start, so its \"no difference\" says little about its method. Chosen / rejected "
+        "vs reference: beta-scaled log-prob change over the same logs (both below 0: likelihood displacement). "
+        "Flags: `train.common.health`.\n")
+    add("| arm | seed | fraction | optimizer steps | reward accuracy | reward margin | chosen / rejected vs reference "
+        "| KL first / max / last | collapse signs |")
+    add("|---|---|---|---|---|---|---|---|---|")
+    flagged: list[str] = []
+    for run in data["runs"]:
+        if run.get("no_data"):
+            continue
+        h = run.get("health")
+        if h is None and run.get("policy"):     # a run finished before done.json kept it: its policy folder's
+            from rag_dpo.pipeline.compare import read_health
+            h = run["health"] = read_health(run["policy"])
+        cells = [run["name"], str(run["seed"]), f"{run['fraction']:g}"]
+        if not h:
+            add("| " + " | ".join(cells + ["—"] * 5 + ["not recorded"]) + " |")
+            continue
+        kl = h.get("kl")
+        ref = ((h.get("chosen_vs_reference"), h.get("rejected_vs_reference"))
+               if "chosen_vs_reference" in h else None)
+        cells += [str(h.get("global_step", "?")), _num3(h.get("reward_accuracy")), _num3(h.get("reward_margin"), "+"),
+                  f"{ref[0]:+.3f} / {ref[1]:+.3f}" if ref else "—",
+                  " / ".join(f"{x:.3f}" for x in kl) if kl else "—",
+                  "; ".join(h.get("flags") or []) or "none"]
+        add("| " + " | ".join(cells) + " |")
+        flagged += [f"{run['name']} s{run['seed']}: {f}" for f in h.get("flags") or []]
+    add("")
+    if flagged:
+        verdict.append("Collapse signs in training logs: " + "; ".join(flagged) + ".")
+    elif any(r.get("health") for r in data["runs"]):
+        verdict.append("No collapse sign (likelihood displacement, KL spike, entropy collapse) in any run's "
+                       "training log.")
 
     # ---- budget curve ---------------------------------------------------------------------------------------
     add("## Budget curve (main step-DPO vs outcome-DPO arm, nested question subsets)\n")
@@ -433,6 +472,10 @@ def _sentence(a: str, b: str, label: str, res: dict, holm_p: float | None = None
     if significant and res["diff"] < 0:
         return f"{label}: {a} did NOT beat {b}; it was worse ({span})."
     return f"{label}: no significant difference — {a} did not demonstrably beat {b} ({span}{could})."
+
+
+def _num3(x, sign: str = "") -> str:
+    return "—" if x is None else f"{x:{sign}.3f}"
 
 
 def _num(x) -> str:

@@ -566,7 +566,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
     if not is_main():   # rank 0 alone writes the run's results files
         return table
     paired = paired_comparison(run_dir, policies, methods)
-    summary = results_markdown(recipe, table, paired)
+    summary = results_markdown(recipe, table, paired, training_summary({"trained": policies.get("trained")}))
     atomic_write_json(run_dir / "results.json", table)
     if paired:
         atomic_write_json(run_dir / "paired.json", paired)
@@ -626,8 +626,10 @@ def paired_comparison(run_dir: str | Path, policies: dict[str, str | None], meth
     return out
 
 
-def results_markdown(recipe: Recipe, table: dict[str, dict], paired: dict | None = None) -> str:
-    """The policy x metric table and how the trained policy compares with the policy it started from."""
+def results_markdown(recipe: Recipe, table: dict[str, dict], paired: dict | None = None,
+                     training: dict | None = None) -> str:
+    """The policy x metric table, how the trained policy compares with the policy it started from, and what its
+    training log says about how far it moved (`training`: `training_summary`'s entry per policy)."""
     methods = sorted({m for t in table.values() for m in t})
     keys = [k for k in METRICS if any(k in t.get(m, {}) for t in table.values() for m in methods)]
     if not keys:
@@ -640,7 +642,20 @@ def results_markdown(recipe: Recipe, table: dict[str, dict], paired: dict | None
             if m in t:
                 lines.append(f"| {name} | {m} | " + " | ".join(_fmt(t[m].get(k)) for k in keys) + " |")
     lines += ["", paired_verdict(recipe, paired) if paired else verdict(recipe, table)]
+    lines += [health_line(name, t) for name, t in (training or {}).items() if t.get("health")]
     return "\n".join(lines) + "\n"
+
+
+def health_line(name: str, training: dict) -> str:
+    """One line from a training_summary entry: optimizer steps, DPO's preference fit at the end, collapse signs."""
+    h = training["health"]
+    parts = [f"{training['global_step']} optimizer steps"] if "global_step" in training else []
+    if "reward_accuracy" in h:
+        parts.append(f"preference fit over the last quarter of the logs: reward accuracy {h['reward_accuracy']:.2f}, "
+                     f"margin {h.get('reward_margin', float('nan')):+.3f} (beta-scaled; accuracy near 0.5 and "
+                     "margin near 0: the policy barely moved)")
+    parts.append("collapse signs: " + ("; ".join(h["flags"]) if h.get("flags") else "none"))
+    return f"\nTraining health ({name.replace('_', ' ')}): " + "; ".join(parts) + "."
 
 
 def paired_verdict(recipe: Recipe, paired: dict) -> str:

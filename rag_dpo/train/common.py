@@ -442,9 +442,17 @@ def health(history: list[dict], kl_key: str = "kl", entropy_keys: tuple[str, ...
     - `KL spike`: a round's KL above `kl_spike` x the median of the rounds before it (and above 0.05 nats);
     - `entropy collapse`: the entropy (TRL's `entropy`, PPO's `entropy_proxy`) fell below `entropy_drop` x its
       first logged value.
-    Also returns the first/last values behind each sign, so the report can show the numbers."""
+    Also returns the first/last values behind each sign, so the report can show the numbers, and for DPO how well
+    the policy fits its pairs at the end (`reward_accuracy`, `reward_margin`: means over the last quarter of the
+    logs; the margin is TRL's, beta x the log-ratio gap): a policy that barely separates chosen from rejected has
+    not moved far from where it started, which is what to check before reading "no difference" as "no effect"."""
     out: dict = {"flags": []}
     tail = max(1, len(history) // 4)
+    for key, name in (("rewards/accuracies", "reward_accuracy"), ("rewards/margins", "reward_margin")):
+        xs = _series(history, key)
+        if xs:
+            last = xs[-max(1, len(xs) // 4):]
+            out[name] = sum(last) / len(last)
     ch, rj = _series(history, "rewards/chosen"), _series(history, "rewards/rejected")
     lc, lr = _series(history, "logps/chosen"), _series(history, "logps/rejected")
     if lc and lr:
