@@ -503,6 +503,8 @@ def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, to
     for r in s0.values():
         assert len(r["rows"]) == 2 and r["questions"] == len(pool) and not r["no_data"]
         assert r["curve"] and "loss" in r["curve"][0]        # the trainer's log_history was read
+        assert r["health"]["global_step"] >= 1 and isinstance(r["health"]["flags"], list)   # and its health
+        assert ("reward_accuracy" in r["health"]) == r["name"].startswith(("outcome-dpo", "step-dpo"))
         assert (Path(r["policy"]) / "adapter_config.json").exists()
         assert r["budget"]["questions"] == r["target_budget"]["questions"] == len(pool)
         assert r["target_budget"]["generated_tokens"] == 33 * len(pool)   # the step pool's spend
@@ -514,6 +516,7 @@ def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, to
         assert s0[name]["budget"]["annotator"] == "outcome" and s0[name]["budget"]["annotation_generated_tokens"] == 0
     assert s0["outcome-dpo+nll"]["budget"]["rows"] == 3              # right vs wrong per question (best-vs-worst)
     assert "Budgets match" in report                                  # 31 vs 33 tokens: within 10 %
+    assert "| step-dpo[best-vs-worst]+nll | 0 | 1 |" in report.split("## Training health")[1]
     assert {len(b["rows"]) for b in data["baselines"].values()} == {2}
 
     # seeds 1 and 2 sampled their own pools from the (shared) warm start: different trees, different chains
