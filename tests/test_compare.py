@@ -190,6 +190,8 @@ def test_compare_writes_every_file_row_and_plot_and_resumes(tmp_path):
     report = (tmp_path / "results" / "t.md").read_text()
     assert f"| {runs[0].arm.name} | 0 | 1 | 7 | — | — | — | — | entropy collapse: entropy 2 -> 0.1 |" in report
     assert f"| {runs[1].arm.name} | 0 | 1 | — | — | — | — | — | not recorded |" in report
+    rows = json.loads((tmp_path / "results" / "t.json").read_text())["training_rows"]
+    assert rows[0]["health"] == {"flags": ["entropy collapse: entropy 2 -> 0.1"], "global_step": 7}
 
     # finished runs made with another base recipe are never mixed into the report
     cfg.recipe_overrides = ["trainer.learning_rate=1"]

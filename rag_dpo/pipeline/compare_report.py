@@ -299,6 +299,10 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
     verdict.extend(recall_verdict([t for t in tests if t["metric"] == "recall" and not t["no_data"]]))
 
     # ---- budgets and training rows --------------------------------------------------------------------------
+    from rag_dpo.pipeline.compare import read_health
+    for run in data["runs"]:     # a run finished before done.json kept its health: its policy folder's, if there
+        if run.get("health") is None and run.get("policy"):
+            run["health"] = read_health(run["policy"])
     add("## Training data and budgets\n")
     add("Every arm of a seed is matched to what that seed's step pool spent on the same questions (generated tokens, "
         "the step annotator's own generation included); the outcome pool samples i.i.d. chains per question up to "
@@ -357,9 +361,6 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
         if run.get("no_data"):
             continue
         h = run.get("health")
-        if h is None and run.get("policy"):     # a run finished before done.json kept it: its policy folder's
-            from rag_dpo.pipeline.compare import read_health
-            h = run["health"] = read_health(run["policy"])
         cells = [run["name"], str(run["seed"]), f"{run['fraction']:g}"]
         if not h:
             add("| " + " | ".join(cells + ["—"] * 5 + ["not recorded"]) + " |")
