@@ -432,6 +432,12 @@ def _series(history: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in history if isinstance(r.get(key), (int, float))]
 
 
+def _tail_mean(xs: list[float], n: int) -> float:
+    """Mean of the last n values (all of them if fewer)."""
+    last = xs[-n:]
+    return sum(last) / len(last)
+
+
 def health(history: list[dict], kl_key: str = "kl", entropy_keys: tuple[str, ...] = ("entropy", "entropy_proxy"),
            kl_spike: float = 4.0, entropy_drop: float = 0.25) -> dict:
     """Collapse signs in a training log (HF log_history or PPO's per-round rows), as flags a report can print:
@@ -451,16 +457,14 @@ def health(history: list[dict], kl_key: str = "kl", entropy_keys: tuple[str, ...
     for key, name in (("rewards/accuracies", "reward_accuracy"), ("rewards/margins", "reward_margin")):
         xs = _series(history, key)
         if xs:
-            last = xs[-max(1, len(xs) // 4):]
-            out[name] = sum(last) / len(last)
+            out[name] = _tail_mean(xs, tail)
     ch, rj = _series(history, "rewards/chosen"), _series(history, "rewards/rejected")
     lc, lr = _series(history, "logps/chosen"), _series(history, "logps/rejected")
     if lc and lr:
         out["logps_chosen"] = [lc[0], lc[-1]]
         out["logps_rejected"] = [lr[0], lr[-1]]
     if ch and rj:
-        c_end = sum(ch[-tail:]) / len(ch[-tail:])
-        r_end = sum(rj[-tail:]) / len(rj[-tail:])
+        c_end, r_end = _tail_mean(ch, tail), _tail_mean(rj, tail)
         out["chosen_vs_reference"], out["rejected_vs_reference"] = c_end, r_end
         if c_end < 0 and r_end < 0:
             out["flags"].append(f"likelihood displacement: chosen and rejected log-probs both fell below the "
