@@ -117,9 +117,10 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + dotted overrides -> validated dataclass."""
-    data = load_yaml(path) if path else {}
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> T:
+    """`base` (optional defaults) + YAML file (optional) + dotted overrides -> validated dataclass; later wins."""
+    data = {**(base or {}), **(load_yaml(path) if path else {})}
     apply_overrides(data, overrides or [])
     return from_dict(cls, data, file=str(path) if path else None)
 

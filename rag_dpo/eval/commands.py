@@ -74,7 +74,9 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
              config: Optional[Path] = typer.Option(None, "--rollout-config", help="YAML with RolloutConfig fields."),
              overrides: List[str] = typer.Argument(None, help="RolloutConfig overrides key=value, e.g. "
                                                    "max_steps=4 max_new_tokens=48 batch_size=16.")) -> None:
-    """Writes results.json, results.md, results.png and chains.jsonl into --out and prints the table."""
+    """Writes results.json, results.md, results.png and chains.jsonl into --out and prints the table. A policy
+    from a recipe run (runs/<name>/trained or warm_start) is scored with that run's rollout budgets (and its split
+    fractions when --data is the run's data file) unless options or key=value overrides say otherwise."""
     import json
 
     from rag_dpo.agent.rollout import RolloutConfig
@@ -89,7 +91,8 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
             baseline = json.loads(compare_with.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"cannot read results: {e}", file=str(compare_with)) from None
-    rollout = load_config(RolloutConfig, config, list(overrides or []))
+    base, fractions = _policy_run_settings(policy, data, fractions)
+    rollout = load_config(RolloutConfig, config, list(overrides or []), base=base)
     results = evaluate(data, corpus_path=corpus, policy=policy, methods=methods, split=split, limit=limit,
                        out_dir=out, retriever=retriever, k=k, seed=seed, manifest=manifest, rollout=rollout,
                        iter_rounds=iter_rounds, answer_tokens=answer_tokens, device=device, dtype=dtype, prm=prm,
@@ -98,3 +101,25 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
     if is_main():   # every rank has the results; one table
         print(results_table(results, baseline, compare_with.parent.name if compare_with else "baseline"))
         print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'chains.jsonl'}")
+
+
+def _policy_run_settings(policy: str, data: Path, fractions: Optional[str]) -> tuple[dict, Optional[str]]:
+    """(RolloutConfig defaults, split fractions) for `rag-dpo eval`: a recipe run's own when `policy` comes from
+    one, so the same policy is not scored under other budgets than its run's (a self-evaluation policy scored EM
+    0.193 at RolloutConfig's defaults and 0.161 at its recipe's, docs/comparison.md); else ({}, fractions)."""
+    from rag_dpo.eval.latest import _resolve, policy_run, recipe_rollout
+    found = policy_run(policy)
+    if found is None:
+        return {}, fractions
+    run, recipe = found
+    base = recipe_rollout(recipe)
+    said = " ".join(f"{k}={v}" for k, v in base.items())
+    run_data, run_fractions = (recipe.get("data") or {}).get("path"), (recipe.get("data") or {}).get("fractions")
+    if fractions is None and run_fractions and run_data and \
+            Path(_resolve(run_data)).resolve() == Path(data).resolve():
+        fractions = run_fractions
+        said += f"; split fractions {fractions}"
+    if is_main():
+        print(f"settings of {run / 'recipe.yaml'} (the run this policy comes from): {said}; options and "
+              "key=value overrides win", flush=True)
+    return base, fractions

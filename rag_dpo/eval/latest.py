@@ -80,14 +80,30 @@ def select_policies(runs_dir: str | Path = "runs", method: str = "dpo", base: st
     ws = run / "warm_start"
     if (ws / "train_done.json").exists():
         policies["warm_start"] = str(ws)
-    ro, ret = recipe.get("rollout") or {}, recipe.get("retrieval") or {}
-    rollout = {k: v for k, v in {"max_steps": ro.get("max_steps"), "max_new_tokens": ro.get("max_new_tokens"),
-                                 "k": ret.get("k"), "max_tokens_per_passage": ret.get("max_tokens_per_passage"),
-                                 "seed": recipe.get("seed"),
-                                 "batch_size": (recipe.get("eval") or {}).get("batch_size")}.items() if v is not None}
     return Selection(policies, run_dir=run, data=_resolve(data.get("path")) or str(DEFAULT_DATA),
                      corpus=_resolve(data.get("corpus")), fractions=data.get("fractions"),
-                     split=data.get("eval_split", "test"), retriever=ret.get("name", "bm25"), rollout=rollout)
+                     split=data.get("eval_split", "test"),
+                     retriever=(recipe.get("retrieval") or {}).get("name", "bm25"), rollout=recipe_rollout(recipe))
+
+
+def recipe_rollout(recipe: dict) -> dict:
+    """The RolloutConfig fields a recipe's eval runs with (its rollout budgets, retrieval.k and passage budget,
+    seed, eval batch size), only those the recipe sets."""
+    ro, ret = recipe.get("rollout") or {}, recipe.get("retrieval") or {}
+    return {k: v for k, v in {"max_steps": ro.get("max_steps"), "max_new_tokens": ro.get("max_new_tokens"),
+                              "k": ret.get("k"), "max_tokens_per_passage": ret.get("max_tokens_per_passage"),
+                              "seed": recipe.get("seed"),
+                              "batch_size": (recipe.get("eval") or {}).get("batch_size")}.items() if v is not None}
+
+
+def policy_run(policy: str) -> tuple[Path, dict] | None:
+    """(run folder, recipe) when `policy` is a recipe run's `trained/` or `warm_start/` (a folder whose parent
+    holds the run's recipe.yaml), else None. The path is not resolved: a run's warm_start is a link into the cache."""
+    p = Path(policy)
+    if p.name not in ("trained", "warm_start") or not p.is_dir():
+        return None
+    recipe = _recipe(p.parent) if (p.parent / "recipe.yaml").exists() else None
+    return (p.parent, recipe) if recipe else None
 
 
 def _resolve(path: str | None) -> str | None:
