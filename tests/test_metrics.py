@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rag_dpo.metrics import (answer_scores, average, breakdown, cover_exact_match, exact_match, f1_score,
-                             normalize_answer, support_precision, support_recall)
+from rag_dpo.metrics import (answer_scores, answer_seen, average, breakdown, cover_exact_match, exact_match,
+                             f1_score, normalize_answer, support_precision, support_recall)
 
 
 def test_normalisation_lowercase_punctuation_articles_whitespace():
@@ -57,6 +57,36 @@ def test_cover_em_whole_token_spans():
     assert cover_exact_match("chief of protocol of the US", ["Chief of Protocol"]) == 1.0
     assert answer_scores("The Chief of Protocol", ["Chief of Protocol"]) == {"em": 1.0, "f1": 1.0, "cover_em": 1.0}
     assert answer_scores(None, ["x"]) == {"em": 0.0, "f1": 0.0, "cover_em": 0.0}
+
+
+def test_answer_seen_in_what_the_agent_read():
+    """Whole normalised tokens of any alias anywhere in the observations; a cut-off answer is not seen; yes/no golds
+    (no passage states them) are not applicable (None), and neither is an answer normalising to nothing."""
+    obs = ["\n<information>\n[1] Eiffel Tower: The tower is in Paris, France ...\n</information>\n",
+           "\n<information>\n[1] Lyon: A city ...\n</information>\n"]
+    assert answer_seen(obs, ["Paris"]) == 1.0
+    assert answer_seen(obs, ["Marseille", "the city of Lyon"]) == 0.0      # alias longer than what was read
+    assert answer_seen(obs, ["Marseille", "LYON."]) == 1.0
+    assert answer_seen(obs, ["Pari"]) == 0.0                               # not a whole-token span
+    assert answer_seen(["[1] X: founded in 1887 by ..."], ["1887"]) == 1.0
+    assert answer_seen(["[1] X: founded in 18 ..."], ["1887"]) == 0.0      # cut by the token budget
+    assert answer_seen(obs, ["yes"]) is None and answer_seen(obs, ["No"]) is None and answer_seen(obs, ["the"]) is None
+    assert answer_seen([], ["Paris"]) == 0.0
+
+
+def test_eval_summary_answer_seen_and_reader_em():
+    """answer_seen over the questions a passage can answer, em_when_seen over those that saw it."""
+    from rag_dpo.eval.evaluate import summarize
+    from rag_dpo.records import Chain, Step
+
+    def chain(gold, read, answer):
+        s0 = Step("0", None, "s", "search", query="q", observation=f"<information>[1] T: {read}</information>")
+        return Chain("q", "Q?", [gold], [], [s0, Step("1", "0", "a", "answer", answer=answer)], selected="1")
+
+    res = summarize([chain("Paris", "in Paris", "Paris"), chain("Paris", "in Paris", "Lyon"),
+                     chain("Rome", "in Milan", "Rome"), chain("yes", "nothing", "yes")])
+    assert res["answer_seen"] == pytest.approx(2 / 3) and res["em_when_seen"] == pytest.approx(1 / 2)
+    assert res["em"] == pytest.approx(3 / 4)
 
 
 def test_support_recall_and_precision_at_k():

@@ -121,6 +121,21 @@ def test_paired_verdict_says_better_only_when_the_interval_excludes_zero(tmp_pat
             assert "better" not in md and em["lo"] <= 0 <= em["hi"] and em["mde"] > 0
         else:
             assert em["lo"] > 0
+    # the answer-seen diagnostic: paired over the questions a passage can answer, a line of its own, never a verdict
+    def read(i, seen, gold="Paris"):
+        c = Chain(f"q{i}", "Q?", [gold], [], [Step("0", None, "s", "search", query="q",
+                                                   observation="[1] T: in Paris" if seen else "[1] T: in Rome"),
+                                              Step("1", "0", "a", "answer", answer="Lyon")], selected="1")
+        c.method = "agent"
+        return c
+    d = tmp_path / "seen"
+    write_chains(d / "eval" / "warm_start" / "chains.jsonl", [read(i, i < 10) for i in range(40)] + [read(40, 0, "no")])
+    write_chains(d / "eval" / "trained" / "chains.jsonl", [read(i, i < 30) for i in range(40)] + [read(40, 1, "no")])
+    paired = paired_comparison(d, {"warm_start": "w", "trained": "t"}, ["agent"], n_boot=500)
+    seen = paired["agent"]["answer_seen"]
+    assert seen["questions"] == 40 and seen["diff"] == pytest.approx(0.5) and seen["lo"] > 0
+    md = results_markdown(r, {"warm_start": {"agent": {"em": 0.0}}, "trained": {"agent": {"em": 0.0}}}, paired)
+    assert "Diagnostic: the gold answer was in the passages read on Δ +0.500" in md and "better" not in md
 
 
 def test_missing_recipe_is_one_line_error(tmp_path):

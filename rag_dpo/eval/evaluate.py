@@ -2,7 +2,8 @@
 
 `evaluate(...)` writes into `out_dir`:
 - `chains.jsonl`: every chain (`method` set), appended per batch, so a killed eval resumes where it stopped;
-- `results.json`: method -> {em, f1, cover_em, support_recall, steps, parse_error_rate, n, seconds};
+- `results.json`: method -> {em, f1, cover_em, support_recall, answer_seen, em_when_seen, steps, parse_error_rate, n,
+  seconds};
 - `results.md` (the same as a table, with deltas against `baseline_results` when given), `results.png`;
 - `config.json`: the settings that produced them, with a fingerprint of the prompts and of the policy folder's
   weights (a rerun with other settings, prompts or weights into the same folder is refused, so results never mix
@@ -12,7 +13,8 @@ and logs the metrics, the plot and a table of chains (with their steps) to wandb
 Metrics are computed on each chain's selected path: answer metrics on its final answer (none = 0), support recall
 over the union of passages retrieved on the path, `steps` = path length, `parse_error_rate` = fraction of chains
 with a step that did not parse (baselines: a reply without the <answer> tag; its plain text still counts as the
-answer). Eval refuses questions the policy was trained on (its folder's `training_manifest.json`), and
+answer), `answer_seen` = share of the questions with a non-yes/no gold answer whose answer appears in the passages
+the path read (as cut to the passage token budget), `em_when_seen` = EM on those that saw it. Eval refuses questions the policy was trained on (its folder's `training_manifest.json`), and
 those a trained retriever (`dense:PATH`, `rerank:PATH`, `hybrid:PATH`) was trained on (that folder's manifest).
 
 Under a multi-process launch (`torchrun`, `accelerate launch`) the questions go round the ranks in whole batches
@@ -39,13 +41,14 @@ from typing import Any, Sequence
 from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, config_dict, resolve_device, resolve_dtype
 from rag_dpo.errors import InputError
 from rag_dpo.io import atomic_write_json
-from rag_dpo.metrics import answer_scores, support_recall
+from rag_dpo.metrics import answer_scores, answer_seen, support_recall
 from rag_dpo.records import Chain, Label, Question, append_chains, read_chains
 
 METHODS = ("direct", "rag", "iter-retgen", "agent", "agent-hier", "agent-prm-bon",
            "agent-self-bon", "agent-random-bon")   # best-of-N by self-score / random pick (train/self_eval.py)
 DEFAULT_METHODS = ("direct", "rag", "iter-retgen", "agent")
-METRICS = ("em", "f1", "cover_em", "support_recall", "steps", "parse_error_rate", "n", "seconds")
+METRICS = ("em", "f1", "cover_em", "support_recall", "answer_seen", "em_when_seen", "steps", "parse_error_rate", "n",
+           "seconds")
 
 
 @dataclass
@@ -85,16 +88,23 @@ def chain_scores(chain: Chain) -> dict[str, float]:
     scores["support_recall"] = support_recall(retrieved, chain.supporting_ids)
     scores["steps"] = float(len(path))
     scores["parse_error"] = float(any(s.parse_error for s in path))
+    scores["answer_seen"] = answer_seen([s.observation for s in path], chain.gold_answers)   # None: yes/no gold
     return scores
 
 
 def summarize(chains: Sequence[Chain]) -> dict[str, float]:
+    """Means over the chains; `answer_seen` over the questions whose gold answer a passage can state (not yes/no)
+    and `em_when_seen` (the reader's EM once the answer was in front of it) over those where it was seen."""
     n = len(chains)
     per = [chain_scores(c) for c in chains]
     mean = (lambda key: sum(p[key] for p in per) / n if n else 0.0)
+    stated = [p for p in per if p["answer_seen"] is not None]
+    seen = [p for p in stated if p["answer_seen"]]
     return {"em": mean("em"), "f1": mean("f1"), "cover_em": mean("cover_em"),
-            "support_recall": mean("support_recall"), "steps": mean("steps"),
-            "parse_error_rate": mean("parse_error"), "n": n,
+            "support_recall": mean("support_recall"),
+            "answer_seen": len(seen) / len(stated) if stated else 0.0,
+            "em_when_seen": sum(p["em"] for p in seen) / len(seen) if seen else 0.0,
+            "steps": mean("steps"), "parse_error_rate": mean("parse_error"), "n": n,
             "seconds": sum(float(c.meta.get("seconds", 0.0)) for c in chains)}
 
 
@@ -353,7 +363,7 @@ def _log_wandb(cfg: dict, results: dict, by_method: dict[str, list[Chain]], plot
     if run is None:
         return
     tracking.log(run, {f"{m}/{k}": v for m, r in results.items() for k, v in r.items()})
-    tracking.log_table(run, "results", ["method", *METRICS], [[m, *[r[k] for k in METRICS]] for m, r in results.items()])
+    tracking.log_table(run, "results", ["method", *METRICS], [[m, *[r.get(k) for k in METRICS]] for m, r in results.items()])
     tracking.log_table(run, "chains", list(CHAIN_COLUMNS), chain_rows(by_method))
     tracking.log_image(run, "results_plot", plot)
     tracking.finish(run)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RATE_METRICS = ("em", "f1", "cover_em", "support_recall", "parse_error_rate")
-COLUMNS = ("em", "f1", "cover_em", "support_recall", "steps", "parse_error_rate", "n", "seconds")
+RATE_METRICS = ("em", "f1", "cover_em", "support_recall", "answer_seen", "parse_error_rate")
+COLUMNS = ("em", "f1", "cover_em", "support_recall", "answer_seen", "steps", "parse_error_rate", "n", "seconds")
 
 
 def _fmt(key: str, value) -> str:

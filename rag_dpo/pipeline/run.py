@@ -575,7 +575,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
     return table
 
 
-METRICS = ("em", "f1", "support_recall", "parse_error_rate", "steps")
+METRICS = ("em", "f1", "support_recall", "answer_seen", "parse_error_rate", "steps")
 
 
 def metrics_by_method(results: dict) -> dict[str, dict]:
@@ -622,6 +622,11 @@ def paired_comparison(run_dir: str | Path, policies: dict[str, str | None], meth
             res[key] = paired_bootstrap(a, b, n_boot=n_boot)
             if key == "em":
                 res[key]["mde"] = min_detectable_effect(a, b)["mde"]
+        stated = [q for q in qids if scores[ref][(m, q)]["answer_seen"] is not None]   # not yes/no: same for both
+        if stated:   # a diagnostic, not a verdict: did the trained policy put the answer in front of itself more?
+            res["answer_seen"] = {**paired_bootstrap([scores["trained"][(m, q)]["answer_seen"] for q in stated],
+                                                     [scores[ref][(m, q)]["answer_seen"] for q in stated],
+                                                     n_boot=n_boot), "questions": len(stated)}
         out[m] = res
     return out
 
@@ -680,8 +685,12 @@ def paired_verdict(recipe: Recipe, paired: dict) -> str:
         tail = ("; ".join(words) + " (95 % interval excludes 0)") if words else \
             (f"no difference detectable at 95 % (this test could see ΔEM of about {mde:.3f} at 80 % power)"
              if mde == mde and mde is not None else "no difference detectable at 95 %")
+        seen = res.get("answer_seen")
+        diag = (f" Diagnostic: the gold answer was in the passages read on Δ {seen['diff']:+.3f} [{seen['lo']:+.3f}, "
+                f"{seen['hi']:+.3f}] of the {seen['questions']} questions a passage can answer (not yes/no)."
+                if seen else "")
         out.append(f"**{recipe.method.upper()}-trained policy vs the {ref}, {m}, paired over {res['questions']} "
-                   f"{recipe.data.eval_split} questions:** " + ", ".join(parts) + f". {tail}.")
+                   f"{recipe.data.eval_split} questions:** " + ", ".join(parts) + f". {tail}.{diag}")
     return "\n\n".join(out)
 
 
