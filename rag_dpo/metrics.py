@@ -67,15 +67,13 @@ def answer_seen(texts: Iterable[str], golds: Sequence[str]) -> float | None:
     """1.0 when a gold answer appears (normalised, as whole tokens) in the text the agent read (its observations,
     passages as cut to the token budget), else 0.0; None when every gold answer is yes/no, which no passage states.
     Separates "retrieval never showed the answer" from "the answer was shown and not written"."""
-    gold = [g for g in (normalize_answer(x) for x in golds) if g and g not in YES_NO]
+    gold = [g for g in golds if normalize_answer(g) and normalize_answer(g) not in YES_NO]
     if not gold:
         return None
     text = " ".join(texts)
-    # as normalised (punctuation dropped: "O'Brien" -> "obrien") and with punctuation as spaces, so tags and
-    # list marks never glue a word to its neighbour ("[1] X: in Paris</information>" -> "... in paris information")
-    spaced = text.translate(_PUNCT_TO_SPACE)
-    read = f" {normalize_answer(text)} {normalize_answer(spaced)} "
-    return float(any(f" {g} " in read for g in gold))
+    # cover-EM of the text read: as normalised (punctuation dropped: "O'Brien" -> "obrien") and with punctuation as
+    # spaces, so tags and list marks never glue a word to its neighbour ("in Paris</information>" -> "paris information")
+    return max(cover_exact_match(text, gold), cover_exact_match(text.translate(_PUNCT_TO_SPACE), gold))
 
 
 def answer_scores(pred: str | None, golds: Sequence[str]) -> dict[str, float]:
