@@ -86,8 +86,11 @@ class FakeBackend:
         seed = int(name.split("__s")[1].split("__")[0]) if "__s" in name else 0
         em = (np.random.default_rng(seed + 17).random(len(TEST_QIDS)) < p).astype(float)
         found = 0.3 if fam == "step-dpo" else 0.0      # step labels raise recall, not EM
+        shown = np.random.default_rng(seed + 29).random(len(TEST_QIDS)) < 0.2 + 2 * found   # and answers seen
         return [{"question_id": q, "em": e, "f1": min(1.0, e + 0.1), "recall": min(1.0, 0.4 + 0.2 * e + found),
-                 "steps": 2.0 + e, "parse_error": 0.0} for q, e in zip(TEST_QIDS, em)]
+                 "steps": 2.0 + e, "parse_error": 0.0,
+                 "answer_seen": None if q == "t0" else float(bool(e) or bool(s))}    # t0: a yes/no gold
+                for q, e, s in zip(TEST_QIDS, em, shown)]
 
     def describe(self):
         return {"model": "fake", "data": "fake"}
@@ -328,8 +331,58 @@ def test_question_scores_from_chains():
     bad = Chain("q2", "who?", gold_answers=["Rome"], supporting_ids=["c"],
                 steps=[Step("0", None, "junk", INVALID, parse_error="no tag")], selected="0")
     rows = question_scores([c, bad])
-    assert rows[0] == {"question_id": "q1", "em": 1.0, "f1": 1.0, "recall": 0.5, "steps": 2.0, "parse_error": 0.0}
+    assert rows[0] == {"question_id": "q1", "em": 1.0, "f1": 1.0, "recall": 0.5, "steps": 2.0, "parse_error": 0.0,
+                       "answer_seen": 0.0}
     assert rows[1]["em"] == 0.0 and rows[1]["parse_error"] == 1.0
+    c.steps[0].observation = "<information>Paris is the capital of France.</information>"
+    yes_no = Chain("q3", "is it?", gold_answers=["yes"], steps=[Step("0", None, "s", ANSWER, answer="yes")],
+                   selected="0")
+    assert [r["answer_seen"] for r in question_scores([c, bad, yes_no])] == [1.0, 0.0, None]
+
+
+def test_answer_seen_is_reported_as_a_diagnostic_and_backfilled_from_eval_chains(tmp_path):
+    """Answer seen: per method and vs the warm start in its own section, in the JSON and the metrics plot, one
+    verdict line that is not a test; runs scored before it existed get it from their eval chains on disk."""
+    from rag_dpo.pipeline.compare import eval_chains_path
+    from rag_dpo.records import ANSWER, SEARCH, Chain, Step, write_chains
+    cfg = _cfg(tmp_path, arms=["outcome-dpo", "step-dpo"], seeds=[0, 1, 2], ablation_seeds=[], curve_seeds=[],
+               budget_fractions=[1.0], nll_weights=[0.5], main_nll_weight=0.5, pairing_rules=["best-vs-worst"])
+    run_compare(cfg, FakeBackend(), progress=False)
+    report = (tmp_path / "results" / "t.md").read_text()
+    section = report.split("## Did the answer reach the reader?")[1].split("\n## ")[0]
+    assert "11 test questions with a non-yes/no gold" in section          # t0 (yes/no) left out
+    for name in ("base", "iter-retgen", "warm-start", "outcome-dpo+nll", "step-dpo[best-vs-worst]+nll"):
+        assert f"| {name} |" in section, name
+    res = json.loads((tmp_path / "results" / "t.json").read_text())["answer_seen"]
+    assert res["recorded"] and res["questions"] == 11 and not res["not_recorded"]
+    assert res["primary"]["diff"] > 0.2            # the fake's step arm sees far more answers
+    step = res["methods"]["step-dpo[best-vs-worst]+nll"]
+    assert step["delta_vs_warm_start"]["lo"] > 0 and 0 < step["em_when_seen"] <= 1
+    verdict = report.split("## Verdict")[1].split("## What was run")[0].strip().splitlines()
+    assert verdict[-1].startswith("- Diagnostic, not a test — answer seen: step-dpo[best-vs-worst]+nll − "
+                                  "outcome-dpo+nll +")
+    assert not any("answer" in t["metric"] for t in json.loads((tmp_path / "results" / "t.json").read_text())["tests"])
+    png = (tmp_path / "results" / "t_metrics.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") > 1900          # four panels (three without answer seen)
+
+    # runs scored before answer_seen: backfilled from their chains when still there, "not recorded" when not
+    arm_dirs = sorted((tmp_path / "runs" / "t" / "arms").iterdir())
+    for d in [tmp_path / "runs" / "t" / "baselines" / "warm-start", *arm_dirs]:
+        done = json.loads((d / "done.json").read_text())
+        for r in done["rows"]:
+            r.pop("answer_seen")
+        (d / "done.json").write_text(json.dumps(done))
+    ws = tmp_path / "runs" / "t" / "baselines" / "warm-start"
+    chains = [Chain(q, "?", gold_answers=["yes" if q == "t0" else "Paris"],
+                    steps=[Step("0", None, "s", SEARCH, query="x", observation="Paris" if q in ("t1", "t2") else "Rome"),
+                           Step("1", "0", "s", ANSWER, answer="x")], selected="1") for q in TEST_QIDS]
+    write_chains(eval_chains_path(ws, "warm-start"), chains)
+    run_compare(cfg, FakeBackend(), progress=False, report_only=True)
+    res = json.loads((tmp_path / "results" / "t.json").read_text())["answer_seen"]
+    assert res["methods"]["warm-start"]["mean"] == pytest.approx(2 / 11)
+    assert sorted(res["not_recorded"]) == ["outcome-dpo+nll", "step-dpo[best-vs-worst]+nll"]   # no chains on disk
+    report = (tmp_path / "results" / "t.md").read_text()
+    assert "Not recorded for: " in report and "Δ answer seen" in report
 
 
 def test_config_loading_quick_and_bad_input(tmp_path):

@@ -255,8 +255,9 @@ class CompareBackend(Protocol):
 # ---- per-question scores from eval chains ----------------------------------------------------------------------
 
 def question_scores(chains) -> list[dict]:
-    """EM, F1, supporting-passage recall, number of steps and parse failure of each chain's selected path."""
-    from rag_dpo.metrics import answer_scores, support_recall
+    """EM, F1, supporting-passage recall, number of steps and parse failure of each chain's selected path, and
+    `answer_seen` (was the gold answer in the passages it read, as cut; None for a yes/no gold)."""
+    from rag_dpo.metrics import answer_scores, answer_seen, support_recall
     from rag_dpo.records import INVALID
     rows = []
     for c in chains:
@@ -266,8 +267,34 @@ def question_scores(chains) -> list[dict]:
         rows.append({"question_id": c.question_id, "em": scores["em"], "f1": scores["f1"],
                      "recall": support_recall(retrieved, c.supporting_ids),
                      "steps": float(len(path)),
-                     "parse_error": float(any(s.parse_error or s.action == INVALID for s in path))})
+                     "parse_error": float(any(s.parse_error or s.action == INVALID for s in path)),
+                     "answer_seen": answer_seen([s.observation for s in path], c.gold_answers)})
     return rows
+
+
+def eval_chains_path(out_dir: str | Path, name: str) -> Path:
+    """Where `RecipeBackend.evaluate(name, ..., out_dir)` leaves the evaluated chains."""
+    return Path(out_dir) / "eval" / name / "chains.jsonl"
+
+
+def backfill_answer_seen(rows: list[dict], chains_path: Path, reference: list[dict] | None = None) -> list[dict]:
+    """Rows scored before `answer_seen` existed get it from the evaluated chains still on disk (or, for an arm
+    scored as the warm start, from the warm start's rows); rows that cannot be backfilled are left without it,
+    and the report says "not recorded". Nothing else in a row changes."""
+    if not rows or all("answer_seen" in r for r in rows):
+        return rows
+    seen: dict[str, Any] = {}
+    if reference is not None:
+        seen = {r["question_id"]: r["answer_seen"] for r in reference if "answer_seen" in r}
+    elif chains_path.exists():
+        from rag_dpo.records import read_chains
+        by_qid: dict[str, list] = {}
+        for row in question_scores(read_chains(chains_path)):
+            by_qid.setdefault(row["question_id"], []).append(row["answer_seen"])
+        seen = {q: v[0] for q, v in by_qid.items() if len(v) == 1}     # one chain per question, or unknown
+    if not all(r["question_id"] in seen for r in rows):
+        return rows
+    return [dict(r, answer_seen=seen[r["question_id"]]) for r in rows]
 
 
 # ---- the orchestration -----------------------------------------------------------------------------------------
@@ -347,6 +374,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
                 atomic_write_json(d / "done.json", done)
             barrier("compare")
             _log_eval(wb, rows, tracking)
+        done["rows"] = backfill_answer_seen(done["rows"], eval_chains_path(d, name))
         baselines[name] = done
         bar.update(1)
 
@@ -392,6 +420,8 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
                 write_report(report_data(results, partial=len(runs)), Path(cfg.out_dir), cfg.name, n_boot=cfg.n_boot,
                              plots=False)
         else:
+            ref = baselines.get(WARM_START, {}).get("rows") if done.get("no_data") else None
+            done["rows"] = backfill_answer_seen(done["rows"], eval_chains_path(d / "eval", run.slug), ref)
             results.append(done)
         bar.update(1)
     bar.close()
@@ -430,6 +460,10 @@ def _log_eval(run, rows: list[dict], tracking, reference: list[dict] | None = No
         ref = [r for r in reference or [] if r.get("question_id") in qids]
         if ref:
             data.update({f"eval/warm_start/{m}": float(np.mean([r[m] for r in ref])) for m in METRICS})
+        for key, rs in (("eval/answer_seen", rows), ("eval/warm_start/answer_seen", ref)):
+            stated = [float(r["answer_seen"]) for r in rs if r.get("answer_seen") is not None]   # not yes/no
+            if stated:
+                data[key] = float(np.mean(stated))
         tracking.log(run, data)
     tracking.finish(run)
 
@@ -651,7 +685,7 @@ class PipelineBackend:
         if not policy:
             raise InputError(f"no policy to evaluate for {name!r}", field="policy")
         steps.evaluate_policies(self.recipe, out_dir, {name: str(policy)}, methods=[method])
-        path = Path(out_dir) / "eval" / name / "chains.jsonl"
+        path = eval_chains_path(out_dir, name)
         if not path.exists():
             raise InputError("evaluation wrote no chains.jsonl", file=str(path))
         return question_scores([c for c in read_chains(path) if c.method == method])

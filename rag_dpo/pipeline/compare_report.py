@@ -4,7 +4,7 @@ files (per-question scores, budgets, training curves), so a resumed or partial c
 What it shows, per method (baselines, warm start, every arm at the full budget): mean and 95 % bootstrap interval
 of EM, F1, supporting-passage recall, steps and parse-error rate over seeds and test questions (see
 `eval.stats` for how seeds are aggregated); each arm against the warm start it came from (paired, flagged when
-below); the paired tests; the training rows and budgets of every run and whether they match; the budget curve.
+below); whether the answer reached the reader (`answer_seen`, descriptive); the paired tests; the training rows and budgets of every run and whether they match; the budget curve.
 The verdict sentences are generated from the numbers, including when step-level supervision does not win.
 
 Testing: one comparison is primary (config `primary`, step-DPO vs outcome-DPO main variants, EM) and is judged
@@ -26,7 +26,8 @@ from rag_dpo.eval.stats import (bootstrap_ci, budget_mismatches, holm, min_detec
 from rag_dpo.io import atomic_write_json, atomic_write_text
 
 METRICS = ("em", "f1", "recall", "steps", "parse_error")
-LABELS = {"em": "EM", "f1": "F1", "recall": "Support recall", "steps": "Steps", "parse_error": "Parse-error rate"}
+LABELS = {"em": "EM", "f1": "F1", "recall": "Support recall", "steps": "Steps", "parse_error": "Parse-error rate",
+          "answer_seen": "Answer seen"}
 PPO_BUDGET_SLACK = 0.10        # default budget tolerance: i.i.d. chains and PPO cannot stop at an exact token count
 
 
@@ -41,6 +42,9 @@ class Method:
     def matrix(self, metric: str, qids: list[str], seeds: list[int] | None = None) -> np.ndarray:
         seeds = sorted(self.by_seed) if seeds is None else seeds
         return np.array([[float(self.by_seed[s][q][metric]) for q in qids] for s in seeds])
+
+    def recorded(self, metric: str, qids: list[str]) -> bool:
+        return all(metric in rows[q] for rows in self.by_seed.values() for q in qids)
 
 
 def collect_methods(data: dict) -> tuple[dict[str, Method], dict[float, dict[str, Method]]]:
@@ -268,6 +272,9 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
         verdict.append("Arms the rollout pool gave no training data (no pairs / no right chains), so they are the "
                        "warm start unchanged and say nothing about their method: " + ", ".join(no_data) + ".")
 
+    seen_lines, seen_verdict, seen_json = answer_seen_section(full, qids, warm, (pa, pb), n_boot)
+    lines.extend(seen_lines)
+
     # ---- paired tests ---------------------------------------------------------------------------------------
     add("## Paired tests (A − B on the same questions and seeds)\n")
     add(f"The primary comparison is named in the compare config (`primary: {primary}`) and is tested at 5 % "
@@ -414,7 +421,7 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
              "training_curves": out_dir / f"{name}_training_curves.png",
              "budget_curve": out_dir / f"{name}_budget_curve.png"}
     if plots:
-        _plot_metrics(full, qids, n_boot, paths["metrics"])
+        _plot_metrics(full, qids, n_boot, paths["metrics"], seen_qids=seen_json.get("question_ids"))
         _plot_training_curves(data["runs"], paths["training_curves"])
         _plot_budget_curve(curve_rows, paths["budget_curve"])
     add("## Plots\n")
@@ -423,14 +430,72 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
     add(f"![budget curve]({paths['budget_curve'].name})\n")
 
     paths["json"] = out_dir / f"{name}.json"
-    atomic_write_json(paths["json"], results_json(data, name, full, qids, tests, rows_out, problems, n_boot))
+    seen_json.pop("question_ids", None)
+    atomic_write_json(paths["json"], {**results_json(data, name, full, qids, tests, rows_out, problems, n_boot),
+                                      "answer_seen": seen_json})
 
+    verdict.extend(seen_verdict)      # last: a diagnostic, never a finding
     head = lines[:lines.index("## What was run\n")]
     body = lines[len(head):]
     text = "\n".join(head + ["## Verdict (generated from the numbers below)\n"] + [f"- {v}" for v in verdict]
                      + [""] + body) + "\n"
     atomic_write_text(paths["report"], text)
     return paths, (columns, table)
+
+
+def answer_seen_section(full: dict[str, Method], qids: list[str], warm: Method | None,
+                        primary: tuple[Method | None, Method | None], n_boot: int
+                        ) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Did retrieval put the answer in front of the reader? Per method, the share of questions whose gold answer
+    was in the passages it read (`answer_seen`, over the questions with a non-yes/no gold) and its EM on those;
+    each arm and the primary pair as paired differences. Descriptive, so intervals only: no p-values, outside the
+    Holm family, never a verdict. A support-recall gain that leaves `answer_seen` flat cannot move EM; one that
+    raises it while EM stays flat points at the reader. Returns the report lines, one verdict line, the JSON."""
+    have = [m for m in full.values() if m.recorded("answer_seen", qids)]
+    missing = [m.name for m in full.values() if m not in have]
+    stated = [q for q in qids if all(rows[q]["answer_seen"] is not None for m in have for rows in m.by_seed.values())]
+    lines = ["## Did the answer reach the reader? (diagnostic, not a test)\n"]
+    if not have or not stated:
+        lines.append("Not recorded: these runs were scored before `answer_seen` existed and their evaluated chains "
+                     "are gone.\n")
+        return lines, [], {"recorded": False}
+    lines.append(f"Answer seen: share of the {len(stated)} test questions with a non-yes/no gold answer whose answer "
+                 "is in the passages the agent read, as cut to the passage budget; EM when seen: EM on those cells "
+                 "(question x seed). Descriptive: 95 % intervals, no p-values, outside the Holm family of the paired tests.\n")
+    lines.append("| method | answer seen [95 % CI] | EM when seen | Δ answer seen vs warm start [95 % CI] |")
+    lines.append("|---|---|---|---|")
+    out: dict[str, Any] = {"recorded": True, "questions": len(stated), "question_ids": stated, "methods": {},
+                           "not_recorded": missing}
+    deltas = []
+    for m in have:
+        seen = m.matrix("answer_seen", stated)
+        mean, lo, hi = bootstrap_ci(seen, n_boot=n_boot, seed=0)
+        hit = seen > 0
+        when = float(m.matrix("em", stated)[hit].mean()) if hit.any() else None
+        entry: dict[str, Any] = {"mean": mean, "lo": lo, "hi": hi, "per_seed": seed_means(seen), "em_when_seen": when}
+        cell = "—"
+        if m.kind == "arm" and warm in have:
+            res = _paired(m, warm, "answer_seen", stated, n_boot)
+            entry["delta_vs_warm_start"] = {k: res[k] for k in ("diff", "lo", "hi")}
+            cell = f"{res['diff']:+.3f} [{res['lo']:+.3f}, {res['hi']:+.3f}]"
+            deltas.append(f"{m.name} {cell}")
+        out["methods"][m.name] = entry
+        lines.append(f"| {m.name} | {_fmt(mean, lo, hi, 'answer_seen')} | {_num3(when)} | {cell} |")
+    lines.append("")
+    pa, pb = primary
+    said = []
+    if pa in have and pb in have:
+        res = _paired(pa, pb, "answer_seen", stated, n_boot)
+        out["primary"] = {"a": pa.name, "b": pb.name, **{k: res[k] for k in ("diff", "lo", "hi")}}
+        span = f"{res['diff']:+.3f} [{res['lo']:+.3f}, {res['hi']:+.3f}]"
+        lines.append(f"Primary pair, answer seen: {pa.name} − {pb.name} {span}.\n")
+        said.append(f"{pa.name} − {pb.name} {span}")
+    if deltas:
+        said.append("vs warm start: " + ", ".join(deltas))
+    if missing:
+        lines.append(f"Not recorded for: {', '.join(missing)} (scored before `answer_seen` existed).\n")
+    verdict = [f"Diagnostic, not a test — answer seen: {'; '.join(said)}."] if said else []
+    return lines, verdict, out
 
 
 def above_warm_start_verdict(above: list[dict]) -> list[str]:
@@ -527,12 +592,18 @@ def _plt():
     return plt
 
 
-def _plot_metrics(full: dict[str, Method], qids: list[str], n_boot: int, path: Path) -> None:
+def _plot_metrics(full: dict[str, Method], qids: list[str], n_boot: int, path: Path,
+                  seen_qids: list[str] | None = None) -> None:
+    """EM, F1, support recall, and answer seen (on its own questions) when every method recorded it."""
     plt = _plt()
     names = list(full)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 0.45 * max(len(names), 4) + 1.5), sharey=True)
-    for ax, metric in zip(axes, ("em", "f1", "recall")):
-        stats = [bootstrap_ci(full[n].matrix(metric, qids), n_boot=n_boot, seed=0) if qids else (0, 0, 0)
+    panels = [("em", qids), ("f1", qids), ("recall", qids)]
+    if seen_qids and all(full[n].recorded("answer_seen", seen_qids) for n in names):
+        panels.append(("answer_seen", seen_qids))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 0.45 * max(len(names), 4) + 1.5),
+                             sharey=True)
+    for ax, (metric, on) in zip(axes, panels):
+        stats = [bootstrap_ci(full[n].matrix(metric, on), n_boot=n_boot, seed=0) if on else (0, 0, 0)
                  for n in names]
         means = np.array([s[0] for s in stats])
         err = np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]])
