@@ -600,3 +600,40 @@ def test_an_arm_above_the_warm_start_but_not_after_holm_is_a_lead_not_a_finding(
     assert len(lines) == 2 and "sft is not significant after the Holm correction" in lines[1]
     assert "step-dpo" not in lines[1]
     assert len(above_warm_start_verdict([strong])) == 1
+
+
+def test_a_comment_in_the_base_recipe_keeps_finished_runs_a_changed_setting_does_not(tmp_path):
+    """The settings hash reads the recipe's settings, not its text; done files hashed from the text (runs finished
+    before that) are still accepted while the text is unchanged."""
+    from rag_dpo.pipeline.compare import settings_hashes
+    recipe = tmp_path / "base.yaml"
+    text = (REPO / "recipes" / "dpo_step.yaml").read_text()
+    assert "\nseed: 0\n" in text
+    recipe.write_text(text)
+    cfg = _cfg(tmp_path, recipe=str(recipe), arms=["outcome-dpo", "step-dpo"], seeds=[0], ablation_seeds=[],
+               curve_seeds=[], budget_fractions=[1.0], nll_weights=[0.5], main_nll_weight=0.5,
+               pairing_rules=["best-vs-worst"])
+    run_compare(cfg, FakeBackend(), progress=False)
+    new, legacy = settings_hashes(cfg)
+    assert new != legacy
+    done = tmp_path / "runs" / "t" / "baselines" / "base" / "done.json"
+    assert json.loads(done.read_text())["settings_hash"] == new
+
+    recipe.write_text("# a note on the recipe\n" + text.replace("\n", "   # trailing comment\n", 1))
+    again = FakeBackend()
+    run_compare(cfg, again, progress=False)          # same settings: nothing is redone
+    assert again.trained == [] and again.evaluated == [] and settings_hashes(cfg)[0] == new
+
+    d = json.loads(done.read_text())
+    d["settings_hash"] = legacy                      # a run finished under the text hash ...
+    done.write_text(json.dumps(d))
+    with pytest.raises(InputError, match="another base recipe"):
+        run_compare(cfg, FakeBackend(), progress=False)   # ... is not accepted once the text has changed
+    recipe.write_text(text)
+    again = FakeBackend()
+    run_compare(cfg, again, progress=False)          # ... and is with the text it was made with
+    assert again.evaluated == []
+
+    recipe.write_text(text.replace("\nseed: 0\n", "\nseed: 1\n", 1))
+    with pytest.raises(InputError, match="another base recipe"):
+        run_compare(cfg, FakeBackend(), progress=False)

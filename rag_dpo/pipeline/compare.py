@@ -299,19 +299,25 @@ def backfill_answer_seen(rows: list[dict], chains_path: Path, reference: list[di
 
 # ---- the orchestration -----------------------------------------------------------------------------------------
 
-def settings_hash(cfg: CompareConfig) -> str:
-    """What every run of a compare shares (base recipe text and overrides): a finished run made with other settings
-    must not be mixed into the report."""
+def settings_hashes(cfg: CompareConfig) -> tuple[str, str]:
+    """What every run of a compare shares (base recipe settings and overrides, trainer sections, pool mode): a
+    finished run made with other settings must not be mixed into the report. Returns (hash written into new done
+    files, hash also accepted): the first hashes the recipe's parsed settings, so a comment or layout edit of the
+    recipe file leaves finished runs valid; the second is the earlier hash of the file's text, which runs finished
+    before 2026-12-07 carry."""
     from rag_dpo.pipeline.run import resolve_path
     recipe = resolve_path(cfg.recipe)
-    parts = [recipe.read_text(encoding="utf-8") if recipe.exists() else cfg.recipe, list(cfg.recipe_overrides)]
+    rest: list[Any] = [list(cfg.recipe_overrides)]
     if cfg.trainers:
-        parts.append(cfg.trainers)
-    parts.append({"pools": cfg.pools, "outcome_max_chains": cfg.outcome_max_chains})
-    return stable_hash(parts)
+        rest.append(cfg.trainers)
+    rest.append({"pools": cfg.pools, "outcome_max_chains": cfg.outcome_max_chains})
+    if not recipe.exists():
+        return stable_hash([cfg.recipe, *rest]), stable_hash([cfg.recipe, *rest])
+    return (stable_hash([{"recipe": load_yaml(recipe)}, *rest]),
+            stable_hash([recipe.read_text(encoding="utf-8"), *rest]))
 
 
-def _read_done(path: Path, expected_hash: str) -> dict | None:
+def _read_done(path: Path, accepted: tuple[str, ...]) -> dict | None:
     import json
     if not path.exists():
         return None
@@ -319,7 +325,7 @@ def _read_done(path: Path, expected_hash: str) -> dict | None:
         done = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None              # a done file is written atomically; an unreadable one means redo the run
-    if done.get("settings_hash") != expected_hash:
+    if done.get("settings_hash") not in accepted:
         raise InputError("this finished run was made with another base recipe or recipe_overrides; give the "
                          "compare a new `name=` or delete the run folder", file=str(path), field="settings_hash")
     return done
@@ -345,7 +351,8 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "compare_config.json", to_dict(cfg))
     barrier("compare")
-    shash = settings_hash(cfg)
+    accepted = settings_hashes(cfg)
+    shash = accepted[0]
     if report_only:
         qids, subsets = [], {}
     else:
@@ -362,7 +369,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
     baselines: dict[str, dict] = {}
     for name in evals:
         d = run_dir / "baselines" / name
-        done = _read_done(d / "done.json", shash)
+        done = _read_done(d / "done.json", accepted)
         if done is None and report_only:
             continue
         if done is None:
@@ -389,7 +396,7 @@ def run_compare(cfg: CompareConfig, backend: CompareBackend, progress: bool = Tr
 
     for run in runs:
         d = run_dir / "arms" / run.slug
-        done = _read_done(d / "done.json", shash)
+        done = _read_done(d / "done.json", accepted)
         if done is None and report_only:
             continue
         if done is None:
