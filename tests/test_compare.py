@@ -525,6 +525,7 @@ def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, to
     matched on its tokens)."""
     from rag_dpo.annotate.sampled_pool import chain_tokens, tokens_by_question
     from rag_dpo.config import apply_overrides
+    from rag_dpo.eval.latest import policy_run
     from rag_dpo.pipeline.compare import PipelineBackend, base_recipe
     from rag_dpo.records import read_chains
     fast = ["precision=fp32", "max_length=384", "max_steps=1", "logging_steps=1", "per_device_train_batch_size=2",
@@ -561,6 +562,8 @@ def test_compare_end_to_end_with_the_real_pipeline(tmp_path, tiny_policy_dir, to
         assert r["health"]["global_step"] >= 1 and isinstance(r["health"]["flags"], list)   # and its health
         assert ("reward_accuracy" in r["health"]) == r["name"].startswith(("outcome-dpo", "step-dpo"))
         assert (Path(r["policy"]) / "adapter_config.json").exists()
+        _, arm_recipe = policy_run(r["policy"])     # `rag-dpo eval --policy` finds the arm's budgets
+        assert arm_recipe["rollout"]["max_new_tokens"] == 6 and arm_recipe["retrieval"]["max_tokens_per_passage"] == 16
         assert r["budget"]["questions"] == r["target_budget"]["questions"] == len(pool)
         assert r["target_budget"]["generated_tokens"] == 33 * len(pool)   # the step pool's spend
     # step-DPO read the step pool, the outcome arms the i.i.d. pool (their own files, their own costs)

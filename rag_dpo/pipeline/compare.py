@@ -503,6 +503,16 @@ def arm_overrides(run: ArmRun) -> list[str]:
     return out
 
 
+def write_arm_recipe(recipe, out_dir: Path) -> None:
+    """The arm's resolved recipe as `<arm folder>/recipe.yaml`, the layout of a recipe run, so `rag-dpo eval --policy
+    <arm folder>/trained` scores the arm with the compare's rollout budgets and split (`eval.latest.policy_run`)."""
+    from rag_dpo.config import dump_yaml
+    from rag_dpo.io import atomic_write_text
+    from rag_dpo.pipeline.recipe import resolved_dict
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out_dir) / "recipe.yaml", dump_yaml(resolved_dict(recipe)))
+
+
 def base_recipe_data(cfg: CompareConfig) -> dict:
     """The base recipe as a plain dict with `recipe_overrides` applied (before any arm's changes)."""
     from rag_dpo.pipeline.run import resolve_path
@@ -663,12 +673,14 @@ class PipelineBackend:
                 need = -(-tokens // max(1, min(per_round, len(question_ids) * int(t.get("group_size", 2)))))
                 extra.append(f"trainer.iterations={max(int(t.get('iterations', 8)), need)}")
             recipe = arm_recipe(self.cfg, run, extra)
+            write_arm_recipe(recipe, out_dir)
             policy = steps.train_policy(recipe, out_dir, self.start, None, question_ids=list(question_ids))
             spent = json.loads((policy / "budget.json").read_text(encoding="utf-8"))
             spent.pop("question_ids", None)
             spent.setdefault("rows", spent.get("rollouts", 0))   # PPO's training rows are the chains it sampled
         else:
             recipe = arm_recipe(self.cfg, run)
+            write_arm_recipe(recipe, out_dir)
             pool = self.step_pool(run.seed) if run.arm.pool == "step" else self.outcome_pool(run.seed)
             data = steps.build_pair_datasets(recipe, out_dir, pool, question_ids=list(question_ids),
                                              require_rows=False)
