@@ -374,7 +374,8 @@ def test_answer_seen_is_reported_as_a_diagnostic_and_backfilled_from_eval_chains
         (d / "done.json").write_text(json.dumps(done))
     ws = tmp_path / "runs" / "t" / "baselines" / "warm-start"
     chains = [Chain(q, "?", gold_answers=["yes" if q == "t0" else "Paris"],
-                    steps=[Step("0", None, "s", SEARCH, query="x", observation="Paris" if q in ("t1", "t2") else "Rome"),
+                    steps=[Step("0", None, "s", SEARCH, query="x",
+                                observation="Paris" if q in ("t1", "t2") else "Rome"),
                            Step("1", "0", "s", ANSWER, answer="x")], selected="1") for q in TEST_QIDS]
     write_chains(eval_chains_path(ws, "warm-start"), chains)
     run_compare(cfg, FakeBackend(), progress=False, report_only=True)

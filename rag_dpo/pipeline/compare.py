@@ -273,7 +273,7 @@ def question_scores(chains) -> list[dict]:
 
 
 def eval_chains_path(out_dir: str | Path, name: str) -> Path:
-    """Where `RecipeBackend.evaluate(name, ..., out_dir)` leaves the evaluated chains."""
+    """Where `PipelineBackend.evaluate(name, ..., out_dir)` leaves the evaluated chains."""
     return Path(out_dir) / "eval" / name / "chains.jsonl"
 
 

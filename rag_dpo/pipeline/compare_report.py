@@ -4,7 +4,8 @@ files (per-question scores, budgets, training curves), so a resumed or partial c
 What it shows, per method (baselines, warm start, every arm at the full budget): mean and 95 % bootstrap interval
 of EM, F1, supporting-passage recall, steps and parse-error rate over seeds and test questions (see
 `eval.stats` for how seeds are aggregated); each arm against the warm start it came from (paired, flagged when
-below); whether the answer reached the reader (`answer_seen`, descriptive); the paired tests; the training rows and budgets of every run and whether they match; the budget curve.
+below); whether the answer reached the reader (`answer_seen`, descriptive); the paired tests; the training rows
+and budgets of every run and whether they match; the budget curve.
 The verdict sentences are generated from the numbers, including when step-level supervision does not win.
 
 Testing: one comparison is primary (config `primary`, step-DPO vs outcome-DPO main variants, EM) and is judged
@@ -461,7 +462,8 @@ def answer_seen_section(full: dict[str, Method], qids: list[str], warm: Method |
         return lines, [], {"recorded": False}
     lines.append(f"Answer seen: share of the {len(stated)} test questions with a non-yes/no gold answer whose answer "
                  "is in the passages the agent read, as cut to the passage budget; EM when seen: EM on those cells "
-                 "(question x seed). Descriptive: 95 % intervals, no p-values, outside the Holm family of the paired tests.\n")
+                 "(question x seed). Descriptive: 95 % intervals, no p-values, outside the Holm family of the "
+                 "paired tests.\n")
     lines.append("| method | answer seen [95 % CI] | EM when seen | Δ answer seen vs warm start [95 % CI] |")
     lines.append("|---|---|---|---|")
     out: dict[str, Any] = {"recorded": True, "questions": len(stated), "question_ids": stated, "methods": {},
