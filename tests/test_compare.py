@@ -312,6 +312,7 @@ def test_report_is_current_while_a_compare_runs_and_final_after_resume(tmp_path)
         run_compare(cfg, InterruptedBackend(), progress=False)
     report = (tmp_path / "results" / "t.md").read_text()
     assert f"**Partial report**: 2 of {len(plan_runs(cfg))} training runs finished" in report
+    assert "main-arm seeds [0] (finished so far: seeds [0])" in report
     assert any(line.startswith("| sft | 1 |") for line in report.splitlines())   # finished arms are in the table
     idle = FakeBackend()                           # --report-only: the same partial report, no work at all
     run_compare(cfg, idle, progress=False, report_only=True)
@@ -321,6 +322,7 @@ def test_report_is_current_while_a_compare_runs_and_final_after_resume(tmp_path)
     run_compare(cfg, resumed, progress=False)
     assert len(resumed.trained) == len(plan_runs(cfg)) - 2
     assert "Partial report" not in (tmp_path / "results" / "t.md").read_text()
+    assert "finished so far" not in (tmp_path / "results" / "t.md").read_text()
 
 
 def test_question_scores_from_chains():

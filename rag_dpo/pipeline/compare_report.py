@@ -153,7 +153,9 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
         "secondary and Holm-corrected")
     add("- the warm start is built once and shared by every seed: seeds resample the pools and the data order, "
         "not the warm start, so its variance is not in the intervals")
-    add(f"- arms: {n_arms} variants, {n_runs} training runs; main-arm seeds {cfg['seeds']}, "
+    finished = (f" (finished so far: seeds {sorted({int(r['seed']) for r in data['runs']})})"
+                if data.get("planned_runs") else "")
+    add(f"- arms: {n_arms} variants, {n_runs} training runs; main-arm seeds {cfg['seeds']}{finished}, "
         f"ablation seeds {cfg['ablation_seeds']}, budget-curve seeds {cfg['curve_seeds']}")
     from rag_dpo.pipeline.compare import FAMILIES
     left_out = [f for f in FAMILIES if f not in cfg.get("arms", FAMILIES)]
