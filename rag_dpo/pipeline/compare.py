@@ -256,19 +256,17 @@ class CompareBackend(Protocol):
 
 def question_scores(chains) -> list[dict]:
     """EM, F1, supporting-passage recall, number of steps and parse failure of each chain's selected path, and
-    `answer_seen` (was the gold answer in the passages it read, as cut; None for a yes/no gold)."""
-    from rag_dpo.metrics import answer_scores, answer_seen, support_recall
+    `answer_seen` (was the gold answer in the passages it read, as cut; None for a yes/no gold): the eval's
+    `chain_scores`, except that an invalid step counts as a parse failure here even without a parse error."""
+    from rag_dpo.eval.evaluate import chain_scores
     from rag_dpo.records import INVALID
     rows = []
     for c in chains:
-        path = c.path()
-        retrieved = [pid for s in path for pid in s.retrieved_ids]
-        scores = answer_scores(c.final_answer, c.gold_answers)
-        rows.append({"question_id": c.question_id, "em": scores["em"], "f1": scores["f1"],
-                     "recall": support_recall(retrieved, c.supporting_ids),
-                     "steps": float(len(path)),
-                     "parse_error": float(any(s.parse_error or s.action == INVALID for s in path)),
-                     "answer_seen": answer_seen([s.observation for s in path], c.gold_answers)})
+        s = chain_scores(c)
+        rows.append({"question_id": c.question_id, "em": s["em"], "f1": s["f1"], "recall": s["support_recall"],
+                     "steps": s["steps"],
+                     "parse_error": float(s["parse_error"] or any(st.action == INVALID for st in c.path())),
+                     "answer_seen": s["answer_seen"]})
     return rows
 
 

@@ -424,7 +424,8 @@ def write_report(data: dict, out_dir: Path, name: str, n_boot: int = 2000, plots
              "training_curves": out_dir / f"{name}_training_curves.png",
              "budget_curve": out_dir / f"{name}_budget_curve.png"}
     if plots:
-        _plot_metrics(full, qids, n_boot, paths["metrics"], seen_qids=seen_json.get("question_ids"))
+        _plot_metrics(full, qids, n_boot, paths["metrics"],
+                      seen_qids=None if seen_json.get("not_recorded") else seen_json.get("question_ids"))
         _plot_training_curves(data["runs"], paths["training_curves"])
         _plot_budget_curve(curve_rows, paths["budget_curve"])
     add("## Plots\n")
@@ -598,12 +599,10 @@ def _plt():
 
 def _plot_metrics(full: dict[str, Method], qids: list[str], n_boot: int, path: Path,
                   seen_qids: list[str] | None = None) -> None:
-    """EM, F1, support recall, and answer seen (on its own questions) when every method recorded it."""
+    """EM, F1, support recall, and answer seen on `seen_qids` (given when every method recorded it)."""
     plt = _plt()
     names = list(full)
-    panels = [("em", qids), ("f1", qids), ("recall", qids)]
-    if seen_qids and all(full[n].recorded("answer_seen", seen_qids) for n in names):
-        panels.append(("answer_seen", seen_qids))
+    panels = [("em", qids), ("f1", qids), ("recall", qids)] + ([("answer_seen", seen_qids)] if seen_qids else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 0.45 * max(len(names), 4) + 1.5),
                              sharey=True)
     for ax, (metric, on) in zip(axes, panels):
