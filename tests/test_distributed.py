@@ -195,7 +195,10 @@ def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy
     assert lora_b and all(single[k].abs().max() > 0 for k in lora_b)   # the round moved the (zero-initialised) B
     for name in single:
         assert torch.equal(ranks[0][name], ranks[1][name]), name         # DDP kept the ranks in step
-        assert torch.allclose(ranks[0][name].float(), single[name].float(), rtol=1e-3, atol=1e-6), name
+        # one Adam step: an element whose gradient is near Adam's eps moves by an amount that rounding decides, so
+        # the tolerance scales with the tensor (seen on an AVX-512/AMX CPU: 1.4e-6 on a LoRA B of scale 2e-3)
+        scale = single[name].float().abs().max().item()
+        assert torch.allclose(ranks[0][name].float(), single[name].float(), rtol=1e-3, atol=max(1e-6, 2e-3 * scale)), name
     log = (pooled / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["generated_tokens"] == json.loads(
         (tmp_path / "single" / "train_log.jsonl").read_text())["generated_tokens"]   # both ranks' tokens, once
