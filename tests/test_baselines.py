@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rag_dpo.agent.baselines import BASELINES, answer_step, iter_retgen, plain_answer
+from rag_dpo.agent.baselines import BASELINES, DEMONSTRATIONS, _prompt_ids, answer_step, iter_retgen, plain_answer
 from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine
 from rag_dpo.records import ANSWER, INVALID, SEARCH, Corpus, Passage, Question
 
@@ -35,6 +35,28 @@ def test_plain_answers_are_accepted_and_flagged():
     assert (s.action, s.answer) == (ANSWER, "William Shakespeare") and "no <answer> tag" in s.parse_error
     assert answer_step("0", None, "  \n ", 3).action == INVALID
     assert plain_answer("The answer is: Paris") == "Paris"
+    # seen from the base model: the lead-in alone on its line, the answer under it behind a passage or list mark
+    assert plain_answer("The answer is:\n[4] United States Vice President.") == "United States Vice President"
+    assert plain_answer("The answer is: 1. ExxonMobil and Mobil Producing Nigeria.") == \
+        "ExxonMobil and Mobil Producing Nigeria"
+    assert plain_answer("1,462") == "1,462" and plain_answer("1.5 million") == "1.5 million"
+
+
+def test_worked_examples_come_before_the_question_as_earlier_turns(engine):
+    """shots=2 puts both examples (question, their passages only when this question has passages, the tagged
+    answer as the assistant's turn) before the question; shots=0 is the plain prompt, unchanged."""
+    tok = engine.tokenizer
+    obs = "\n<information>\n[1] Title 1: Passage 1 text.\n</information>\n"
+    plain = tok.decode(_prompt_ids(engine, "Who wrote Hamlet?", obs))
+    shown = tok.decode(_prompt_ids(engine, "Who wrote Hamlet?", obs, shots=2))
+    closed = tok.decode(_prompt_ids(engine, "Who wrote Hamlet?", None, shots=2))
+    assert DEMONSTRATIONS[0][1] not in plain and shown.endswith(plain[plain.index("Passages:"):])
+    last = shown.index("Who wrote Hamlet?")
+    for passages, q, a in DEMONSTRATIONS:
+        assert shown.index(q) < shown.index(f"<answer>{a}</answer>") < last
+        assert passages.split("\n")[1][:30] in shown and passages.split("\n")[1][:30] not in closed
+    assert shown.count("Passages:") == 3 and "Passages:" not in closed
+    assert closed.count("<answer>") == 1 + 2             # the system prompt names the tag, then the two examples
 
 
 @pytest.mark.parametrize("name", ["direct", "rag", "iter-retgen"])

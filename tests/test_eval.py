@@ -76,6 +76,26 @@ def test_eval_resumes_without_duplicates(data_file, tmp_path, tiny_model_and_tok
         _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=["direct"], k=5)
 
 
+def test_eval_records_worked_examples_and_resumes_only_with_the_same_number(data_file, tmp_path,
+                                                                           tiny_model_and_tokenizer):
+    """`shots` is an eval setting: another number does not resume the folder, a folder written before the setting
+    existed resumes as shots=0, and more examples than there are is refused."""
+    _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=["rag"], shots=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["shots"] == 2 and "demonstrations" in config["fingerprint"]
+    with pytest.raises(InputError, match="shots"):
+        _run(data_file, tmp_path, tiny_model_and_tokenizer, methods=["rag"])
+    old = tmp_path / "old"
+    _run(data_file, old, tiny_model_and_tokenizer, methods=["rag"])
+    config = json.loads((old / "config.json").read_text())
+    assert "demonstrations" not in config["fingerprint"]
+    del config["shots"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert _run(data_file, old, tiny_model_and_tokenizer, methods=["rag"])["rag"]["n"] == 2
+    with pytest.raises(InputError, match="shots must be"):
+        _run(data_file, tmp_path / "new", tiny_model_and_tokenizer, methods=["rag"], shots=3)
+
+
 def test_eval_resume_refuses_a_changed_prompt_or_retrained_weights(data_file, tmp_path, tiny_model_and_tokenizer,
                                                                    monkeypatch):
     from rag_dpo.agent import protocol

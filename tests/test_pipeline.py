@@ -199,10 +199,10 @@ def test_warm_start_is_built_once_per_key_and_shared_between_recipes(tmp_path, t
 def test_baselines_run_the_method_with_the_warm_start_and_the_base_model_plainly():
     from rag_dpo.pipeline.run import baseline_eval
     r = load_recipe(RECIPES / "dpo_step.yaml")
-    assert baseline_eval(r, "iter-retgen", "/ws") == ("/ws", "iter-retgen")
-    assert baseline_eval(r, "rag", "/ws") == ("/ws", "rag")
-    assert baseline_eval(r, "base", "/ws") == ("smollm2", "rag")          # plain prompt, not the agent protocol
-    assert baseline_eval(r, "iter-retgen", None) == ("smollm2", "iter-retgen")
+    assert baseline_eval(r, "iter-retgen", "/ws") == ("/ws", "iter-retgen", 0)
+    assert baseline_eval(r, "rag", "/ws") == ("/ws", "rag", 0)
+    assert baseline_eval(r, "base", "/ws") == ("smollm2", "rag", 2)      # plain prompt and two worked examples
+    assert baseline_eval(r, "iter-retgen", None) == ("smollm2", "iter-retgen", 2)
     with pytest.raises(InputError):
         baseline_eval(r, "agent", "/ws")
 

@@ -60,6 +60,8 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
              iter_rounds: int = typer.Option(2, "--iter-rounds", help="ITER-RETGEN rounds."),
              answer_tokens: int = typer.Option(32, "--answer-tokens", help="Baselines and the agent-hier "
                                                "synthesizer: token budget of an answer."),
+             shots: int = typer.Option(0, "--shots", help="Baselines: worked examples before the question "
+                                       "(0-2; for a model never trained on the answer format, e.g. the base model)."),
              device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
              dtype: str = typer.Option("float32", "--dtype", help="Policy weights: float32, or auto (bf16 on GPUs "
                                        "and on CPUs with AMX/AVX512-BF16, else float32: faster, but bf16 rounding "
@@ -95,8 +97,8 @@ def eval_cmd(data: Path = typer.Option(..., "--data", help="Question file (any f
     rollout = load_config(RolloutConfig, config, list(overrides or []), base=base)
     results = evaluate(data, corpus_path=corpus, policy=policy, methods=methods, split=split, limit=limit,
                        out_dir=out, retriever=retriever, k=k, seed=seed, manifest=manifest, rollout=rollout,
-                       iter_rounds=iter_rounds, answer_tokens=answer_tokens, device=device, dtype=dtype, prm=prm,
-                       bon_n=bon_n, fractions=fractions, baseline_results=baseline,
+                       iter_rounds=iter_rounds, answer_tokens=answer_tokens, shots=shots, device=device, dtype=dtype,
+                       prm=prm, bon_n=bon_n, fractions=fractions, baseline_results=baseline,
                        baseline_name=compare_with.parent.name if compare_with else "baseline")
     if is_main():   # every rank has the results; one table
         print(results_table(results, baseline, compare_with.parent.name if compare_with else "baseline"))

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 from rag_dpo.agent.rollout import RolloutConfig, RolloutEngine, config_dict, resolve_device, resolve_dtype
 from rag_dpo.errors import InputError
-from rag_dpo.io import atomic_write_json
+from rag_dpo.io import atomic_write_json, stable_hash
 from rag_dpo.metrics import answer_scores, answer_seen, support_recall
 from rag_dpo.records import Chain, Label, Question, append_chains, read_chains
 
@@ -63,6 +63,8 @@ class EvalConfig:
     retriever: str = "bm25"
     iter_rounds: int = 2            # ITER-RETGEN rounds
     answer_tokens: int = 32         # baselines: generation budget of an answer (the agent's steps use the rollout's)
+    shots: int = 0                  # baselines: worked examples before the question (for a model never trained on
+                                    # the answer format; agent.baselines.DEMONSTRATIONS)
     bon_n: int = 4                  # agent-prm-bon: candidates per step
     prm: str | None = None          # agent-prm-bon: saved PRM folder
     dtype: str = "float32"          # policy weights (auto = bf16 where the hardware has fast bf16: faster, but
@@ -191,6 +193,9 @@ def fingerprint(policy: str) -> dict:
     return {"prompts": prompts_fingerprint(), "weights": weights}
 
 
+LATER_KEYS = {"shots": 0}   # settings added after eval folders were written: a folder without one had the default
+
+
 def _check_config(out_dir: Path, cfg: dict) -> None:
     path = out_dir / "config.json"
     if path.exists() and (out_dir / "chains.jsonl").exists():
@@ -199,6 +204,7 @@ def _check_config(out_dir: Path, cfg: dict) -> None:
         keys = ("data", "corpus", "policy", "split", "limit", "retriever", "iter_rounds", "answer_tokens", "dtype",
                 "bon_n", "prm", "rollout")
         diff = [k for k in keys if old.get(k) != cfg.get(k)]
+        diff += [k for k, default in LATER_KEYS.items() if old.get(k, default) != cfg.get(k, default)]
         # folders written before the fingerprint existed lack it: only a fingerprint that is there can differ
         diff += [f"fingerprint.{k}" for k, v in old.get("fingerprint", {}).items()
                  if v != cfg.get("fingerprint", {}).get(k)]
@@ -211,7 +217,8 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
              methods: str | Sequence[str] = DEFAULT_METHODS, split: str = "dev", limit: int | None = None,
              out_dir: str | Path = "runs/eval", retriever: str = "bm25", k: int | None = None, seed: int | None = None,
              manifest: str | Path | None = None, rollout: RolloutConfig | None = None, iter_rounds: int = 2,
-             prm: Any = None, bon_n: int = 4, answer_tokens: int = 32, baseline_results: dict | None = None, baseline_name: str = "baseline",
+             prm: Any = None, bon_n: int = 4, answer_tokens: int = 32, shots: int = 0,
+             baseline_results: dict | None = None, baseline_name: str = "baseline",
              model_and_tokenizer=None, use_wandb: bool = True, fractions=None, device: str = "auto",
              dtype: str = "float32") -> dict[str, dict]:
     """Evaluate `policy` with `methods` on one split; returns (and writes) method -> metrics. See module doc."""
@@ -225,10 +232,16 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     rcfg.seed = rcfg.seed if seed is None else seed
     cfg = EvalConfig(data=str(data_path), corpus=str(corpus_path) if corpus_path else None, policy=str(policy),
                      methods=methods, split=split, limit=limit, retriever=retriever, iter_rounds=iter_rounds,
-                     answer_tokens=answer_tokens, dtype=dtype, bon_n=bon_n, prm=prm if isinstance(prm, (str, type(None))) else type(prm).__name__,
+                     answer_tokens=answer_tokens, shots=shots, dtype=dtype, bon_n=bon_n, prm=prm if isinstance(prm, (str, type(None))) else type(prm).__name__,
                      rollout=config_dict(rcfg))
     cfg_dict = asdict(cfg)
     cfg_dict["fingerprint"] = fingerprint(str(policy))
+    from rag_dpo.agent.baselines import DEMONSTRATIONS
+    if not 0 <= shots <= len(DEMONSTRATIONS):
+        raise InputError(f"shots must be 0..{len(DEMONSTRATIONS)} (the worked examples there are), got {shots}",
+                         field="shots")
+    if shots:      # the examples' text, as the prompts' (a folder without shots never had them)
+        cfg_dict["fingerprint"]["demonstrations"] = stable_hash(DEMONSTRATIONS[:shots])
 
     ds = load_dataset(data_path, corpus=corpus_path)
     if ds.corpus is None:
@@ -288,9 +301,10 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
         return [new[q.id] for q in qs]
 
     run = {
-        "direct": lambda e, qs: BASELINES["direct"](e, qs, max_new_tokens=answer_tokens),
-        "rag": lambda e, qs: BASELINES["rag"](e, qs, max_new_tokens=answer_tokens),
-        "iter-retgen": lambda e, qs: iter_retgen(e, qs, rounds=iter_rounds, max_new_tokens=answer_tokens),
+        "direct": lambda e, qs: BASELINES["direct"](e, qs, max_new_tokens=answer_tokens, shots=shots),
+        "rag": lambda e, qs: BASELINES["rag"](e, qs, max_new_tokens=answer_tokens, shots=shots),
+        "iter-retgen": lambda e, qs: iter_retgen(e, qs, rounds=iter_rounds, max_new_tokens=answer_tokens,
+                                                 shots=shots),
         "agent": _agent,
         "agent-hier": _hier,
         "agent-prm-bon": lambda e, qs: prm_best_of_n(e, qs, scorer, n=bon_n),

@@ -14,7 +14,7 @@ of the earlier design: one tree pool per seed (losing steps finished to whole ch
 Seeds are independent runs: seed s samples its own pools (rollout seed s) and trains with data order s, so the
 intervals cover pool variance too. One comparison is primary (`primary`, step-DPO vs outcome-DPO at the main
 settings); every other test in the report is secondary and Holm-corrected (see `compare_report`).
-Each arm is evaluated with the warm start and the baselines (the base model with a plain RAG prompt, ITER-RETGEN
+Each arm is evaluated with the warm start and the baselines (the base model with a plain RAG prompt after two worked examples, ITER-RETGEN
 run by the warm-start policy: `pipeline.run.BASELINE_EVALS`) on the held-out test split; a budget curve can
 repeat the main step-DPO and outcome-DPO arms on nested question subsets.
 
@@ -694,14 +694,14 @@ class PipelineBackend:
     def evaluate(self, name: str, policy: str | None, out_dir: Path) -> list[dict]:
         from rag_dpo.pipeline import run as steps
         from rag_dpo.records import read_chains
-        method = "agent"
+        method, shots = "agent", 0
         if name == WARM_START:
             policy = self.start
         elif name in BASELINES:   # a baseline measures its method, not whether a model follows the tag protocol
-            policy, method = steps.baseline_eval(self.recipe, name, self.start)
+            policy, method, shots = steps.baseline_eval(self.recipe, name, self.start)
         if not policy:
             raise InputError(f"no policy to evaluate for {name!r}", field="policy")
-        steps.evaluate_policies(self.recipe, out_dir, {name: str(policy)}, methods=[method])
+        steps.evaluate_policies(self.recipe, out_dir, {name: str(policy)}, methods=[method], shots=shots)
         path = eval_chains_path(out_dir, name)
         if not path.exists():
             raise InputError("evaluation wrote no chains.jsonl", file=str(path))
@@ -732,10 +732,12 @@ class PipelineBackend:
                 "base recipe": self.cfg.recipe, "recipe overrides": list(self.cfg.recipe_overrides)}
 
     def _baseline_text(self, name: str) -> str:
+        from rag_dpo.agent.baselines import BASE_MODEL_SHOTS
         from rag_dpo.pipeline.run import BASELINE_EVALS
         who, method = BASELINE_EVALS.get(name, ("model", name))
-        return f"{'the warm start' if who == 'warm_start' and self.recipe.warm_start.enabled else 'the base model'} " \
-               f"running {method}"
+        if who == "warm_start" and self.recipe.warm_start.enabled:
+            return f"the warm start running {method}"
+        return f"the base model running {method} after {BASE_MODEL_SHOTS} worked examples"
 
 
 CURVE_KEYS = ("loss", "reward", "outcome", "rewards/accuracies", "rewards/margins", "kl", "pg_loss")

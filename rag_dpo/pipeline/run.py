@@ -457,13 +457,17 @@ BASELINE_EVALS = {"base": ("model", "rag"), "iter-retgen": ("warm_start", "iter-
                   "rag": ("warm_start", "rag")}
 
 
-def baseline_eval(recipe: Recipe, name: str, warm_start: str | None) -> tuple[str, str]:
-    """(policy spec, eval method) of a baseline row: see BASELINE_EVALS. Without a warm start every baseline
-    runs on the recipe's model."""
+def baseline_eval(recipe: Recipe, name: str, warm_start: str | None) -> tuple[str, str, int]:
+    """(policy spec, eval method, worked examples) of a baseline row: see BASELINE_EVALS. Without a warm start
+    every baseline runs on the recipe's model, with `agent.baselines.BASE_MODEL_SHOTS` examples (the warm start,
+    trained on the answer format, gets none)."""
+    from rag_dpo.agent.baselines import BASE_MODEL_SHOTS
     if name not in BASELINE_EVALS:
         raise InputError(f"unknown baseline {name!r} (known: {', '.join(BASELINE_EVALS)})", field="baselines")
     who, method = BASELINE_EVALS[name]
-    return (str(warm_start) if who == "warm_start" and warm_start else recipe.model), method
+    if who == "warm_start" and warm_start:
+        return str(warm_start), method, 0
+    return recipe.model, method, BASE_MODEL_SHOTS
 
 
 def cached_eval_key(recipe: Recipe, methods: list[str], split: str, rcfg) -> str:
@@ -519,11 +523,12 @@ def eval_rollout_config(recipe: Recipe, batch_size: int | None = None):
 
 
 def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, str | None],
-                      methods: list[str] | None = None, split: str | None = None) -> dict[str, dict]:
+                      methods: list[str] | None = None, split: str | None = None, shots: int = 0) -> dict[str, dict]:
     """Evaluate each named policy (name -> spec; None entries are skipped) with rag_dpo.eval.evaluate on `split`
     (default the recipe's eval split) into run_dir/eval/<name>/ (results.json, chains.jsonl, ...); writes
     run_dir/results.{json,md} with the table and a plain statement of trained vs warm start. Returns
-    name -> {method -> metrics}."""
+    name -> {method -> metrics}. `shots`: the baselines' worked examples (a cached warm start's eval is reused
+    only without them)."""
     from rag_dpo.agent.hierarchical import variant_methods
     from rag_dpo.distributed import gather_objects, is_main
     from rag_dpo.eval.evaluate import evaluate
@@ -539,7 +544,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
         out = run_dir / "eval" / name
         res_file = out / "results.json"
         rcfg = eval_rollout_config(recipe)
-        cached = _cached_eval_dir(recipe, spec, methods, split, rcfg)
+        cached = None if shots else _cached_eval_dir(recipe, spec, methods, split, rcfg)
         if cached is not None:
             spec = str(Path(spec).resolve())          # one policy string, whichever run folder links the entry
             if out.is_symlink() and out.resolve() != cached.resolve() and is_main():
@@ -559,7 +564,7 @@ def evaluate_policies(recipe: Recipe, run_dir: str | Path, policies: dict[str, s
                 from rag_dpo.agent.policy import load_policy
                 res = evaluate(str(w.data_path), recipe.data.corpus, policy=str(spec), methods=methods,
                                split=split, limit=e.limit, out_dir=out, retriever=recipe.retrieval.name,
-                               rollout=rcfg, fractions=recipe.data.fractions, use_wandb=False,
+                               rollout=rcfg, fractions=recipe.data.fractions, use_wandb=False, shots=shots,
                                model_and_tokenizer=load_policy(str(spec), merge_adapter=True))
         table[name] = metrics_by_method(res)
         release_memory()
