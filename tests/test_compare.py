@@ -643,3 +643,17 @@ def test_a_comment_in_the_base_recipe_keeps_finished_runs_a_changed_setting_does
     recipe.write_text(text.replace("\nseed: 0\n", "\nseed: 1\n", 1))
     with pytest.raises(InputError, match="another base recipe"):
         run_compare(cfg, FakeBackend(), progress=False)
+
+
+def test_report_setup_names_how_the_warm_start_was_trained_and_the_base_rows_examples(tmp_path):
+    """The same warm-start key trains in bf16 autocast on one machine and float32 on another, so the report's setup
+    says which one this run's was (from the cache entry's warm_start.json); the base row says it had examples."""
+    from rag_dpo.pipeline.compare import PipelineBackend
+    backend = PipelineBackend(load_compare_config(REPO / "recipes" / "compare.yaml", []))
+    backend.start = str(tmp_path)
+    assert "autocast" not in backend.describe()["warm start"]          # an entry from before it was recorded
+    (tmp_path / "warm_start.json").write_text(json.dumps({"key": "k", "autocast": "bf16"}))
+    setup = backend.describe()
+    assert "(trained in bf16 autocast)" in setup["warm start"]
+    assert "base = the base model running rag after 2 worked examples" in setup["baselines"]
+    assert "iter-retgen = the warm start running iter-retgen" in setup["baselines"]

@@ -29,6 +29,7 @@ a rerun reads those and trains only what is missing. The report is rebuilt from 
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -725,11 +726,21 @@ class PipelineBackend:
                 "pools": pools,
                 "rollouts": f"max {r.rollout.max_steps} steps, temperature {r.rollout.temperature}; seed s samples "
                             f"its own pools (rollout seed s) and trains with data order s",
-                "warm start": (f"SFT on {r.warm_start.questions or 'all'} oracle chains, built once and shared by "
-                               "every seed (its variance is not in the intervals)") if r.warm_start.enabled
+                "warm start": (f"SFT on {r.warm_start.questions or 'all'} oracle chains{self._autocast_text()}, "
+                               "built once and shared by every seed (its variance is not in the intervals)")
+                if r.warm_start.enabled
                 else "none (arms start from the base model)",
                 "baselines": "; ".join(f"{b} = {self._baseline_text(b)}" for b in self.cfg.baselines),
                 "base recipe": self.cfg.recipe, "recipe overrides": list(self.cfg.recipe_overrides)}
+
+    def _autocast_text(self) -> str:
+        """How the warm start was trained, from its cache entry: the same key trains in bf16 autocast on a CPU or GPU
+        with fast bf16 and in float32 elsewhere, so two machines' warm starts differ (test EM 0.211 vs 0.174 seen)."""
+        info = Path(self.start) / "warm_start.json" if self.start else None
+        if info is None or not info.exists():
+            return ""
+        autocast = json.loads(info.read_text()).get("autocast")
+        return f" (trained in {autocast} autocast)" if autocast else ""
 
     def _baseline_text(self, name: str) -> str:
         from rag_dpo.agent.baselines import BASE_MODEL_SHOTS
