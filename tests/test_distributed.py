@@ -198,7 +198,8 @@ def test_two_rank_ppo_round_matches_the_one_process_update(tmp_path, tiny_policy
         # one Adam step: an element whose gradient is near Adam's eps moves by an amount that rounding decides, so
         # the tolerance scales with the tensor (seen on an AVX-512/AMX CPU: 1.4e-6 on a LoRA B of scale 2e-3)
         scale = single[name].float().abs().max().item()
-        assert torch.allclose(ranks[0][name].float(), single[name].float(), rtol=1e-3, atol=max(1e-6, 2e-3 * scale)), name
+        assert torch.allclose(ranks[0][name].float(), single[name].float(), rtol=1e-3,
+                              atol=max(1e-6, 2e-3 * scale)), name
     log = (pooled / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["generated_tokens"] == json.loads(
         (tmp_path / "single" / "train_log.jsonl").read_text())["generated_tokens"]   # both ranks' tokens, once

@@ -249,7 +249,8 @@ def test_shared_prompt_forward_gives_trls_loss_and_gradients(tmp_path, tiny_poli
     assert shared[2] == pytest.approx(base[2], rel=1e-5)
     # rewards are beta x differences of ~400-nat log-prob sums, which float32 resolves to a few 1e-5 nat: allow
     # that rounding (seen on an AVX-512/AMX CPU: margins 0.0253250 vs 0.0253281, log-probs equal to 7 digits)
-    rounding = 4 * 0.1 * torch.finfo(torch.float32).eps * max(abs(base[4]["logps/chosen"]), abs(base[4]["logps/rejected"]))
+    rounding = 4 * 0.1 * torch.finfo(torch.float32).eps * max(abs(base[4]["logps/chosen"]),
+                                                               abs(base[4]["logps/rejected"]))
     for key in ("rewards/margins", "logps/chosen", "entropy", "logits/chosen", "mean_token_accuracy"):
         tol = rounding if key.startswith("rewards/") else 1e-6
         assert shared[4][key] == pytest.approx(base[4][key], rel=1e-4, abs=max(tol, 1e-6)), key

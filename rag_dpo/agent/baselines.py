@@ -91,8 +91,8 @@ def _prompt_ids(engine: RolloutEngine, question: str, observation: str | None, s
     if getattr(tok, "chat_template", None):
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        text = "\n\n".join([BASELINE_PROMPT] + [f"{m['content']}" if m["role"] == "user" else
-                                                  f"Assistant: {m['content']}" for m in messages[1:]]) + "\nAssistant: "
+        text = "\n\n".join([BASELINE_PROMPT] + [m["content"] if m["role"] == "user" else f"Assistant: {m['content']}"
+                                                  for m in messages[1:]]) + "\nAssistant: "
     return tok(text, add_special_tokens=False)["input_ids"]
 
 

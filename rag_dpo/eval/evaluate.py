@@ -225,6 +225,10 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     from rag_dpo.data import check_not_trained_on, load_dataset, split_questions
     from rag_dpo.retrieval import build_retriever
 
+    from rag_dpo.agent.baselines import DEMONSTRATIONS
+    if not 0 <= shots <= len(DEMONSTRATIONS):
+        raise InputError(f"shots must be 0..{len(DEMONSTRATIONS)} (the worked examples there are), got {shots}",
+                         field="shots")
     methods = parse_methods(methods)
     out_dir = Path(out_dir)
     rcfg = dataclasses.replace(rollout or RolloutConfig())
@@ -232,14 +236,11 @@ def evaluate(data_path: str | Path, corpus_path: str | Path | None = None, polic
     rcfg.seed = rcfg.seed if seed is None else seed
     cfg = EvalConfig(data=str(data_path), corpus=str(corpus_path) if corpus_path else None, policy=str(policy),
                      methods=methods, split=split, limit=limit, retriever=retriever, iter_rounds=iter_rounds,
-                     answer_tokens=answer_tokens, shots=shots, dtype=dtype, bon_n=bon_n, prm=prm if isinstance(prm, (str, type(None))) else type(prm).__name__,
+                     answer_tokens=answer_tokens, shots=shots, dtype=dtype, bon_n=bon_n,
+                     prm=prm if isinstance(prm, (str, type(None))) else type(prm).__name__,
                      rollout=config_dict(rcfg))
     cfg_dict = asdict(cfg)
     cfg_dict["fingerprint"] = fingerprint(str(policy))
-    from rag_dpo.agent.baselines import DEMONSTRATIONS
-    if not 0 <= shots <= len(DEMONSTRATIONS):
-        raise InputError(f"shots must be 0..{len(DEMONSTRATIONS)} (the worked examples there are), got {shots}",
-                         field="shots")
     if shots:      # the examples' text, as the prompts' (a folder without shots never had them)
         cfg_dict["fingerprint"]["demonstrations"] = stable_hash(DEMONSTRATIONS[:shots])
 

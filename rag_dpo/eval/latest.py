@@ -122,13 +122,14 @@ def evaluate_latest(runs_dir: str | Path = "runs", method: str = "dpo", methods:
                     limit: int | None = 50, out_dir: str | Path = "runs/eval", device: str = "auto",
                     dtype: str = "float32") -> tuple[Selection, dict[str, dict]]:
     """Evaluate every policy of `select_policies` into out_dir/<name>/ with `methods` (default: the agent for a
-    trained run, BASE_METHODS for the base model, whose baselines get worked examples); returns (selection, name -> results). An eval folder older
-    than the policy it scored (the run was retrained since) is started over, not resumed."""
+    trained run, BASE_METHODS for the base model, whose baselines get worked examples); returns (selection,
+    name -> results). An eval folder older than the policy it scored (the run was retrained since) is started
+    over, not resumed."""
     import shutil
 
+    from rag_dpo.agent.baselines import BASE_MODEL_SHOTS
     from rag_dpo.agent.rollout import RolloutConfig
     from rag_dpo.eval.evaluate import evaluate
-    from rag_dpo.agent.baselines import BASE_MODEL_SHOTS
     sel = select_policies(runs_dir, method)
     methods = methods or ("agent" if sel.run_dir else BASE_METHODS)
     print(sel.describe(), flush=True)

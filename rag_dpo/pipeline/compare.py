@@ -14,9 +14,9 @@ of the earlier design: one tree pool per seed (losing steps finished to whole ch
 Seeds are independent runs: seed s samples its own pools (rollout seed s) and trains with data order s, so the
 intervals cover pool variance too. One comparison is primary (`primary`, step-DPO vs outcome-DPO at the main
 settings); every other test in the report is secondary and Holm-corrected (see `compare_report`).
-Each arm is evaluated with the warm start and the baselines (the base model with a plain RAG prompt after two worked examples, ITER-RETGEN
-run by the warm-start policy: `pipeline.run.BASELINE_EVALS`) on the held-out test split; a budget curve can
-repeat the main step-DPO and outcome-DPO arms on nested question subsets.
+Each arm is evaluated with the warm start and the baselines (the base model with a plain RAG prompt after two
+worked examples, ITER-RETGEN run by the warm-start policy: `pipeline.run.BASELINE_EVALS`) on the held-out test
+split; a budget curve can repeat the main step-DPO and outcome-DPO arms on nested question subsets.
 
 The orchestration (which runs, resume, budgets, report) is separate from the work: it talks to a `CompareBackend`
 (prepare the pool, train one arm, evaluate one policy), so it can be tested with fakes in a second. The real
@@ -743,12 +743,13 @@ class PipelineBackend:
         return f" (trained in {autocast} autocast)" if autocast else ""
 
     def _baseline_text(self, name: str) -> str:
-        from rag_dpo.agent.baselines import BASE_MODEL_SHOTS
-        from rag_dpo.pipeline.run import BASELINE_EVALS
-        who, method = BASELINE_EVALS.get(name, ("model", name))
-        if who == "warm_start" and self.recipe.warm_start.enabled:
-            return f"the warm start running {method}"
-        return f"the base model running {method} after {BASE_MODEL_SHOTS} worked examples"
+        """Who runs baseline `name` and how, by `pipeline.run.baseline_eval`'s rule (a placeholder stands for the
+        warm start's folder, which a report-only run has not resolved)."""
+        from rag_dpo.pipeline.run import baseline_eval
+        warm = "the warm start" if self.recipe.warm_start.enabled else None
+        policy, method, shots = baseline_eval(self.recipe, name, warm)
+        who = "the warm start" if policy == warm else "the base model"
+        return f"{who} running {method}" + (f" after {shots} worked examples" if shots else "")
 
 
 CURVE_KEYS = ("loss", "reward", "outcome", "rewards/accuracies", "rewards/margins", "kl", "pg_loss")
